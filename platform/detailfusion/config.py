@@ -1,0 +1,232 @@
+"""Typed configs: frozen dataclasses loaded from YAML, with dotted ``--set a.b=c`` overrides.
+
+Every section is a frozen dataclass; ``load_config(JobConfig, "x.yaml", ["train.lr=1e-4"])`` merges the
+overrides over the file, checks every key and value type, and returns the typed, immutable config.
+An unknown or mistyped key raises ``ConfigError`` naming the key and the file (or ``--set``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the typed config."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sections. Defaults are METHOD.md's (paper values where it states them, ours marked there).
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: Literal["tiny", "blip2"] = "tiny"
+    pretrained: str | None = None  # blip2: local dir or hub id of a Blip2ForImageTextRetrieval checkpoint
+    compositor: Literal["afc", "static", "concat_linear"] = "afc"
+    static_weights: tuple[float, float] = (0.5, 0.5)  # (a_gm, a_di) for the static compositor
+    compositor_layers: int = 1
+    compositor_heads: int = 4
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    gamma: float = 2.0  # L_joint = L_DI + gamma * L_GM
+    reference_negative: bool = True
+    hard_negative_scale: float = 1.0  # w >= 1: adds log(w) to the hard negatives' logits
+    batch_reference_negatives: bool = False
+    subset_negatives: int = 0  # K extra negatives per query from its near-duplicate set
+    gather_across_ranks: bool = True  # global contrastive batch over all data-parallel ranks
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["synthetic", "cirr", "fashioniq", "ipr2pr"] = "synthetic"
+    root: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    categories: tuple[str, ...] = ("dress", "shirt", "toptee")  # FashionIQ only
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-7
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    warmup_fraction: float = 0.1  # one-cycle: share of steps spent warming up
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: Literal[1, 2, 3] = 2
+    epochs: int = 1
+    batch_size: int = 128  # global batch, split over workers
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str = "detailfusion"
+    workdir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading.
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Build ``cls`` from a YAML file (optional) and ``key.sub=value`` overrides, checking every key."""
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read config file ({exc.strerror})") from exc
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
+    config = from_dict(cls, raw, source=source)
+    for item in overrides:
+        config = apply_override(config, item)
+    return config
+
+
+def apply_override(config: T, item: str) -> T:
+    """Return a copy of ``config`` with one ``a.b.c=value`` override applied (value parsed as YAML)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=1e-4")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
+    nested: Any = value
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    merged = _merge(to_dict(config), nested)
+    return from_dict(type(config), merged, source=f"--set {item}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], source: str = "<dict>", prefix: str = "") -> T:
+    """Construct dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{prefix or '<root>'}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key '{dotted}' (known in this section: {', '.join(sorted(known))})")
+        kwargs[key] = _coerce(hints[key], value, source, dotted)
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The plain-dict (YAML-ready) form of a config: tuples become lists."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: key '{key}' expects {expected}, got {value!r} ({type(value).__name__})")
+
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, source, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, source, key)
+            except ConfigError:
+                continue
+        raise fail(" or ".join(_type_name(a) for a in args))
+    if origin is Literal:
+        if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
+            return value
+        raise fail("one of " + ", ".join(repr(a) for a in args))
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise fail(_type_name(hint))
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, source, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise fail(f"{len(args)} items")
+        return tuple(_coerce(a, v, source, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail("true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail("an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise fail("a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise fail("a string")
+    raise ConfigError(f"{source}: key '{key}' has an unsupported type {hint!r}")  # a bug in the dataclass
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))

@@ -1,0 +1,97 @@
+"""Build DetailFusion models from named presets (JSON files in ``presets/``) and from BLIP-2 checkpoints.
+
+``tiny``: small random-initialised BLIP-2 parts and a tiny WordPiece tokenizer, trainable on a CPU.
+``blip2``: ViT-G + Q-Former from a ``Blip2ForImageTextRetrieval`` checkpoint (local dir or hub id); both
+branches start from its Q-Former, query tokens and projections (``vision_projection`` / ``text_projection``
+in transformers 5.x, ``vision_proj`` / ``text_proj`` here, as in LAVIS).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Blip2ForImageTextRetrieval, PreTrainedTokenizerBase
+
+from .configuration import DetailFusionConfig
+from .detailfusion import DetailFusionModel
+from .tokenizer import build_tiny_tokenizer, load_tokenizer
+
+_PRESET_DIR = resources.files(__package__) / "presets"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.name[: -len(".json")] for p in _PRESET_DIR.iterdir() if p.name.endswith(".json"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The preset's JSON as a fresh dict (callers may change it)."""
+    path = _PRESET_DIR / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(list_presets())}")
+    return copy.deepcopy(json.loads(path.read_text()))
+
+
+def build_model(
+    preset: str = "tiny", pretrained: str | None = None, **config_overrides: Any
+) -> tuple[DetailFusionModel, PreTrainedTokenizerBase]:
+    """A fresh model and its tokenizer. ``config_overrides`` set ``DetailFusionConfig`` fields (e.g. compositor).
+
+    For ``blip2``, ``pretrained`` (default: the preset's hub id) names the BLIP-2 retrieval checkpoint.
+    """
+    spec = load_preset(preset)
+    fields = {**spec["config"], **config_overrides}
+    if spec["tokenizer"] == "pretrained":
+        source = pretrained or spec["pretrained"]
+        return from_blip2(source, **fields), load_tokenizer(source)
+    if pretrained is not None:
+        raise ValueError(f"preset {preset!r} is random-initialised; pretrained={pretrained!r} is not used by it")
+    tokenizer = build_tiny_tokenizer(fields["qformer_config"]["vocab_size"])
+    return DetailFusionModel(DetailFusionConfig(**fields)), tokenizer
+
+
+def from_blip2(path_or_id: str, **config_overrides: Any) -> DetailFusionModel:
+    """DetailFusion with the frozen ViT and both branches initialised from a BLIP-2 retrieval checkpoint."""
+    source = Blip2ForImageTextRetrieval.from_pretrained(path_or_id, dtype=torch.float32)
+    blip = source.config
+    config = DetailFusionConfig(
+        vision_config=blip.vision_config.to_dict(),
+        qformer_config=blip.qformer_config.to_dict(),
+        **{
+            **config_overrides,
+            "num_query_tokens": blip.num_query_tokens,
+            "embed_dim": blip.image_text_hidden_size,
+            "backbone_source": str(path_or_id),
+        },
+    )
+    model = DetailFusionModel(config)
+    model.vision_model.load_state_dict(source.vision_model.state_dict())
+    with torch.no_grad():
+        for branch in (model.gm_branch, model.di_branch):
+            branch.query_tokens.copy_(source.query_tokens)
+            branch.embeddings.load_state_dict(source.embeddings.state_dict())
+            branch.qformer.load_state_dict(source.qformer.state_dict())
+            branch.vision_proj.load_state_dict(source.vision_projection.state_dict())
+            branch.text_proj.load_state_dict(source.text_projection.state_dict())
+    return model
+
+
+def save_model(model: DetailFusionModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
+    """Export model (safetensors + config.json) and tokenizer into one directory."""
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def load_model(directory: str | Path) -> tuple[DetailFusionModel, PreTrainedTokenizerBase]:
+    """Load what ``save_model`` wrote (no pickle: safetensors weights, JSON config)."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory}: no config.json; not a DetailFusion model directory")
+    model = DetailFusionModel.from_pretrained(directory, use_safetensors=True)
+    return model, load_tokenizer(str(directory))

@@ -1,0 +1,78 @@
+"""One Q-Former branch (GM or DI): learned queries, BLIP-2 text embeddings, a Q-Former, two projections and a
+temperature. Both branches share the frozen ViT's output ``image_embeds`` [B, T, W] (T image tokens, W ViT width)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings
+
+from .configuration import DetailFusionConfig
+
+
+@dataclass
+class BranchQueryOutput:
+    """A composed query encoded by one branch.
+
+    feature: [B, D] ``normalize(text_proj(h_cls))``, h_cls the output at the first text position.
+    hidden_states: [B, Nq + L, H] the Q-Former outputs over ``[queries; text]`` (input to the compositor).
+    attention_mask: [B, Nq + L] 1 for real tokens, 0 for padding.
+    """
+
+    feature: torch.Tensor
+    hidden_states: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+class QFormerBranch(nn.Module):
+    """Composed-query and target encoders of one branch; names follow the BLIP-2 / LAVIS layout."""
+
+    def __init__(self, config: DetailFusionConfig):
+        super().__init__()
+        qformer_config = config.qformer_config
+        self.num_query_tokens = config.num_query_tokens
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_config.hidden_size))
+        self.embeddings = Blip2TextEmbeddings(qformer_config)
+        self.qformer = Blip2QFormerModel._from_config(qformer_config)
+        self.vision_proj = nn.Linear(qformer_config.hidden_size, config.embed_dim)
+        self.text_proj = nn.Linear(qformer_config.hidden_size, config.embed_dim)
+        self.temp = nn.Parameter(torch.tensor(float(config.init_temperature)))
+
+    def temperature(self) -> torch.Tensor:
+        """The learned softmax temperature, clamped as in BLIP-2 (scalar)."""
+        return self.temp.clamp(min=1e-3, max=0.5)
+
+    def encode_query(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> BranchQueryOutput:
+        """Reference image tokens [B, T, W] + text ids/mask [B, L] -> the composed query."""
+        batch = image_embeds.shape[0]
+        queries = self.query_tokens.expand(batch, -1, -1)
+        mask = torch.cat([attention_mask.new_ones(batch, self.num_query_tokens), attention_mask], dim=1)
+        embeds = self.embeddings(input_ids=input_ids, query_embeds=queries)
+        hidden = self.qformer(
+            query_embeds=embeds,
+            query_length=self.num_query_tokens,
+            attention_mask=mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=self._image_mask(image_embeds),
+        ).last_hidden_state
+        feature = F.normalize(self.text_proj(hidden[:, self.num_query_tokens, :]), dim=-1)
+        return BranchQueryOutput(feature=feature, hidden_states=hidden, attention_mask=mask)
+
+    def encode_target(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Target image tokens [B, T, W] -> normalised query-token features [B, Nq, D]."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        hidden = self.qformer(
+            query_embeds=queries,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=self._image_mask(image_embeds),
+        ).last_hidden_state
+        return F.normalize(self.vision_proj(hidden[:, : self.num_query_tokens, :]), dim=-1)
+
+    @staticmethod
+    def _image_mask(image_embeds: torch.Tensor) -> torch.Tensor:
+        return torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
