@@ -135,7 +135,8 @@ def apply_override(config: T, item: str) -> T:
 def from_dict(cls: type[T], data: dict[str, Any], source: str = "<dict>", prefix: str = "") -> T:
     """Construct dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: '{prefix or '<root>'}' must be a mapping, got {type(data).__name__}")
+        where = prefix.rstrip(".") or "<root>"
+        raise ConfigError(f"{source}: key '{where}' must be a mapping, got {data!r} ({type(data).__name__})")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}

@@ -102,8 +102,10 @@ class ConcatLinearCompositor(nn.Module):
 
     def __init__(self, config: DetailFusionConfig):
         super().__init__()
-        self.linear = nn.Linear(2 * config.embed_dim, 2 * config.embed_dim)
+        width = 2 * config.embed_dim
+        self.weight = nn.Parameter(torch.eye(width))  # [2D, 2D]
+        self.bias = nn.Parameter(torch.zeros(width))
 
     def forward(self, gm: BranchQueryOutput, di: BranchQueryOutput) -> CompositorOutput:
-        query = F.normalize(self.linear(torch.cat([gm.feature, di.feature], dim=-1)), dim=-1)
+        query = F.normalize(F.linear(torch.cat([gm.feature, di.feature], dim=-1), self.weight, self.bias), dim=-1)
         return CompositorOutput(query=query, weights=None)

@@ -64,8 +64,8 @@ class DetailFusionPreTrainedModel(PreTrainedModel):
             init.zeros_(module.head[-1].weight)
             init.zeros_(module.head[-1].bias)
         elif isinstance(module, ConcatLinearCompositor):
-            init.copy_(module.linear.weight, torch.eye(module.linear.in_features))
-            init.zeros_(module.linear.bias)
+            init.copy_(module.weight, torch.eye(module.weight.shape[0]))
+            init.zeros_(module.bias)
         elif isinstance(module, DetailFusionModel):
             init.constant_(module.unified_temp, self.config.init_temperature)
 

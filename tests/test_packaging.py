@@ -1,0 +1,37 @@
+"""The installed package: importable, console script present, and the stdlib `platform` module not shadowed."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+
+def run_python(code: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_stdlib_platform_is_not_shadowed_from_repo_root():
+    # The repo root holds a folder named platform/; running from there is where shadowing would bite.
+    code = "import platform, sysconfig, detailfusion; print(platform.system(), platform.__file__, sysconfig.get_paths()['stdlib'])"
+    result = run_python(code, REPO)
+    assert result.returncode == 0, result.stderr
+    system, location, stdlib = result.stdout.split()
+    assert system == "Linux"
+    assert location.startswith(stdlib) and location.endswith("platform.py")
+
+
+def test_package_imports_from_installed_location(tmp_path):
+    result = run_python("import detailfusion, detailfusion.model; print(detailfusion.__file__)", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("detailfusion/__init__.py")
+
+
+def test_console_script_lists_subcommands():
+    result = subprocess.run(
+        [sys.executable, "-m", "detailfusion.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "synth" in result.stdout
+    script = subprocess.run([str(Path(sys.executable).parent / "detailfusion"), "--help"], capture_output=True, text=True, timeout=120)
+    assert script.returncode == 0 and "synth" in script.stdout
