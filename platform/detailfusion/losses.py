@@ -19,21 +19,39 @@ from torch.nn import functional as F
 
 
 def gather_features(features: torch.Tensor, rank: int, world_size: int, with_grad: bool = True) -> torch.Tensor:
-    """Concatenate ``features`` [B, ...] of all ranks along dim 0 -> [world_size * B, ...].
+    """Concatenate ``features`` [B, ...] of all ranks along dim 0 -> [world_size * B, ...] (equal B on every rank).
 
-    ``with_grad``: gradients flow back to every rank's shard (``torch.distributed.nn.all_gather``); otherwise the
-    gathered copies are constants and only the local shard, put back at ``[rank]``, keeps its gradient.
+    ``with_grad``: every rank's loss back-propagates into every rank's shard (gradients summed over ranks);
+    otherwise the gathered copies are constants and only the local shard, put back at ``[rank]``, has a gradient.
     """
     if world_size == 1:
         return features
     if with_grad:
-        import torch.distributed.nn  # noqa: F401  (registers the autograd-aware collectives)
-
-        return torch.cat(torch.distributed.nn.functional.all_gather(features), dim=0)
+        return _GatherWithGrad.apply(features)
     parts = [torch.empty_like(features) for _ in range(world_size)]
     dist.all_gather(parts, features.contiguous())
     parts[rank] = features
     return torch.cat(parts, dim=0)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradient over ranks (all_reduce) and returns this rank's slice.
+
+    Written on all_gather + all_reduce because both run on gloo (CPU) and nccl alike.
+    """
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.batch = dist.get_rank(), features.shape[0]
+        parts = [torch.empty_like(features) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, features.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
 
 
 def max_similarity(query: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
