@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install detailfusion with its test extras.
+# torch is installed first, pinned, so that the package's torch range is already met and pip never swaps in a
+# multi-GB CUDA build on a CPU machine. On this project's machines torch==2.13.0 resolves to a local CPU wheel;
+# elsewhere set TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu, or a CUDA index on GPU nodes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  echo "setup: installing $TORCH_SPEC"
+  pip install "$TORCH_SPEC" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+fi
+echo "setup: installing detailfusion[test] (editable)"
+pip install -e ".[test]"
+.venv/bin/python -c "import torch, ray, deepspeed, transformers, detailfusion; print(f'setup: ok (torch {torch.__version__}, ray {ray.__version__}, transformers {transformers.__version__}, deepspeed {deepspeed.__version__})')"
