@@ -18,6 +18,20 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from .config import PrepareConfig, from_dict, apply_override
+    from .data.prepare import prepare
+
+    fields = {k: v for k, v in vars(args).items() if k in PrepareConfig.__dataclass_fields__ and v is not None}
+    if "categories" in fields:
+        fields["categories"] = tuple(fields["categories"])
+    config = from_dict(PrepareConfig, fields, source="detailfusion prepare")
+    for item in args.set or []:
+        config = apply_override(config, item)
+    prepare(config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detailfusion", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -31,6 +45,27 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int, default=128, help="rendered image side in pixels (default 128)")
     synth.set_defaults(run=_synth)
+
+    prep = commands.add_parser(
+        "prepare", help="read, validate, decode and transform a dataset split into canonical parquet shards (Ray Data)"
+    )
+    prep.add_argument("--dataset", required=True, choices=["cirr", "fashioniq", "ipr2pr"])
+    prep.add_argument("--root", required=True, help="dataset root in its original on-disk layout")
+    prep.add_argument("--split", required=True, help="cirr: train|val|test1; fashioniq: train|val|test; ipr2pr: train")
+    prep.add_argument("--out", required=True, help="output directory (shards, gallery, quarantine, manifest)")
+    prep.add_argument("--preset", help="model preset whose image resolution to use (default tiny)")
+    prep.add_argument("--image-size", type=int, help="override the preset's resolution (pixels)")
+    prep.add_argument("--categories", nargs="+", help="FashionIQ categories (default: dress shirt toptee)")
+    prep.add_argument("--max-bad-fraction", type=float, help="fail above this share of quarantined records (0.01)")
+    prep.add_argument("--batch-size", type=int, help="images per Ray Data batch (64)")
+    prep.add_argument("--cache-vision-features", action="store_true", default=None,
+                      help="also encode every image once with the frozen ViT and store the token features")
+    prep.add_argument("--model", help="model dir or preset for the feature cache (default: --preset)")
+    prep.add_argument("--encoder-actors", type=int, help="actor-pool size of the feature-cache encoder (1)")
+    prep.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per encoder actor")
+    prep.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (ignored under ray job submit)")
+    prep.add_argument("--set", action="append", metavar="KEY=VALUE", help="any PrepareConfig field")
+    prep.set_defaults(run=_prepare)
     return parser
 
 
@@ -38,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"detailfusion {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -91,6 +91,26 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+@dataclass(frozen=True)
+class PrepareConfig:
+    """``prepare``: read a dataset split, validate, decode + transform images, write canonical shards."""
+
+    dataset: Literal["cirr", "fashioniq", "ipr2pr"] = "cirr"
+    root: str = ""
+    split: str = "val"
+    out: str = ""
+    preset: str = "tiny"  # image resolution comes from the model preset ...
+    image_size: int | None = None  # ... unless given here (pixels)
+    categories: tuple[str, ...] = ("dress", "shirt", "toptee")  # FashionIQ only
+    max_bad_fraction: float = 0.01  # fail when more than this share of records is quarantined
+    batch_size: int = 64  # images per Ray Data batch
+    cache_vision_features: bool = False
+    model: str | None = None  # model dir or preset whose frozen ViT fills the cache (default: ``preset``)
+    encoder_actors: int = 1  # actor-pool size of the feature-cache encoder
+    use_gpu: bool = False  # one GPU per encoder actor
+    num_cpus: int | None = None  # CPUs of a local Ray started by the job (ignored when joining a cluster)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Loading.
 

@@ -1,0 +1,47 @@
+"""Safe image decoding: every failure is a ``BadImage`` with a reason, and oversized images are refused
+from their header, before any pixel is decoded (decompression bombs)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .transforms import resize_crop, target_pad
+
+MAX_PIXELS = 50_000_000  # a 7071 x 7071 image; far above any CIR dataset
+MAX_SIDE = 16_384
+
+
+class BadImage(ValueError):
+    """An image that cannot be used; the message is the quarantine reason."""
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Bytes -> fully decoded RGB image, or ``BadImage`` (not an image, truncated, corrupt, too large)."""
+    if not data:
+        raise BadImage("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels or max(width, height) > MAX_SIDE or min(width, height) < 1:
+                raise BadImage(f"refused: {width}x{height} pixels exceeds the limit ({max_pixels} pixels, side {MAX_SIDE})")
+            image.load()
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage("not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImage(f"refused as a decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+        raise BadImage(f"corrupt or truncated image: {exc}") from None
+    return image.convert("RGB")
+
+
+def load_pixels(data: bytes, size: int) -> np.ndarray:
+    """Bytes -> targetpad + resize + centre crop -> uint8 [size, size, 3] (normalised later, on the device)."""
+    return np.asarray(resize_crop(target_pad(decode_image(data)), size), dtype=np.uint8)

@@ -1,0 +1,89 @@
+"""Reader of IPr2Pr (InstructPix2Pix ``instructpix2pix-clip-filtered``) parquet shards, streamed by Ray Data.
+
+Columns: ``original_prompt, original_image{bytes,path}, edit_prompt, edited_prompt, edited_image{bytes,path}``.
+A row becomes a triplet (original image, edit prompt, edited image) whose two images travel inline, decoded
+and transformed, as uint8 [S, S, 3]; ``sample_id`` is a content hash (the shards have no ids).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .images import BadImage, load_pixels
+from .schema import TRIPLET_SCHEMA, Quarantined, normalize_text
+
+REQUIRED_COLUMNS = ("original_image", "edit_prompt", "edited_image")
+
+
+def ipr2pr_files(root: Path) -> list[Path]:
+    files = sorted((root / "data").glob("*.parquet")) or sorted(root.glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no IPr2Pr parquet shards under {root}/data/ or {root}/")
+    for path in files:
+        try:
+            names = pq.read_schema(path).names
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ValueError(f"{path}: not a readable parquet file ({exc})") from None
+        missing = [c for c in REQUIRED_COLUMNS if c not in names]
+        if missing:
+            raise ValueError(f"{path}: missing IPr2Pr column(s) {', '.join(missing)} (has {', '.join(names)})")
+    return files
+
+
+def read_ipr2pr_dataset(root: Path):
+    """A streaming Ray Dataset over the shards (only the needed columns, with each row's source path)."""
+    import ray
+
+    files = ipr2pr_files(root)
+    dataset = ray.data.read_parquet([str(f) for f in files], columns=list(REQUIRED_COLUMNS), include_paths=True)
+    return dataset, files
+
+
+def to_triplets(batch: pa.Table, image_size: int, split: str, parts_dir: str) -> pa.Table:
+    """Ray Data batch function: raw IPr2Pr rows -> canonical triplet columns + inline pixels."""
+    rows, references, targets, bad = [], [], [], []
+    seen: set[str] = set()
+    for raw in batch.to_pylist():
+        original, edited = raw.get("original_image") or {}, raw.get("edited_image") or {}
+        before, after = original.get("bytes") or b"", edited.get("bytes") or b""
+        sample_id = "ipr2pr/" + hashlib.sha1(before + b"\0" + str(raw.get("edit_prompt")).encode() + b"\0" + after).hexdigest()[:20]
+        source = raw.get("path", "?")
+        text = normalize_text(raw.get("edit_prompt") or "")
+        if not text:
+            bad.append(Quarantined(source, sample_id, "empty edit_prompt"))
+            continue
+        if sample_id in seen:
+            bad.append(Quarantined(source, sample_id, f"duplicate row {sample_id}"))
+            continue
+        seen.add(sample_id)
+        pixels = {}
+        for column, data in (("original_image", before), ("edited_image", after)):
+            try:
+                pixels[column] = load_pixels(data, image_size)
+            except BadImage as exc:
+                bad.append(Quarantined(source, sample_id, f"{column}: {exc}", "image"))
+                break
+        if len(pixels) < 2:
+            continue
+        ref, tgt = pixels["original_image"], pixels["edited_image"]
+        references.append(ref)
+        targets.append(tgt)
+        rows.append(
+            dict(sample_id=sample_id, dataset="ipr2pr", split=split, reference_id=f"{sample_id}:original",
+                 target_id=f"{sample_id}:edited", text=text, text_variants=[text], subset_ids=[], category=None)
+        )
+    if bad:
+        name = hashlib.sha1(rows[0]["sample_id"].encode() if rows else bad[0].record.encode()).hexdigest()
+        (Path(parts_dir) / f"{name}.jsonl").write_text("".join(json.dumps(b.to_dict()) + "\n" for b in bad))
+    from ray.data.extensions import ArrowTensorArray
+
+    empty = np.zeros((0, image_size, image_size, 3), dtype=np.uint8)
+    table = pa.Table.from_pylist(rows, schema=TRIPLET_SCHEMA)
+    table = table.append_column("reference_pixels", ArrowTensorArray.from_numpy(np.stack(references) if references else empty))
+    return table.append_column("target_pixels", ArrowTensorArray.from_numpy(np.stack(targets) if targets else empty))

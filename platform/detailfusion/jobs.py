@@ -1,0 +1,24 @@
+"""The shared shape of every script in ``jobs/``: ``--config FILE`` + ``--set key=value`` -> typed config -> one call."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+from .config import ConfigError, load_config
+
+
+def run_job(config_class: type, entry: Callable[[Any], Any], description: str | None = None,
+            argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of the job's config (keys of %s)" % config_class.__name__)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(config_class, args.config, args.set)
+        entry(config)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
