@@ -19,3 +19,20 @@ def tiny():
     torch.manual_seed(0)
     model, tokenizer = build_model("tiny")
     return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """One local Ray for the whole session: 2 CPUs, a small object store, no dashboard."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=2,
+            object_store_memory=256 * 1024 * 1024,
+            include_dashboard=False,
+            _temp_dir=str(tmp_path_factory.mktemp("ray")),
+            log_to_driver=False,
+        )
+    yield ray

@@ -29,14 +29,17 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels or max(width, height) > MAX_SIDE or min(width, height) < 1:
-                raise BadImage(f"refused: {width}x{height} pixels exceeds the limit ({max_pixels} pixels, side {MAX_SIDE})")
+                raise BadImage(
+                    f"refused as a decompression bomb / absurd size: {width}x{height} pixels exceeds the limit "
+                    f"({max_pixels} pixels, side {MAX_SIDE})"
+                )
             image.load()
     except BadImage:
         raise
     except UnidentifiedImageError:
         raise BadImage("not an image (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadImage(f"refused as a decompression bomb: {exc}") from None
+        raise BadImage(f"refused as a decompression bomb / absurd size: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
         raise BadImage(f"corrupt or truncated image: {exc}") from None
     return image.convert("RGB")
