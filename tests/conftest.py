@@ -34,5 +34,7 @@ def ray_local(tmp_path_factory):
             include_dashboard=False,
             _temp_dir=str(tmp_path_factory.mktemp("ray")),
             log_to_driver=False,
+            # workers import train loops defined in test modules
+            runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "tests"), "TOKENIZERS_PARALLELISM": "false"}},
         )
     yield ray

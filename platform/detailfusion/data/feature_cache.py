@@ -14,6 +14,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -56,15 +57,17 @@ class VisionEncoder:
         self.columns = columns
 
     @torch.no_grad()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {k: v for k, v in batch.items() if k not in self.columns}
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from ray.data.extensions import ArrowTensorArray
+
+        out = batch.drop_columns(list(self.columns))  # keeps list columns as real Arrow lists, never pickled
         for source, target in self.columns.items():
-            pixels = torch.from_numpy(np.ascontiguousarray(batch[source])).to(self.device, non_blocking=True)
+            array = batch.column(source).combine_chunks().to_numpy()
+            pixels = torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 tokens = self.vision.encode_image(normalize_pixels(pixels))
-            out[target] = tokens.to(torch.float16).cpu().numpy()
-        out["encoder_fingerprint"] = np.array([self.fingerprint] * len(next(iter(batch.values()))), dtype=object)
-        return out
+            out = out.append_column(target, ArrowTensorArray.from_numpy(tokens.to(torch.float16).cpu().numpy()))
+        return out.append_column("encoder_fingerprint", pa.array([self.fingerprint] * batch.num_rows, pa.string()))
 
 
 def cache_vision_features(out: Path, manifest: dict, config: PrepareConfig) -> dict:
@@ -82,7 +85,7 @@ def cache_vision_features(out: Path, manifest: dict, config: PrepareConfig) -> d
             VisionEncoder,
             fn_constructor_kwargs=dict(model_ref=model_ref, columns=columns, use_gpu=config.use_gpu),
             batch_size=config.batch_size,
-            batch_format="numpy",
+            batch_format="pyarrow",
             concurrency=config.encoder_actors,
             num_gpus=1 if config.use_gpu else 0,
         )

@@ -75,11 +75,12 @@ class TripletBatcher:
 
 
 def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, use_features: bool = True,
-                     batch_size: int = 64, vision_fingerprint: str | None = None):
+                     batch_size: int = 64, vision_fingerprint: str | None = None, actor_cpus: float = 1.0):
     """The Ray Dataset of one prepared split for training (rows without a target are refused).
 
     ``use_features``: read the frozen-ViT cache when the split has one; ``vision_fingerprint`` (of the model
-    about to train) must then match the cache's, or the cache belongs to another ViT.
+    about to train) must then match the cache's, or the cache belongs to another ViT. ``actor_cpus``: CPUs of
+    the attaching actor (fractional on small machines, where whole CPUs would starve the Train workers).
     """
     import ray
 
@@ -93,11 +94,14 @@ def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, 
         )
     layout = manifest["layout"]
     rows_dir = Path(prepared_dir) / ("features" if source == FEATURES and layout == "inline" else "triplets")
-    dataset = ray.data.read_parquet(str(rows_dir))
-    if layout == "gallery":
-        unlabelled = pq.read_table(Path(prepared_dir) / "triplets", columns=["target_id"]).column("target_id").null_count
+    if layout == "gallery":  # annotation rows are small: hand them to Ray Data from memory, no file-listing task
+        table = pq.read_table(rows_dir)
+        unlabelled = table.column("target_id").null_count
         if unlabelled:
             raise ValueError(f"{prepared_dir}: {unlabelled} triplets have no target (a test split?); cannot train on it")
+        dataset = ray.data.from_arrow(table)
+    else:  # inline images: stream the shards
+        dataset = ray.data.read_parquet(str(rows_dir), num_cpus=actor_cpus)
     return dataset.map_batches(
         TripletBatcher,
         fn_constructor_kwargs=dict(prepared_dir=str(prepared_dir), tokenizer=tokenizer,
@@ -105,6 +109,7 @@ def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, 
         batch_size=batch_size,
         batch_format="numpy",
         concurrency=1,
+        num_cpus=actor_cpus,
     )
 
 

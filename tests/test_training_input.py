@@ -1,0 +1,124 @@
+"""Training input: the frozen-ViT feature cache equals the online path, and 2 Ray Train workers get disjoint
+shards that cover the split once per epoch."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from detailfusion.config import PrepareConfig
+from detailfusion.data.feature_cache import vision_fingerprint
+from detailfusion.data.pipeline import load_image_store, sample_key, training_dataset
+from detailfusion.data.prepare import prepare
+from detailfusion.data.synthetic import write_synthetic
+from detailfusion.data.transforms import normalize_pixels
+from detailfusion.model import build_model, save_model
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    model, tokenizer = build_model("tiny")
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    save_model(model, tokenizer, path)
+    return model.eval(), tokenizer, path
+
+
+@pytest.fixture(scope="module")
+def cirr_prepared(tmp_path_factory, exported, ray_local):
+    _, _, model_dir = exported
+    root = tmp_path_factory.mktemp("cirr")
+    write_synthetic("cirr", root / "raw", pairs=50, seed=0, image_size=64)
+    prepare(PrepareConfig(dataset="cirr", root=str(root / "raw"), split="train", out=str(root / "out"),
+                          cache_vision_features=True, model=str(model_dir)))
+    return root / "out"
+
+
+def test_cached_features_equal_the_online_vision_encoder(cirr_prepared, exported):
+    model = exported[0]
+    manifest = json.loads((cirr_prepared / "manifest.json").read_text())
+    assert manifest["features"]["fingerprint"] == vision_fingerprint(model)
+    assert manifest["features"]["rows"] == manifest["counts"]["images"]
+    index, pixels = load_image_store(cirr_prepared, "pixels")
+    cached_index, cached = load_image_store(cirr_prepared, "features")
+    assert set(index) == set(cached_index)
+    ids = sorted(index)[:8]
+    with torch.no_grad():
+        online = model.encode_image(normalize_pixels(torch.from_numpy(pixels[[index[i] for i in ids]])))
+    from_cache = torch.from_numpy(cached[[cached_index[i] for i in ids]]).float()
+    assert from_cache.shape == online.shape == (8, 65, 64)
+    assert torch.allclose(from_cache, online, atol=5e-3, rtol=2e-3)
+
+
+def test_ipr2pr_inline_cache_and_training_rows(tmp_path, exported):
+    model, tokenizer, model_dir = exported
+    write_synthetic("ipr2pr", tmp_path / "raw", pairs=20, seed=0, image_size=64)
+    prepare(PrepareConfig(dataset="ipr2pr", root=str(tmp_path / "raw"), split="train", out=str(tmp_path / "out"),
+                          cache_vision_features=True, model=str(model_dir)))
+    rows = training_dataset(tmp_path / "out", tokenizer, 32, vision_fingerprint=vision_fingerprint(model)).take_batch(4)
+    assert rows["reference"].shape == (4, 65, 64) and rows["reference"].dtype == np.float16
+    raw = pq.read_table(tmp_path / "out/triplets").to_pylist()
+    by_key = {sample_key(r["sample_id"]): r for r in raw}
+    first = by_key[int(rows["sample_key"][0])]
+    with torch.no_grad():
+        online = model.encode_image(normalize_pixels(torch.from_numpy(np.asarray(first["target_pixels"])[None])))
+    assert torch.allclose(torch.from_numpy(rows["target"][:1]).float(), online, atol=5e-3, rtol=2e-3)
+    pixels = training_dataset(tmp_path / "out", tokenizer, 32, use_features=False).take_batch(2)
+    assert pixels["reference"].shape == (2, 64, 64, 3) and pixels["reference"].dtype == np.uint8
+
+
+def test_training_rows_are_tokenised_and_refuse_a_foreign_cache(cirr_prepared, exported):
+    _, tokenizer, _ = exported
+    batch = training_dataset(cirr_prepared, tokenizer, 32, use_features=False).take_batch(3)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (3, 32)
+    assert batch["reference"].shape == (3, 64, 64, 3)
+    assert (batch["input_ids"][:, 0] == tokenizer.cls_token_id).all()
+    torch.manual_seed(1)
+    other, _ = build_model("tiny")
+    with pytest.raises(ValueError, match="feature cache was made by a vision encoder with fingerprint"):
+        training_dataset(cirr_prepared, tokenizer, 32, vision_fingerprint=vision_fingerprint(other))
+
+
+def _collect_keys(config):
+    import ray.train
+
+    from detailfusion.data.pipeline import iter_worker_batches
+
+    rank = ray.train.get_context().get_world_rank()
+    keys, steps = [], 0
+    for batch in iter_worker_batches(config["batch_size"]):
+        assert batch["input_ids"].dtype == torch.int64 and batch["reference"].shape[1:] == (65, 64)
+        keys += batch["sample_key"].tolist()
+        steps += 1
+    with open(f"{config['out']}/rank{rank}.json", "w") as f:
+        json.dump({"keys": keys, "steps": steps}, f)
+
+
+@pytest.mark.timeout(300)
+def test_two_workers_get_disjoint_shards_covering_the_split(cirr_prepared, exported, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    model, tokenizer, _ = exported
+    dataset = training_dataset(cirr_prepared, tokenizer, 32, vision_fingerprint=vision_fingerprint(model),
+                               actor_cpus=0.25)
+    trainer = TorchTrainer(
+        _collect_keys,
+        train_loop_config={"batch_size": 5, "out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        datasets={"train": dataset},
+        run_config=RunConfig(name="shards", storage_path=str(tmp_path / "storage")),
+    )
+    trainer.fit()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    expected = {sample_key(s) for s in pq.read_table(cirr_prepared / "triplets").column("sample_id").to_pylist()}
+    assert len(expected) == 40
+    keys0, keys1 = set(ranks[0]["keys"]), set(ranks[1]["keys"])
+    assert len(ranks[0]["keys"]) == len(keys0) == 20 and len(keys1) == 20
+    assert not keys0 & keys1
+    assert keys0 | keys1 == expected
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 4
