@@ -31,6 +31,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     preset: Literal["tiny", "blip2"] = "tiny"
     pretrained: str | None = None  # blip2: local dir or hub id of a Blip2ForImageTextRetrieval checkpoint
+    init_from: str | None = None  # exported model dir to start from (the previous stage's export); None: preset
     compositor: Literal["afc", "static", "concat_linear"] = "afc"
     static_weights: tuple[float, float] = (0.5, 0.5)  # (a_gm, a_di) for the static compositor
     compositor_layers: int = 1
@@ -51,6 +52,8 @@ class LossConfig:
 class DataConfig:
     dataset: Literal["synthetic", "cirr", "fashioniq", "ipr2pr"] = "synthetic"
     root: str | None = None
+    prepared: str | None = None  # output dir of `detailfusion prepare` for the training split
+    use_feature_cache: bool = True  # train on cached frozen-ViT features when the prepared split has them
     train_split: str = "train"
     val_split: str = "val"
     categories: tuple[str, ...] = ("dress", "shirt", "toptee")  # FashionIQ only
@@ -78,6 +81,13 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     seed: int = 0
+    checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of every epoch
+    keep_checkpoints: int = 2  # best N by loss (plus the latest)
+    max_failures: int = 0  # worker-group restarts Ray Train may make after a crash
+    log_every: int = 10  # steps between progress lines
+    fail_at_step: int | None = None  # fault injection for tests: raise once in fail_rank at this step
+    fail_rank: int = 0
+    data_actor_cpus: float = 1.0  # CPUs of the Ray Data actor that attaches images (fractional on small hosts)
 
 
 @dataclass(frozen=True)

@@ -22,3 +22,17 @@ def run_job(config_class: type, entry: Callable[[Any], Any], description: str | 
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_stage_job(stage: int, description: str | None = None, argv: list[str] | None = None) -> int:
+    """A training-stage script: its config's train.stage must be ``stage`` (a stage-2 config given to the
+    stage-1 script is refused before anything starts)."""
+    from .config import JobConfig
+    from .train.run import run_stage
+
+    def entry(config: JobConfig) -> None:
+        if config.train.stage != stage:
+            raise ValueError(f"this is the stage {stage} job, but the config says train.stage={config.train.stage}")
+        run_stage(config)
+
+    return run_job(JobConfig, entry, description, argv)

@@ -39,10 +39,10 @@ class QFormerBranch(nn.Module):
         self.qformer = Blip2QFormerModel._from_config(qformer_config)
         self.vision_proj = nn.Linear(qformer_config.hidden_size, config.embed_dim)
         self.text_proj = nn.Linear(qformer_config.hidden_size, config.embed_dim)
-        self.temp = nn.Parameter(torch.tensor(float(config.init_temperature)))
+        self.temp = nn.Parameter(torch.tensor([float(config.init_temperature)]))  # [1]: DeepSpeed cannot broadcast 0-d
 
     def temperature(self) -> torch.Tensor:
-        """The learned softmax temperature, clamped as in BLIP-2 (scalar)."""
+        """The learned softmax temperature, clamped as in BLIP-2 ([1])."""
         return self.temp.clamp(min=1e-3, max=0.5)
 
     def encode_query(

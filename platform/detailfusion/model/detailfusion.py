@@ -79,7 +79,7 @@ class DetailFusionModel(DetailFusionPreTrainedModel):
         self.gm_branch = QFormerBranch(config)
         self.di_branch = QFormerBranch(config)
         self.compositor = build_compositor(config)
-        self.unified_temp = nn.Parameter(torch.tensor(float(config.init_temperature)))  # temperature of L_C
+        self.unified_temp = nn.Parameter(torch.tensor([float(config.init_temperature)]))  # [1], temperature of L_C
         self.vision_model.requires_grad_(False)
         self.post_init()
 

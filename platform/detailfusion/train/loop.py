@@ -1,0 +1,214 @@
+"""The one training recipe every stage runs inside each Ray Train worker, with a DeepSpeed engine.
+
+Life: check settings -> setup (model, freezing, engine, resume state) -> train -> export. Checkpoints: every
+``checkpoint_every`` steps (0: every epoch end) each rank saves its DeepSpeed checkpoint and all ranks report
+it to Ray Train with the metrics. Resume (a restarted worker group, or the same command rerun): the latest
+reported checkpoint restores weights, optimizer, schedule, the step count and the epoch; within an epoch the
+position is restored as a count of batches (the first ones of the epoch are skipped; their order is not).
+Stage 3 encodes its split once with the frozen branches and then trains the compositor on those outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import JobConfig, from_dict
+from ..data.pipeline import iter_worker_batches
+from ..data.transforms import normalize_pixels
+from .engine import build_engine, micro_batch_size
+from .stages import STAGES, branch_loss, build_loss, freeze_for_stage
+
+CLIENT_STATE = "detailfusion_state"
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train entry point: ``loop_config`` = {"job": JobConfig as dict, "run": driver facts}."""
+    StageRecipe(from_dict(JobConfig, loop_config["job"], source="train loop config"), loop_config["run"]).run()
+
+
+class StageRecipe:
+    def __init__(self, config: JobConfig, run: dict):
+        import ray.train
+
+        self.config, self.run_facts = config, run
+        self.spec = STAGES[config.train.stage]
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = torch.device("cuda", context.get_local_rank()) if config.train.use_gpu else torch.device("cpu")
+        self.micro_batch = micro_batch_size(config.train, self.world_size)
+        self.steps_per_epoch = run["rows"] // self.world_size // self.micro_batch // config.train.grad_accum
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{run['rows']} rows give no full batch of {self.micro_batch} per rank")
+        self.total_steps = self.steps_per_epoch * config.train.epochs
+
+    # -- setup ---------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from ..model import load_model
+
+        torch.manual_seed(self.config.train.seed)
+        self.model, self.tokenizer = load_model(self.run_facts["init_from"])
+        freeze_for_stage(self.model, self.spec)
+        self.loss_fn = build_loss(self.spec, self.config.loss)  # after the process group exists: knows its rank
+        self.model.to(self.device)
+        self.engine, self.optimizer, self.scheduler = build_engine(
+            self.model, self.config.train, self.config.optim, self.world_size, self.total_steps
+        )
+        self.step, self.epoch, self.skip_batches = 0, 0, 0
+        self._resume()
+
+    def _resume(self) -> None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as directory:
+            _, state = self.engine.load_checkpoint(directory)  # the tag named in its "latest" file
+        state = state[CLIENT_STATE]
+        self.step, self.epoch, self.skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
+        self._log(f"resumed at step {self.step} (epoch {self.epoch}, batch {self.skip_batches})")
+
+    # -- train ---------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.setup()
+        cached = self._encode_split_once() if self.spec.number == 3 else None
+        self.engine.train()
+        started, seen, last_loss = time.perf_counter(), 0, float("nan")
+        for epoch in range(self.epoch, self.config.train.epochs):
+            batches = cached if cached is not None else self._batches()
+            for index, batch in enumerate(self._epoch_batches(batches, epoch)):
+                if index < self.skip_batches:
+                    continue
+                if index // self.config.train.grad_accum >= self.steps_per_epoch:
+                    break
+                self._maybe_fail()
+                parts = self._loss(batch)
+                self.engine.backward(parts["loss"])
+                self.engine.step()
+                seen += self.micro_batch * self.world_size
+                if not self.engine.is_gradient_accumulation_boundary():
+                    continue
+                self.step += 1
+                last_loss = parts["loss"].item()
+                rate = seen / (time.perf_counter() - started)
+                self._write_metrics(epoch, parts, rate)
+                if self.step % self.config.train.log_every == 0 or self.step == self.total_steps:
+                    self._log(f"epoch {epoch} step {self.step}/{self.total_steps} loss {last_loss:.4f} "
+                              f"lr {self.scheduler.get_last_lr()[0]:.2e} {rate:.1f} samples/s")
+                every = self.config.train.checkpoint_every
+                if every and self.step % every == 0 and self.step < self.total_steps:
+                    self._checkpoint(epoch, index + 1, {"loss": last_loss, "epoch": epoch})
+            self.skip_batches = 0
+            if not self.config.train.checkpoint_every or epoch + 1 == self.config.train.epochs:
+                self._checkpoint(epoch + 1, 0, {"loss": last_loss, "epoch": epoch + 1}, export=epoch + 1 == self.config.train.epochs)
+
+    def _batches(self):
+        for batch in iter_worker_batches(self.micro_batch):
+            yield self._to_device(batch)
+
+    def _epoch_batches(self, batches, epoch: int):
+        if isinstance(batches, list):  # stage 3's cached outputs: reshuffle every epoch, same on every rank
+            order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(self.config.train.seed + epoch))
+            return (batches[i] for i in order.tolist())
+        return batches
+
+    def _to_device(self, batch: dict) -> dict:
+        out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        for key in ("reference", "target"):
+            out[key] = normalize_pixels(out[key]) if out[key].dtype == torch.uint8 else out[key].float()
+        out["images"] = "pixel_values" if batch["reference"].dtype == torch.uint8 else "embeds"
+        return out
+
+    def _loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        model = self.engine.module
+        if self.spec.number == 3:
+            from ..model import BranchQueryOutput
+
+            gm = BranchQueryOutput(batch["q_gm"], batch["h_gm"], batch["m_gm"])
+            di = BranchQueryOutput(batch["q_di"], batch["h_di"], batch["m_di"])
+            unified = model.compose(gm, di).query
+            return self.loss_fn(unified, batch["gallery"], model.unified_temperature())
+        images = batch.pop("images")
+        return branch_loss(self.spec, model, self.loss_fn, batch, images)
+
+    @torch.no_grad()
+    def _encode_split_once(self) -> list[dict]:
+        """Stage 3: the frozen branches' outputs for this rank's shard, computed once."""
+        model, cached = self.engine.module, []
+        model.eval()
+        for batch in self._batches():
+            key = batch.pop("images")
+            ref = batch["reference"] if key == "embeds" else model.encode_image(batch["reference"])
+            tgt = batch["target"] if key == "embeds" else model.encode_image(batch["target"])
+            queries = model.encode_queries(ref, batch["input_ids"], batch["attention_mask"])
+            targets = model.encode_targets(tgt)
+            cached.append({
+                "q_gm": queries["gm"].feature, "h_gm": queries["gm"].hidden_states, "m_gm": queries["gm"].attention_mask,
+                "q_di": queries["di"].feature, "h_di": queries["di"].hidden_states, "m_di": queries["di"].attention_mask,
+                "gallery": model.gallery_embedding(targets["gm"], targets["di"]),
+            })
+        self._log(f"stage 3: encoded {len(cached)} batches once with the frozen branches")
+        return cached
+
+    # -- faults, checkpoints, export -------------------------------------------------------------------
+
+    def _maybe_fail(self) -> None:
+        train = self.config.train
+        marker = Path(self.run_facts["stage_dir"]) / "fault_injected"
+        if train.fail_at_step is not None and self.step == train.fail_at_step and self.rank == train.fail_rank \
+                and not marker.exists():
+            marker.write_text(f"rank {self.rank} step {self.step}\n")
+            raise RuntimeError(f"injected fault at step {self.step} on rank {self.rank}")
+
+    def _checkpoint(self, epoch: int, batch_in_epoch: int, metrics: dict, export: bool = False) -> None:
+        """Every rank saves its DeepSpeed state (collective) and reports it; the last one also exports."""
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as directory:
+            state = {CLIENT_STATE: {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}}
+            self.engine.save_checkpoint(directory, tag=f"step{self.step}", client_state=state)
+            if export:
+                self._export()
+            metrics = {**metrics, "step": self.step, "stage": self.spec.number}
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    def _export(self) -> None:
+        """``save_pretrained`` of the trained model for the next stage, evaluation and serving (no DeepSpeed)."""
+        from ..model import save_model
+
+        if self.config.train.zero_stage == 3:  # parameters are partitioned: gather them (collective)
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = None
+        if self.rank == 0:  # one writer; not a collective call
+            model = self.engine.module
+            if state is not None:
+                model.load_state_dict(state, strict=False)
+            save_model(model.to("cpu"), self.tokenizer, self.run_facts["export_dir"])
+            model.to(self.device)
+            self._log(f"exported the stage {self.spec.number} model to {self.run_facts['export_dir']}")
+
+    def _write_metrics(self, epoch: int, parts: dict, rate: float) -> None:
+        if self.rank != 0:
+            return
+        path = Path(self.run_facts["stage_dir"]) / "metrics.csv"
+        row = {"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate,
+               **{k: float(v) for k, v in parts.items()}}
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def _log(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[stage {self.spec.number}] {message}", flush=True)

@@ -1,0 +1,134 @@
+"""Driver of one training stage: check everything that can be checked before a worker starts, then run the
+recipe (``loop.py``) on a Ray Train ``TorchTrainer`` and return where the exported model is.
+
+Run directory (``workdir/stage<N>``): ``model/`` the export (save_pretrained), ``metrics.csv``, ``config.yaml``
+(the resolved config), ``init/`` (tiny preset only: the random initial model every rank starts from), and
+Ray Train's storage (``ray/<name>``: DeepSpeed checkpoints, best ``keep_checkpoints`` by loss).
+Rerunning the same command resumes from the latest checkpoint; a finished stage is reused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import JobConfig, save_config
+from ..data.pipeline import read_manifest, training_dataset
+from .stages import STAGES
+
+
+class StageError(ValueError):
+    """A stage that cannot start: wrong data, missing previous stage, impossible settings."""
+
+
+def stage_dir(config: JobConfig) -> Path:
+    return Path(config.workdir) / f"stage{config.train.stage}"
+
+
+def check_stage(config: JobConfig) -> dict:
+    """Validate the config against the data and the previous stage; returns the prepared split's manifest."""
+    spec = STAGES[config.train.stage]
+    if not config.data.prepared:
+        raise StageError("data.prepared is not set: point it at the output of `detailfusion prepare`")
+    manifest = read_manifest(config.data.prepared)
+    if manifest["dataset"] not in spec.datasets:
+        raise StageError(
+            f"stage {spec.number} ({spec.name}) trains on {' or '.join(spec.datasets)}, but {config.data.prepared} "
+            f"holds {manifest['dataset']}"
+        )
+    if config.data.dataset not in ("synthetic", manifest["dataset"]):
+        raise StageError(f"data.dataset={config.data.dataset!r} but {config.data.prepared} holds {manifest['dataset']}")
+    if config.train.stage > 1:
+        init = config.model.init_from
+        if not init or not (Path(init) / "config.json").is_file():
+            raise StageError(
+                f"stage {spec.number} starts from the stage {spec.number - 1} export: set model.init_from to its "
+                f"model directory (got {init!r}, which holds no exported model)"
+            )
+    elif config.model.init_from and not (Path(config.model.init_from) / "config.json").is_file():
+        raise StageError(f"model.init_from={config.model.init_from!r} holds no exported model (no config.json)")
+    if config.loss.subset_negatives:
+        raise StageError("loss.subset_negatives > 0 is not supported by the training input yet; set it to 0")
+    if config.train.use_gpu is False and config.train.precision == "fp16":
+        raise StageError("train.precision=fp16 needs GPUs; use fp32 (or bf16) on CPU")
+    return manifest
+
+
+def initial_model(config: JobConfig, directory: Path) -> str:
+    """The exported model every rank starts from (same weights on every rank, and the cache's ViT)."""
+    from ..model import build_model, save_model
+
+    if config.model.init_from:
+        return config.model.init_from
+    if (directory / "config.json").is_file():
+        return str(directory)
+    import torch
+
+    torch.manual_seed(config.train.seed)
+    overrides = {"compositor": config.model.compositor, "static_weights": list(config.model.static_weights),
+                 "compositor_layers": config.model.compositor_layers, "compositor_heads": config.model.compositor_heads}
+    model, tokenizer = build_model(config.model.preset, pretrained=config.model.pretrained, **overrides)
+    save_model(model, tokenizer, directory)
+    return str(directory)
+
+
+def run_stage(config: JobConfig) -> Path:
+    """Train one stage (or reuse it when finished); returns the exported model directory."""
+    from ..ray_setup import init_ray
+
+    manifest = check_stage(config)
+    spec = STAGES[config.train.stage]
+    out = stage_dir(config)
+    export_dir = out / "model"
+    if (export_dir / "config.json").is_file() and (out / "DONE").is_file():
+        print(f"[stage {spec.number}] already trained: reusing {export_dir}")
+        return export_dir
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    init_from = initial_model(config, out / "init")
+    init_ray()
+    trainer = build_trainer(config, manifest, init_from, export_dir)
+    print(f"[stage {spec.number}] {spec.name}: {manifest['counts']['triplets']} triplets from {config.data.prepared}, "
+          f"{config.train.num_workers} worker(s), ZeRO-{config.train.zero_stage}, {config.train.precision}", flush=True)
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    (out / "DONE").write_text(json.dumps({"metrics": result.metrics, "export": str(export_dir)}, default=str))
+    return export_dir
+
+
+def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir: Path):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ..data.feature_cache import vision_fingerprint
+    from ..model import load_model
+    from .loop import train_loop_per_worker
+
+    model, tokenizer = load_model(init_from)
+    dataset = training_dataset(
+        config.data.prepared, tokenizer, model.config.max_text_length, use_features=config.data.use_feature_cache,
+        vision_fingerprint=vision_fingerprint(model), actor_cpus=config.train.data_actor_cpus,
+    )
+    del model
+    train = config.train
+    out = stage_dir(config)
+    run = {"init_from": init_from, "export_dir": str(export_dir), "stage_dir": str(out),
+           "rows": manifest["counts"]["triplets"]}
+    from ..config import to_dict
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": to_dict(config), "run": run},
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker={"CPU": train.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        datasets={"train": dataset},
+        run_config=RunConfig(
+            name=f"{config.name}-stage{train.stage}",
+            storage_path=str((out / "ray").resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints, checkpoint_score_attribute="loss",
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+        ),
+    )

@@ -1,0 +1,63 @@
+"""What each of METHOD.md's three stages trains, freezes, reads and optimises. The stages are data, not classes:
+one training recipe (``loop.py``) runs them all."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import LossConfig
+from ..losses import ContrastiveLoss, DetailLoss, JointLoss
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    number: int
+    name: str
+    trainable: tuple[str, ...]  # attributes of DetailFusionModel that receive gradients
+    datasets: tuple[str, ...]  # prepared datasets the stage may train on
+    branches: tuple[str, ...]  # branches run in the forward pass
+
+
+STAGES = {
+    1: StageSpec(1, "detail pre-training (DI, L_DI)", ("di_branch",), ("ipr2pr",), ("di",)),
+    2: StageSpec(2, "joint fine-tuning (L_DI + gamma L_GM)", ("gm_branch", "di_branch"), ("cirr", "fashioniq"),
+                 ("gm", "di")),
+    3: StageSpec(3, "compositor (L_C, branches frozen)", ("compositor", "unified_temp"), ("cirr", "fashioniq"),
+                 ("gm", "di")),
+}
+
+
+def freeze_for_stage(model, spec: StageSpec) -> None:
+    """Only the stage's parts keep gradients; everything else (always the ViT) is frozen."""
+    model.requires_grad_(False)
+    for name in spec.trainable:
+        getattr(model, name).requires_grad_(True)
+
+
+def build_loss(spec: StageSpec, config: LossConfig):
+    rank = {"gather": config.gather_across_ranks}
+    detail = DetailLoss(config.reference_negative, config.hard_negative_scale, config.batch_reference_negatives, **rank)
+    if spec.number == 1:
+        return detail
+    if spec.number == 2:
+        return JointLoss(detail, ContrastiveLoss(**rank), gamma=config.gamma)
+    return ContrastiveLoss(**rank)
+
+
+def branch_loss(spec: StageSpec, model, loss_fn, batch: dict[str, torch.Tensor], images: str) -> dict[str, torch.Tensor]:
+    """Stages 1 and 2: encode the batch's triplets and apply the stage's loss. ``images``: "pixels" | "embeds"."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        branches=spec.branches,
+        with_reference_targets=True,
+        **{f"reference_{images}": batch["reference"], f"target_{images}": batch["target"]},
+    )
+    di = dict(query=out.query_di, targets=out.target_di, temperature=model.di_branch.temperature(),
+              references=out.reference_di)
+    if spec.number == 1:
+        return loss_fn(**di)
+    gm = dict(query=out.query_gm, targets=out.target_gm, temperature=model.gm_branch.temperature())
+    return loss_fn(gm=gm, di=di)

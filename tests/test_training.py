@@ -1,0 +1,117 @@
+"""The three stages on real Ray Train + DeepSpeed (CPU, gloo): losses fall, stage 3 freezes the branches,
+an injected fault is survived, an interrupted stage resumes, and bad configs fail before any worker starts."""
+
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from detailfusion.config import JobConfig, PrepareConfig, load_config
+from detailfusion.data.prepare import prepare
+from detailfusion.data.synthetic import write_synthetic
+from detailfusion.model import build_model, save_model
+from detailfusion.train.run import StageError, check_stage, run_stage
+
+from conftest import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, ray_local):
+    """A random initial tiny model and its feature-cached IPr2Pr and CIRR splits (64 training triplets each)."""
+    root = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    model, tokenizer = build_model("tiny")
+    save_model(model, tokenizer, root / "init")
+    write_synthetic("ipr2pr", root / "raw-ipr2pr", pairs=64, seed=0, image_size=64)
+    write_synthetic("cirr", root / "raw-cirr", pairs=80, seed=0, image_size=64)
+    for kind, raw in (("ipr2pr", "raw-ipr2pr"), ("cirr", "raw-cirr")):
+        prepare(PrepareConfig(dataset=kind, root=str(root / raw), split="train", out=str(root / f"prep-{kind}"),
+                              cache_vision_features=True, model=str(root / "init")))
+    return root
+
+
+def job(stage, root, workdir, *overrides):
+    prepared = root / ("prep-ipr2pr" if stage == 1 else "prep-cirr")
+    base = [f"workdir={workdir}", f"data.prepared={prepared}", "train.batch_size=16", "train.epochs=6",
+            "train.log_every=4"]
+    return load_config(JobConfig, REPO / f"jobs/configs/stage{stage}_tiny.yaml", base + list(overrides))
+
+
+def losses(stage_dir):
+    with open(stage_dir / "metrics.csv") as f:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+
+
+def falls(rows):
+    values = [loss for _, loss in rows]
+    first, last = sum(values[:4]) / 4, sum(values[-4:]) / 4
+    return last < first - 0.05, (first, last)
+
+
+def test_all_stages_train_and_stage3_changes_only_the_compositor(data, tmp_path):
+    work = tmp_path / "run"
+    # stage 1 with an injected fault on rank 0 at step 6, after the checkpoint at step 4: Ray Train restarts
+    # the worker group, which resumes from that checkpoint and completes with the right step count.
+    stage1 = run_stage(job(1, data, work, f"model.init_from={data / 'init'}", "train.checkpoint_every=4",
+                           "train.fail_at_step=6", "train.max_failures=1"))
+    assert (work / "stage1" / "fault_injected").is_file()
+    rows = losses(work / "stage1")
+    assert max(step for step, _ in rows) == 6 * 4  # 64 rows / 16 per step x 6 epochs
+    ok, figures = falls(rows)
+    assert ok, f"stage 1 loss did not fall: {figures}"
+    init, after1 = load_file(data / "init" / "model.safetensors"), load_file(stage1 / "model.safetensors")
+    assert all(torch.equal(init[k], after1[k]) for k in init if not k.startswith("di_branch."))
+    assert not torch.equal(init["di_branch.query_tokens"], after1["di_branch.query_tokens"])
+
+    # stage 2 on two workers with DeepSpeed ZeRO-2
+    stage2 = run_stage(job(2, data, work, f"model.init_from={stage1}", "train.num_workers=2", "train.zero_stage=2",
+                           "train.cpus_per_worker=0.5"))
+    ok, figures = falls(losses(work / "stage2"))
+    assert ok, f"stage 2 loss did not fall: {figures}"
+    after2 = load_file(stage2 / "model.safetensors")
+    assert not torch.equal(after1["gm_branch.query_tokens"], after2["gm_branch.query_tokens"])
+    assert all(torch.equal(after1[k], after2[k]) for k in after1 if k.startswith("vision_model."))
+
+    # stage 3: only the compositor (and its temperature) may change, bit for bit
+    stage3 = run_stage(job(3, data, work, f"model.init_from={stage2}"))
+    ok, figures = falls(losses(work / "stage3"))
+    assert ok, f"stage 3 loss did not fall: {figures}"
+    after3 = load_file(stage3 / "model.safetensors")
+    frozen = [k for k in after2 if not k.startswith("compositor.") and k != "unified_temp"]
+    assert frozen and all(torch.equal(after2[k], after3[k]) for k in frozen)
+    assert not torch.equal(after2["compositor.head.2.weight"], after3["compositor.head.2.weight"])
+    # a finished stage is reused, not retrained
+    assert run_stage(job(3, data, work, f"model.init_from={stage2}")) == stage3
+
+
+def test_an_interrupted_stage_resumes_when_rerun(data, tmp_path):
+    work = tmp_path / "run"
+    config = job(1, data, work, f"model.init_from={data / 'init'}", "train.epochs=3", "train.checkpoint_every=4",
+                 "train.fail_at_step=9", "train.max_failures=0")
+    with pytest.raises(Exception, match="injected fault at step 9"):
+        run_stage(config)
+    before = losses(work / "stage1")
+    assert max(step for step, _ in before) == 9  # steps 1-9 ran; the last checkpoint is at step 8
+    run_stage(config)  # the same command again: the fault fired once, so this run completes
+    steps = [step for step, _ in losses(work / "stage1")]
+    assert steps[len(before):][0] == 9, "the rerun started over instead of resuming after the step-8 checkpoint"
+    assert max(steps) == 12 and json.loads((work / "stage1" / "DONE").read_text())["export"]
+
+
+def test_bad_configs_fail_before_any_worker_starts(data, tmp_path):
+    with pytest.raises(StageError, match="stage 2 \\(joint fine-tuning.*trains on cirr or fashioniq.*holds ipr2pr"):
+        check_stage(job(2, data, tmp_path, f"model.init_from={data / 'init'}", f"data.prepared={data / 'prep-ipr2pr'}"))
+    with pytest.raises(StageError, match="starts from the stage 1 export: set model.init_from"):
+        check_stage(job(2, data, tmp_path, f"model.init_from={tmp_path / 'no-stage1'}"))
+    with pytest.raises(StageError, match="starts from the stage 2 export"):
+        check_stage(job(3, data, tmp_path, "model.init_from=null"))
+    from detailfusion.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key 'train.epoch'"):
+        job(1, data, tmp_path, "train.epoch=3")
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        check_stage(job(1, data, tmp_path, f"data.prepared={tmp_path}"))
