@@ -1,0 +1,32 @@
+"""Every shipped job config loads into its typed config, and the stage configs name the stage of their script."""
+
+import re
+
+import pytest
+
+from conftest import REPO
+from detailfusion.config import JobConfig, PrepareConfig, load_config
+
+CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_loads(path):
+    if path.name.startswith("prepare"):
+        load_config(PrepareConfig, path)
+        return
+    config = load_config(JobConfig, path)
+    stage = int(re.match(r"stage(\d)", path.name).group(1))
+    assert config.train.stage == stage
+    if path.name.endswith("tiny.yaml"):
+        assert config.model.preset == "tiny" and not config.train.use_gpu and config.train.precision == "fp32"
+    else:  # the paper's runs: BLIP-2, GPUs, bf16, global batch 128, AdamW(0.9, 0.98)
+        assert config.model.preset == "blip2" and config.train.use_gpu and config.train.precision == "bf16"
+        assert config.train.batch_size == 128 and config.optim.betas == (0.9, 0.98)
+
+
+def test_the_paper_hyperparameters_of_stage_2():
+    cirr = load_config(JobConfig, REPO / "jobs/configs/stage2_blip2_cirr.yaml")
+    fiq = load_config(JobConfig, REPO / "jobs/configs/stage2_blip2_fashioniq.yaml")
+    assert (cirr.optim.lr, cirr.train.epochs, cirr.loss.gamma) == (1e-5, 50, 2.0)
+    assert (fiq.optim.lr, fiq.train.epochs) == (2e-5, 30)
