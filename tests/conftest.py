@@ -4,7 +4,25 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+def find_shared_datasets() -> Path | None:
+    """The real CIRR / FashionIQ val annotations: $DETAILFUSION_SHARED_DATASETS, ../shared/datasets beside the
+    checkout, or this workplace's /work/shared/datasets (a clean clone elsewhere still finds it)."""
+    candidates = [os.environ.get("DETAILFUSION_SHARED_DATASETS"), REPO.parent / "shared" / "datasets",
+                  "/work/shared/datasets"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "cirr" / "captions" / "cap.rc2.val.json").is_file():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    found = find_shared_datasets()
+    if found is None:
+        pytest.skip("real CIRR/FashionIQ val annotations not found: set DETAILFUSION_SHARED_DATASETS to shared/datasets")
+    return found
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -13,7 +13,6 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import SHARED_DATASETS
 from detailfusion.config import PrepareConfig
 from detailfusion.data.prepare import PrepareError, prepare, read_quarantine
 from detailfusion.data.synthetic import write_synthetic
@@ -38,13 +37,13 @@ def bomb_png(path: Path, width=100_000, height=100_000):
     path.write_bytes(bytes(data))
 
 
-def copy_annotations(name: str, dest: Path) -> Path:
-    shutil.copytree(SHARED_DATASETS / name, dest, ignore=shutil.ignore_patterns("LICENSE*"))
+def copy_annotations(shared: Path, name: str, dest: Path) -> Path:
+    shutil.copytree(shared / name, dest, ignore=shutil.ignore_patterns("LICENSE*"))
     return dest
 
 
-def test_real_cirr_val_with_placeholder_images_and_damaged_files(tmp_path):
-    root = copy_annotations("cirr", tmp_path / "cirr")
+def test_real_cirr_val_with_placeholder_images_and_damaged_files(tmp_path, shared_datasets):
+    root = copy_annotations(shared_datasets, "cirr", tmp_path / "cirr")
     images = json.loads((root / "image_splits/split.rc2.val.json").read_text())
     for i, rel in enumerate(images.values()):
         placeholder(root / rel, i)
@@ -87,8 +86,8 @@ def test_real_cirr_val_with_placeholder_images_and_damaged_files(tmp_path):
     assert prepare(config)["config_hash"] == manifest["config_hash"]
 
 
-def test_real_fashioniq_val_counts(tmp_path):
-    root = copy_annotations("fashioniq", tmp_path / "fiq")
+def test_real_fashioniq_val_counts(tmp_path, shared_datasets):
+    root = copy_annotations(shared_datasets, "fashioniq", tmp_path / "fiq")
     names = set()
     for category in ("dress", "shirt", "toptee"):
         names |= set(json.loads((root / f"image_splits/split.{category}.val.json").read_text()))
