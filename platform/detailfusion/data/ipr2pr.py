@@ -8,7 +8,6 @@ and transformed, as uint8 [S, S, 3]; ``sample_id`` is a content hash (the shards
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .images import BadImage, load_pixels
-from .schema import TRIPLET_SCHEMA, Quarantined, normalize_text
+from .schema import TRIPLET_SCHEMA, Quarantined, normalize_text, write_quarantine_part
 
 REQUIRED_COLUMNS = ("original_image", "edit_prompt", "edited_image")
 
@@ -79,8 +78,7 @@ def to_triplets(batch: pa.Table, image_size: int, split: str, parts_dir: str) ->
                  target_id=f"{sample_id}:edited", text=text, text_variants=[text], subset_ids=[], category=None)
         )
     if bad:
-        name = hashlib.sha1(rows[0]["sample_id"].encode() if rows else bad[0].record.encode()).hexdigest()
-        (Path(parts_dir) / f"{name}.jsonl").write_text("".join(json.dumps(b.to_dict()) + "\n" for b in bad))
+        write_quarantine_part(parts_dir, (rows[0]["sample_id"] if rows else bad[0].record), bad)
     from ray.data.extensions import ArrowTensorArray
 
     empty = np.zeros((0, image_size, image_size, 3), dtype=np.uint8)

@@ -34,7 +34,7 @@ from .cirr import read_cirr
 from .fashioniq import read_fashioniq
 from .images import BadImage, load_pixels
 from .reading import ReadResult
-from .schema import GALLERY_SCHEMA, SCHEMA_VERSION, TRIPLET_SCHEMA, Quarantined
+from .schema import GALLERY_SCHEMA, SCHEMA_VERSION, TRIPLET_SCHEMA, Quarantined, write_quarantine_part
 
 QUARANTINE_PARTS = "_quarantine_parts"
 PARQUET_COMPRESSION = "lz4"  # raw pixels: lz4 wrote 1.8x faster than none and 13x faster than snappy (benchmarks/ingest.py)
@@ -151,9 +151,8 @@ def _load_images(batch: dict[str, np.ndarray], root: str, image_size: int, parts
             bad.append(Quarantined(str(path), image_id, "image file not found", "image"))
         except (BadImage, OSError) as exc:
             bad.append(Quarantined(str(path), image_id, str(exc), "image"))
-    if bad:  # named after the batch's first id: a retried task overwrites its own part, never duplicates
-        name = hashlib.sha1(str(batch["image_id"][0]).encode()).hexdigest()
-        (Path(parts_dir) / f"{name}.jsonl").write_text("".join(json.dumps(b.to_dict()) + "\n" for b in bad))
+    if bad:
+        write_quarantine_part(parts_dir, str(batch["image_id"][0]), bad)
     empty = np.zeros((0, image_size, image_size, 3), dtype=np.uint8)
     return {"image_id": np.array(ids, dtype=object), "pixels": np.stack(pixels) if pixels else empty}
 

@@ -9,7 +9,10 @@ for images stored inside parquet shards (IPr2Pr).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -52,6 +55,13 @@ class Quarantined:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def write_quarantine_part(parts_dir: str, key: str, bad: list[Quarantined]) -> None:
+    """One Ray Data batch's bad records as ``parts_dir/<sha1(key)>.jsonl``; ``key`` names the batch (its first
+    id), so a retried task overwrites its own part instead of duplicating it."""
+    name = hashlib.sha1(key.encode()).hexdigest()
+    (Path(parts_dir) / f"{name}.jsonl").write_text("".join(json.dumps(b.to_dict()) + "\n" for b in bad))
 
 
 def normalize_text(text: str) -> str:

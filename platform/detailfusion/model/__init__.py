@@ -24,6 +24,7 @@ __all__ = [
     "from_blip2",
     "list_compositors",
     "list_presets",
+    "register_compositor",
     "load_model",
     "load_preset",
     "save_model",

@@ -11,7 +11,6 @@ Stage 3 encodes its split once with the frozen branches and then trains the comp
 from __future__ import annotations
 
 import csv
-import os
 import tempfile
 import time
 from pathlib import Path

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import JobConfig, save_config
+from ..config import JobConfig, save_config, to_dict
 from ..data.pipeline import read_manifest, training_dataset
 from .stages import STAGES
 
@@ -115,8 +115,6 @@ def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir:
     out = stage_dir(config)
     run = {"init_from": init_from, "export_dir": str(export_dir), "stage_dir": str(out),
            "rows": manifest["counts"]["triplets"]}
-    from ..config import to_dict
-
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": to_dict(config), "run": run},

@@ -47,7 +47,7 @@ def build_loss(spec: StageSpec, config: LossConfig):
 
 
 def branch_loss(spec: StageSpec, model, loss_fn, batch: dict[str, torch.Tensor], images: str) -> dict[str, torch.Tensor]:
-    """Stages 1 and 2: encode the batch's triplets and apply the stage's loss. ``images``: "pixels" | "embeds"."""
+    """Stages 1 and 2: encode the batch's triplets and apply the stage's loss. ``images``: "pixel_values" | "embeds"."""
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
