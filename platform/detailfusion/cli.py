@@ -32,6 +32,69 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_config(args: argparse.Namespace):
+    from .config import EvalConfig, apply_override, from_dict
+
+    fields = {k: v for k, v in vars(args).items() if k in EvalConfig.__dataclass_fields__ and v is not None}
+    if "categories" in fields:
+        fields["categories"] = tuple(fields["categories"])
+    config = from_dict(EvalConfig, fields, source=f"detailfusion {args.command}")
+    for item in args.set or []:
+        config = apply_override(config, item)
+    return config
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .eval.evaluate import evaluate
+
+    evaluate(_eval_config(args))
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from .eval.evaluate import build_index
+
+    build_index(_eval_config(args))
+    return 0
+
+
+def _score_cirr(args: argparse.Namespace) -> int:
+    import json
+
+    from pathlib import Path
+
+    from .data.reading import ReadResult, load_json
+    from .eval.submission import load_submission, score_cirr
+
+    read = ReadResult()
+    annotations = load_json(Path(args.annotations), list, read)
+    if annotations is None:
+        raise ValueError(f"--annotations {read.bad[0].source}: {read.bad[0].reason} ({read.bad[0].record})")
+    metrics = score_cirr(annotations, load_submission(args.recall), load_submission(args.recall_subset),
+                         gallery_size=args.gallery_size)
+    text = json.dumps(metrics, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+def _eval_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--dataset", required=True, choices=["cirr", "fashioniq"])
+    command.add_argument("--root", help="dataset root in its original layout (prepared for the model's resolution)")
+    command.add_argument("--split", required=True, help="cirr: val|test1|train; fashioniq: val|train")
+    command.add_argument("--checkpoint", required=True, help="exported model directory (save_pretrained)")
+    command.add_argument("--prepared", help="an already prepared split to use instead of --root")
+    command.add_argument("--categories", nargs="+", help="FashionIQ categories (default: dress shirt toptee)")
+    command.add_argument("--encoder-actors", type=int, help="Ray Data actor-pool size of the encoders (1)")
+    command.add_argument("--cpus-per-actor", type=float, help="CPUs per encoder actor (1)")
+    command.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per encoder actor")
+    command.add_argument("--batch-size", type=int, help="images or queries per batch (64)")
+    command.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (ignored under ray job submit)")
+    command.add_argument("--set", action="append", metavar="KEY=VALUE", help="any EvalConfig field")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detailfusion", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -66,6 +129,31 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (ignored under ray job submit)")
     prep.add_argument("--set", action="append", metavar="KEY=VALUE", help="any PrepareConfig field")
     prep.set_defaults(run=_prepare)
+
+    ev = commands.add_parser(
+        "evaluate", help="score a model on a split with the field's protocol, every ablation variant; CIRR test1: "
+                         "the server's submission files"
+    )
+    _eval_arguments(ev)
+    ev.add_argument("--out", required=True, help="output directory (metrics.json, submissions, prepared/, index/)")
+    ev.add_argument("--index", help="gallery index dir to use or build (default OUT/index)")
+    ev.set_defaults(run=_evaluate)
+
+    score = commands.add_parser(
+        "score-cirr", help="score CIRR submission files against labelled annotations, as the CIRR server does"
+    )
+    score.add_argument("--annotations", required=True, help="labelled captions, e.g. captions/cap.rc2.val.json")
+    score.add_argument("--recall", required=True, help="submission file with metric 'recall' (top 50)")
+    score.add_argument("--recall-subset", required=True, help="submission file with metric 'recall_subset' (top 3)")
+    score.add_argument("--gallery-size", type=int,
+                       help="images in the split's gallery, when under 51 (rankings then hold all but the reference)")
+    score.add_argument("--out", help="also write the metrics JSON here")
+    score.set_defaults(run=_score_cirr)
+
+    idx = commands.add_parser("index", help="encode a split's gallery once into a search index (safetensors + parquet)")
+    _eval_arguments(idx)
+    idx.add_argument("--out", required=True, help="index directory")
+    idx.set_defaults(run=_index)
     return parser
 
 

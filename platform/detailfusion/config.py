@@ -121,6 +121,27 @@ class PrepareConfig:
     num_cpus: int | None = None  # CPUs of a local Ray started by the job (ignored when joining a cluster)
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """``evaluate`` / ``index``: a split (prepared here unless ``prepared`` is given), a model, the protocol."""
+
+    dataset: Literal["cirr", "fashioniq"] = "cirr"
+    root: str = ""  # dataset root in its original layout
+    split: str = "val"  # cirr: val | test1 (writes submissions) | train; fashioniq: val | test | train
+    checkpoint: str = ""  # exported model directory (save_pretrained)
+    out: str = ""
+    prepared: str | None = None  # prepared split to use (default: out/prepared, made by `prepare` when absent)
+    index: str | None = None  # gallery index dir (default: out/index; reused when built by the same model)
+    categories: tuple[str, ...] = ("dress", "shirt", "toptee")  # FashionIQ only
+    max_bad_fraction: float = 0.01  # of the prepare step
+    encoder_actors: int = 1  # Ray Data actor-pool size of the gallery and query encoders
+    cpus_per_actor: float = 1.0
+    use_gpu: bool = False  # one GPU per encoder actor
+    batch_size: int = 64
+    num_cpus: int | None = None  # CPUs of a local Ray started by the job (ignored when joining a cluster)
+    seed: int = 0  # of the random baseline
+
+
 # ----------------------------------------------------------------------------------------------------
 # Loading.
 

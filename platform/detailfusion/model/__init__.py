@@ -2,7 +2,7 @@
 
 from transformers import AutoConfig, AutoModel
 
-from .backbone import build_model, from_blip2, list_presets, load_model, load_preset, save_model
+from .backbone import build_model, from_blip2, list_presets, load_model, load_preset, model_fingerprint, save_model
 from .branch import BranchQueryOutput, QFormerBranch
 from .compositor import CompositorOutput, build_compositor, list_compositors, register_compositor
 from .configuration import DetailFusionConfig
@@ -27,5 +27,6 @@ __all__ = [
     "register_compositor",
     "load_model",
     "load_preset",
+    "model_fingerprint",
     "save_model",
 ]

@@ -95,3 +95,21 @@ def load_model(directory: str | Path) -> tuple[DetailFusionModel, PreTrainedToke
         raise FileNotFoundError(f"{directory}: no config.json; not a DetailFusion model directory")
     model = DetailFusionModel.from_pretrained(directory, use_safetensors=True)
     return model, load_tokenizer(str(directory))
+
+
+def model_fingerprint(directory: str | Path) -> str:
+    """sha256 prefix over an exported model's weight files and config: names the exact model an index or a
+    metrics file came from (a different model, even one training step apart, gives another fingerprint)."""
+    import hashlib
+
+    directory = Path(directory)
+    files = sorted(directory.glob("*.safetensors")) + [directory / "config.json"]
+    if not files[:-1]:
+        raise FileNotFoundError(f"{directory}: no *.safetensors weights; not an exported DetailFusion model")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]

@@ -1,0 +1,149 @@
+"""Distributed encoding for evaluation and indexing: Ray Data ``map_batches`` over an actor pool (any number of
+actors, one GPU each with ``use_gpu``). The whole gallery is encoded (never split by rank); queries are split
+over the actors.
+
+``encode_gallery`` -> ``GalleryIndex`` of the unified embedding ``[t_gm ; t_di] / sqrt 2`` [N, Nq, 2D], once per
+image, reused by every fusion rule. ``encode_queries`` -> ``QueryFeatures``: both branches' composed queries,
+the text-only feature and the model's own compositor output, per query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from ..data.pipeline import PIXELS, load_image_store, read_manifest
+from ..data.transforms import normalize_pixels
+from ..index import GalleryIndex
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    actors: int = 1  # actor-pool size
+    cpus_per_actor: float = 1.0
+    use_gpu: bool = False  # one GPU per actor
+    batch_size: int = 64  # images or queries per batch
+
+
+def _load(model_dir: str, use_gpu: bool):
+    from ..model import load_model
+
+    model, tokenizer = load_model(model_dir)
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return model.to(device=device, dtype=dtype).eval(), tokenizer, device
+
+
+class GalleryEncoder:
+    """Actor: {image_id, pixels uint8 [B, S, S, 3]} -> {image_id, embedding float32 [B, Nq, 2D]}."""
+
+    def __init__(self, model_dir: str, use_gpu: bool):
+        self.model, _, self.device = _load(model_dir, use_gpu)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = normalize_pixels(torch.from_numpy(np.array(batch["pixels"])).to(self.device, non_blocking=True))
+        targets = self.model.encode_targets(self.model.encode_image(pixels))
+        embedding = self.model.gallery_embedding(targets["gm"], targets["di"])
+        return {"image_id": batch["image_id"], "embedding": embedding.float().cpu().numpy()}
+
+
+class QueryEncoder:
+    """Actor: {sample_id, reference_id, text} -> {sample_id, q_gm, q_di, text_gm [B, D], unified [B, 2D],
+    weights [B, 2] (NaN when the compositor has none)}. Holds the split's reference images (uint8)."""
+
+    def __init__(self, model_dir: str, prepared_dir: str, use_gpu: bool):
+        self.model, self.tokenizer, self.device = _load(model_dir, use_gpu)
+        self.position, self.images = load_image_store(prepared_dir, PIXELS)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        model = self.model
+        rows = [self.position[r] for r in batch["reference_id"]]
+        pixels = normalize_pixels(torch.from_numpy(self.images[rows]).to(self.device, non_blocking=True))
+        tokens = self.tokenizer([str(t) for t in batch["text"]], padding="max_length", truncation=True,
+                                max_length=model.config.max_text_length, return_tensors="pt").to(self.device)
+        queries = model.encode_queries(model.encode_image(pixels), tokens["input_ids"], tokens["attention_mask"])
+        fused = model.compose(queries["gm"], queries["di"])
+        weights = fused.weights if fused.weights is not None else torch.full((len(rows), 2), float("nan"))
+        text = model.gm_branch.encode_text(tokens["input_ids"], tokens["attention_mask"])
+        as_numpy = lambda t: t.float().cpu().numpy()  # noqa: E731
+        return {"sample_id": batch["sample_id"], "q_gm": as_numpy(queries["gm"].feature),
+                "q_di": as_numpy(queries["di"].feature), "text_gm": as_numpy(text),
+                "unified": as_numpy(fused.query), "weights": as_numpy(weights)}
+
+
+@dataclass
+class QueryFeatures:
+    """Per query (rows in ``sample_ids`` order): q_gm, q_di, text_gm [Q, D]; unified [Q, 2D]; weights [Q, 2]."""
+
+    sample_ids: list[str]
+    q_gm: torch.Tensor
+    q_di: torch.Tensor
+    text_gm: torch.Tensor
+    unified: torch.Tensor
+    weights: torch.Tensor
+
+
+def _pool_kwargs(options: EncodeOptions) -> dict:
+    from ray.data import ActorPoolStrategy
+
+    return dict(compute=ActorPoolStrategy(size=options.actors), num_cpus=options.cpus_per_actor, num_gpus=1 if options.use_gpu else 0,
+                batch_size=options.batch_size, batch_format="numpy")
+
+
+def _collect(dataset, key: str) -> dict[str, np.ndarray]:
+    """All rows of a small result dataset as concatenated numpy columns."""
+    columns: dict[str, list] = {}
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for name, values in batch.items():
+            columns.setdefault(name, []).append(values)
+    if key not in columns:
+        return {}
+    return {name: np.concatenate(parts) for name, parts in columns.items()}
+
+
+def encode_gallery(prepared_dir: str | Path, model_dir: str | Path, fingerprint: str,
+                   options: EncodeOptions = EncodeOptions()) -> GalleryIndex:
+    """Every decoded image of a prepared gallery-layout split -> a ``GalleryIndex`` (rows in gallery.parquet order)."""
+    import ray
+
+    manifest = read_manifest(prepared_dir)
+    if manifest["layout"] != "gallery":
+        raise ValueError(f"{prepared_dir}: a {manifest['dataset']} split has no gallery to encode")
+    gallery = pq.read_table(Path(prepared_dir) / "gallery.parquet")
+    ids = list(dict.fromkeys(gallery.column("image_id").to_pylist()))
+    location = dict(zip(gallery.column("image_id").to_pylist(), gallery.column("location").to_pylist()))
+    images = ray.data.read_parquet(str(Path(prepared_dir) / "images"), columns=["image_id", "pixels"])
+    encoded = _collect(images.map_batches(GalleryEncoder, fn_constructor_args=(str(model_dir), options.use_gpu),
+                                          **_pool_kwargs(options)), "embedding")
+    if not len(encoded):
+        raise ValueError(f"{prepared_dir}: no images to encode")
+    row = {str(name): i for i, name in enumerate(encoded["image_id"])}
+    order = [row[name] for name in ids]
+    return GalleryIndex(
+        embeddings=torch.from_numpy(encoded["embedding"][order]), image_ids=ids, model_fingerprint=fingerprint,
+        locations=[location[name] for name in ids],
+        source={"dataset": manifest["dataset"], "split": manifest["split"], "prepared": str(prepared_dir),
+                "source": manifest["source"], "config_hash": manifest["config_hash"]},
+    )
+
+
+def encode_queries(prepared_dir: str | Path, model_dir: str | Path, triplets,
+                   options: EncodeOptions = EncodeOptions()) -> QueryFeatures:
+    """The queries of ``triplets`` (a pyarrow table of canonical rows) -> ``QueryFeatures`` in table order."""
+    import ray
+
+    rows = ray.data.from_arrow(triplets.select(["sample_id", "reference_id", "text"]))
+    encoded = _collect(rows.map_batches(QueryEncoder, fn_constructor_args=(str(model_dir), str(prepared_dir),
+                                                                           options.use_gpu), **_pool_kwargs(options)),
+                       "unified")
+    wanted = triplets.column("sample_id").to_pylist()
+    position = {str(s): i for i, s in enumerate(encoded["sample_id"])}
+    order = [position[s] for s in wanted]
+    take = lambda name: torch.from_numpy(encoded[name][order])  # noqa: E731
+    return QueryFeatures(wanted, take("q_gm"), take("q_di"), take("text_gm"), take("unified"), take("weights"))

@@ -1,0 +1,196 @@
+"""The ``evaluate`` and ``index`` jobs: prepare the split for the model's resolution (reused when done), encode
+the gallery once (the index) and the queries, score every ablation variant under the field's protocol.
+
+``out/`` of ``evaluate``: ``metrics.json`` (labelled splits: per-variant metrics; always: protocol, tie rule,
+counts, model fingerprint, AFC weight summary), ``fusion_weights.csv`` (per query a_gm, a_di, edit type on
+synthetic data), CIRR: ``cirr_<split>_recall.json`` / ``cirr_<split>_recall_subset.json`` (the server's format,
+main variant) and ``submissions/<variant>/`` the same for every variant, ``prepared/`` and ``index/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from ..config import EvalConfig, PrepareConfig
+from ..data.pipeline import read_manifest
+from ..index import GalleryIndex
+from .encode import EncodeOptions, encode_gallery, encode_queries
+from .metrics import TIE_RULE
+from .protocols import CIRR_PROTOCOL, FASHIONIQ_PROTOCOL, CirrQueries, fashioniq_variant_metrics
+from .submission import FILE_NAMES, submission
+from .variants import variant_names, variant_queries, variant_scores
+
+
+def _model_facts(checkpoint: str) -> tuple[dict, str]:
+    from ..model import model_fingerprint
+
+    path = Path(checkpoint)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no exported model there (config.json missing)")
+    return json.loads((path / "config.json").read_text()), model_fingerprint(path)
+
+
+def prepared_split(config: EvalConfig, image_size: int) -> Path:
+    """The prepared split at the model's resolution: ``config.prepared`` if given, else made under out/prepared."""
+    from ..data.prepare import prepare
+
+    if config.prepared:
+        manifest = read_manifest(config.prepared)
+        if manifest["image_size"] != image_size:
+            raise ValueError(f"{config.prepared} holds {manifest['image_size']} px images; the model takes {image_size}")
+        return Path(config.prepared)
+    if not config.root:
+        raise ValueError("give --root (the dataset directory) or --prepared (a prepared split)")
+    out = Path(config.out) / "prepared"
+    prepare(PrepareConfig(dataset=config.dataset, root=config.root, split=config.split, out=str(out),
+                          image_size=image_size, categories=config.categories,
+                          max_bad_fraction=config.max_bad_fraction, num_cpus=config.num_cpus))
+    return out
+
+
+def _options(config: EvalConfig) -> EncodeOptions:
+    return EncodeOptions(config.encoder_actors, config.cpus_per_actor, config.use_gpu, config.batch_size)
+
+
+def gallery_index(config: EvalConfig, prepared: Path, fingerprint: str, directory: Path) -> GalleryIndex:
+    """Load the index in ``directory`` when this model built it from this split, else encode and save it."""
+    manifest = read_manifest(prepared)
+    try:
+        index = GalleryIndex.load(directory, fingerprint)
+        if index.source.get("config_hash") == manifest["config_hash"]:
+            print(f"index: reusing {directory} ({len(index)} images)", flush=True)
+            return index
+    except (FileNotFoundError, ValueError):
+        pass
+    start = time.perf_counter()
+    index = encode_gallery(prepared, config.checkpoint, fingerprint, _options(config))
+    index.save(directory)
+    seconds = time.perf_counter() - start
+    print(f"index: encoded {len(index)} gallery images in {seconds:.1f} s ({len(index) / seconds:.0f} images/s) "
+          f"-> {directory}", flush=True)
+    return index
+
+
+def build_index(config: EvalConfig) -> GalleryIndex:
+    """The ``index`` job: the split's gallery index in ``config.index`` (or ``config.out``)."""
+    from ..ray_setup import init_ray
+
+    model_config, fingerprint = _model_facts(config.checkpoint)
+    init_ray(config.num_cpus)
+    prepared = prepared_split(config, model_config["vision_config"]["image_size"])
+    return gallery_index(config, prepared, fingerprint, Path(config.index or config.out))
+
+
+def evaluate(config: EvalConfig) -> dict:
+    """Run the protocol for every variant; returns (and writes) the metrics.json content."""
+    from ..ray_setup import init_ray
+
+    start = time.perf_counter()
+    if not config.out:
+        raise ValueError("give --out (the output directory)")
+    model_config, fingerprint = _model_facts(config.checkpoint)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    init_ray(config.num_cpus)
+    prepared = prepared_split(config, model_config["vision_config"]["image_size"])
+    index = gallery_index(config, prepared, fingerprint, Path(config.index) if config.index else out / "index")
+    triplets = pq.read_table(prepared / "triplets")
+    print(f"evaluate: encoding {triplets.num_rows} queries", flush=True)
+    features = encode_queries(prepared, config.checkpoint, triplets, _options(config))
+    compositor = model_config.get("compositor", "afc")
+    variants = variant_names(compositor)
+    queries = variant_queries(features, index, triplets.column("reference_id").to_pylist(), compositor)
+    result = {
+        "dataset": config.dataset, "split": config.split, "checkpoint": str(config.checkpoint),
+        "model_fingerprint": fingerprint, "compositor": compositor, "main_variant": compositor,
+        "protocol": CIRR_PROTOCOL if config.dataset == "cirr" else FASHIONIQ_PROTOCOL, "tie_rule": TIE_RULE,
+        "counts": {"queries": triplets.num_rows, "gallery": len(index)},
+    }
+    labelled = triplets.column("target_id").null_count == 0
+    if config.dataset == "cirr":
+        cirr = CirrQueries(triplets, index)
+        result["variants"], result["submissions"] = {}, {}
+        for variant in variants:
+            scores = variant_scores(variant, queries, index, seed=config.seed)
+            if labelled:
+                result["variants"][variant] = cirr.metrics(scores)
+            result["submissions"][variant] = _write_rankings(out, config.split, variant, *cirr.rankings(scores, index.image_ids),
+                                                             main=variant == compositor)
+    elif labelled:
+        gallery = pq.read_table(prepared / "gallery.parquet", columns=["image_id", "category"])
+        result["variants"] = fashioniq_variant_metrics(triplets, gallery, index, queries, variants, config.seed)
+    if not labelled and config.dataset != "cirr":
+        raise ValueError(f"{config.dataset} split {config.split!r} has no targets and no submission format")
+    edit_types = _edit_types(config, triplets)
+    result["fusion_weights"] = _weights_summary(features.weights, edit_types)
+    _write_weights(out / "fusion_weights.csv", features.sample_ids, features.weights, edit_types)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    _print_table(result)
+    return result
+
+
+def _write_rankings(out: Path, split: str, variant: str, recall: dict, subset: dict, main: bool) -> dict[str, str]:
+    paths = {}
+    folders = [out / "submissions" / variant] + ([out] if main else [])
+    for metric, rankings in (("recall", recall), ("recall_subset", subset)):
+        name = FILE_NAMES[metric].replace("test1", split)
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(json.dumps(submission(metric, rankings)))
+        paths[metric] = str(folders[-1] / name)
+    return paths
+
+
+def _edit_types(config: EvalConfig, triplets) -> list[str | None]:
+    """Synthetic data only: each query's edit type (recolour, add, ...) from the generator's side file."""
+    path = Path(config.root or "") / "synthetic" / f"edit_types.{config.split}.json"
+    if not config.root or not path.is_file():
+        return [None] * triplets.num_rows
+    types = json.loads(path.read_text())
+    return [types.get(s.rsplit("/", 1)[-1]) for s in triplets.column("sample_id").to_pylist()]
+
+
+def _weights_summary(weights: torch.Tensor, edit_types: list[str | None]) -> dict | None:
+    """Mean / spread of the compositor's a_di over queries, and by edit type where known; None without weights."""
+    if torch.isnan(weights).all():
+        return None
+
+    def stats(values: torch.Tensor) -> dict:
+        return {"n": len(values), "mean_a_di": values.mean().item(),
+                "std_a_di": values.std().item() if len(values) > 1 else 0.0,
+                "min_a_di": values.min().item(), "max_a_di": values.max().item()}
+
+    a_di = weights[:, 1]
+    summary = {"all": stats(a_di)}
+    kinds = sorted({t for t in edit_types if t})
+    if kinds:
+        summary["by_edit_type"] = {k: stats(a_di[[i for i, t in enumerate(edit_types) if t == k]]) for k in kinds}
+    return summary
+
+
+def _write_weights(path: Path, sample_ids: list[str], weights: torch.Tensor, edit_types: list[str | None]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sample_id", "a_gm", "a_di", "edit_type"])
+        for sample_id, (a_gm, a_di), kind in zip(sample_ids, weights.tolist(), edit_types):
+            writer.writerow([sample_id, f"{a_gm:.6f}", f"{a_di:.6f}", kind or ""])
+
+
+def _print_table(result: dict) -> None:
+    variants = result.get("variants") or {}
+    if not variants:
+        print(f"evaluate: {result['counts']['queries']} unlabelled queries; submissions written "
+              f"({', '.join(result.get('submissions', {}))})")
+        return
+    names = list(next(iter(variants.values())))
+    names = [n for n in names if "/" not in n]
+    print(f"{'variant':<14}" + "".join(f"{n:>8}" for n in names))
+    for variant, metrics in variants.items():
+        print(f"{variant:<14}" + "".join(f"{metrics[n]:8.2f}" for n in names))

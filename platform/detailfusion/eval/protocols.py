@@ -1,0 +1,70 @@
+"""The field's protocols over variant scores (METHOD.md "Evaluation protocol"): CIRR (val metrics and test1
+submission rankings) and FashionIQ (per-category galleries). Inputs are canonical triplet rows, the gallery
+index and ``{variant: queries}``; outputs are flat metric dicts and name rankings."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import torch
+
+from ..index import GalleryIndex
+from .metrics import cirr_metrics, fashioniq_metrics, target_ranks, top_k
+from .submission import LIST_LENGTH
+from .variants import variant_scores
+
+CIRR_PROTOCOL = ("CIRR: the whole split gallery is ranked with the query's reference removed (R@1/5/10/50); subset "
+                 "recall Rs@1/2/3 ranks the query's img_set.members minus the reference; Avg = (R@5 + Rs@1) / 2")
+FASHIONIQ_PROTOCOL = ("FashionIQ: each category's queries rank that category's split gallery, nothing removed; "
+                      "R@10/R@50 per category, their means, Avg = mean of R@10 and R@50")
+
+
+class CirrQueries:
+    """Gallery positions of each query's reference, target (None for test1) and subset members."""
+
+    def __init__(self, triplets: pa.Table, index: GalleryIndex):
+        rows = triplets.to_pylist()
+        self.pairids = [r["sample_id"].rsplit("/", 1)[-1] for r in rows]
+        self.references = torch.tensor([index.position[r["reference_id"]] for r in rows])
+        labelled = [r["target_id"] is not None for r in rows]
+        if any(labelled) and not all(labelled):
+            raise ValueError("the split mixes labelled and unlabelled triplets")
+        self.targets = torch.tensor([index.position[r["target_id"]] for r in rows]) if all(labelled) else None
+        self.subset = torch.zeros(len(rows), len(index), dtype=torch.bool)
+        for q, r in enumerate(rows):
+            self.subset[q, [index.position[m] for m in r["subset_ids"]]] = True
+        self.is_reference = torch.zeros_like(self.subset)
+        self.is_reference[torch.arange(len(rows)), self.references] = True
+
+    def metrics(self, scores: torch.Tensor) -> dict[str, float]:
+        return cirr_metrics(scores, self.targets, self.references, self.subset)
+
+    def rankings(self, scores: torch.Tensor, names: list[str]) -> tuple[dict, dict]:
+        """The two submission rankings {pairid: names best first}: top 50 without the reference, and the top 3
+        of the subset without the reference."""
+        recall = top_k(scores, min(LIST_LENGTH["recall"], scores.shape[1] - 1), self.is_reference)
+        subset = [top_k(scores[q:q + 1], min(LIST_LENGTH["recall_subset"], int(keep.sum())), ~keep[None])[0]
+                  for q, keep in enumerate(self.subset & ~self.is_reference)]
+        as_names = lambda rows: {p: [names[i] for i in row.tolist()] for p, row in zip(self.pairids, rows)}  # noqa: E731
+        return as_names(recall), as_names(subset)
+
+
+def fashioniq_variant_metrics(triplets: pa.Table, gallery: pa.Table, index: GalleryIndex,
+                              queries: dict[str, torch.Tensor], variants: list[str], seed: int = 0) -> dict[str, dict]:
+    """{variant: FashionIQ metrics}; ``gallery`` holds (image_id, category) rows of the split's galleries."""
+    categories = triplets.column("category").to_pylist()
+    targets = triplets.column("target_id").to_pylist()
+    galleries: dict[str, list[int]] = {}
+    for image_id, category in zip(gallery.column("image_id").to_pylist(), gallery.column("category").to_pylist()):
+        galleries.setdefault(category, []).append(index.position[image_id])
+    results: dict[str, dict] = {}
+    for variant in variants:
+        ranks = {}
+        for category in dict.fromkeys(categories):
+            members = torch.tensor([q for q, c in enumerate(categories) if c == category])
+            rows = torch.tensor(galleries[category])
+            column = {int(r): j for j, r in enumerate(rows)}
+            target_columns = torch.tensor([column[index.position[targets[q]]] for q in members.tolist()])
+            scores = variant_scores(variant, {k: v[members] for k, v in queries.items()}, index, rows, seed)
+            ranks[category] = target_ranks(scores, target_columns)
+        results[variant] = fashioniq_metrics(ranks)
+    return results
