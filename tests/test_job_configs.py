@@ -5,7 +5,7 @@ import re
 import pytest
 
 from conftest import REPO
-from detailfusion.config import JobConfig, PrepareConfig, load_config
+from detailfusion.config import EvalConfig, JobConfig, PrepareConfig, load_config
 
 CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
 
@@ -14,6 +14,9 @@ CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
 def test_config_loads(path):
     if path.name.startswith("prepare"):
         load_config(PrepareConfig, path)
+        return
+    if path.name.startswith("eval"):
+        assert load_config(EvalConfig, path).dataset in path.name
         return
     config = load_config(JobConfig, path)
     stage = int(re.match(r"stage(\d)", path.name).group(1))

@@ -80,6 +80,16 @@ def _score_cirr(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline(args: argparse.Namespace) -> int:
+    from .pipeline import PipelineConfig, run_pipeline
+
+    config = PipelineConfig(workdir=args.workdir, preset=args.preset, cirr_pairs=args.cirr_pairs,
+                            ipr2pr_pairs=args.ipr2pr_pairs, seed=args.seed, overrides=tuple(args.set or ()),
+                            num_cpus=args.num_cpus)
+    run_pipeline(config)
+    return 0
+
+
 def _eval_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--dataset", required=True, choices=["cirr", "fashioniq"])
     command.add_argument("--root", help="dataset root in its original layout (prepared for the model's resolution)")
@@ -154,6 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_arguments(idx)
     idx.add_argument("--out", required=True, help="index directory")
     idx.set_defaults(run=_index)
+
+    pipe = commands.add_parser(
+        "pipeline", help="synth -> prepare -> stage 1, 2, 3 -> evaluate -> index -> report.md, reusing finished steps"
+    )
+    pipe.add_argument("--preset", default="tiny", choices=["tiny"], help="model preset (the pipeline runs tiny)")
+    pipe.add_argument("--workdir", required=True, help="run directory (data, prepared splits, stages, eval, report)")
+    pipe.add_argument("--cirr-pairs", type=int, default=2000, help="synthetic CIRR pairs over all splits (2000)")
+    pipe.add_argument("--ipr2pr-pairs", type=int, default=2000, help="synthetic IPr2Pr pairs for stage 1 (2000)")
+    pipe.add_argument("--seed", type=int, default=0)
+    pipe.add_argument("--set", action="append", metavar="KEY=VALUE", help="override in every stage config, e.g. train.epochs=1")
+    pipe.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    pipe.set_defaults(run=_pipeline)
     return parser
 
 

@@ -1,0 +1,155 @@
+"""``detailfusion pipeline --preset tiny --workdir DIR``: the whole system end to end on procedural data.
+
+synth (CIRR + IPr2Pr formats) -> prepare (4 splits) -> stage 1 -> stage 2 -> stage 3 -> evaluate (CIRR val with
+labels; CIRR test1 as submission files, scored against the generator's hidden targets exactly as the CIRR server
+scores them) -> index (test1 gallery, for serving) -> ``DIR/report.json`` + ``DIR/report.md`` (+ a Recall@K plot).
+Every step is reused when rerun: finished datasets, prepared splits, trained stages, evaluations and the index.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import EvalConfig, JobConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    workdir: str
+    preset: str = "tiny"
+    cirr_pairs: int = 2000
+    ipr2pr_pairs: int = 2000
+    seed: int = 0
+    overrides: tuple[str, ...] = ()  # --set key=value applied to every stage config
+    num_cpus: int | None = None
+    configs: str = str(CONFIGS)  # where stage{1,2,3}_<preset>.yaml live
+
+
+@dataclass
+class Progress:
+    steps: int
+    done: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def run(self, name: str, fn, *args, **kwargs):
+        self.done += 1
+        print(f"\n[pipeline {self.done}/{self.steps}] {name}", flush=True)
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.seconds[name] = round(time.perf_counter() - start, 1)
+        print(f"[pipeline {self.done}/{self.steps}] {name}: done in {self.seconds[name]:.1f} s", flush=True)
+        return result
+
+
+def run_pipeline(config: PipelineConfig) -> dict:
+    """Run (or resume) every step; returns the report (also written to workdir/report.json)."""
+    from .eval.evaluate import build_index, evaluate
+    from .ray_setup import init_ray
+    from .report import write_report
+    from .train.run import run_stage
+
+    if config.preset != "tiny":
+        raise ValueError(f"the pipeline runs the tiny preset on procedural data; for {config.preset!r} run the jobs "
+                         "one by one on real data (README: real-data runbook)")
+    work = Path(config.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    stage_configs = [_stage_config(config, n) for n in (1, 2, 3)]  # config errors before any work
+    start = time.perf_counter()
+    progress = Progress(steps=10)
+    init_ray(config.num_cpus)
+    data = {kind: progress.run(f"synth {kind}", _synth, kind, work / "data" / kind, pairs, config.seed)
+            for kind, pairs in (("cirr", config.cirr_pairs), ("ipr2pr", config.ipr2pr_pairs))}
+    splits = {"ipr2pr-train": ("ipr2pr", "train"), "cirr-train": ("cirr", "train"), "cirr-val": ("cirr", "val"),
+              "cirr-test1": ("cirr", "test1")}
+    progress.run("prepare " + ", ".join(splits), _prepare_all, data, work / "prep", splits, config)
+    model = None
+    for stage in stage_configs:
+        model = progress.run(f"stage {stage.train.stage}", run_stage, stage)
+    evals = {split: EvalConfig(dataset="cirr", root=str(data["cirr"]), split=split, checkpoint=str(model),
+                               out=str(work / "eval" / f"cirr-{split}"), prepared=str(work / "prep" / f"cirr-{split}"),
+                               index=str(work / "index" if split == "test1" else work / "eval" / "cirr-val" / "index"),
+                               num_cpus=config.num_cpus, cpus_per_actor=0.5, seed=config.seed)
+             for split in ("val", "test1")}
+    progress.run("index the cirr test1 gallery", build_index, evals["test1"])
+    evaluations = {split: progress.run(f"evaluate cirr {split}", _evaluate_once, evaluate, evals[split])
+                   for split in evals}
+    progress.run("score test1 submissions against the hidden targets", _score_test1, data["cirr"], evaluations["test1"],
+                 work / "eval" / "cirr-test1")
+    progress.seconds["total"] = round(time.perf_counter() - start, 1)
+    report = write_report(work, evaluations, progress.seconds, str(model))
+    print(f"\n[pipeline] finished in {progress.seconds['total']:.0f} s: {work / 'report.md'}", flush=True)
+    return report
+
+
+def _stage_config(config: PipelineConfig, stage: int) -> JobConfig:
+    path = Path(config.configs) / f"stage{stage}_{config.preset}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"stage {stage} config {path} not found (the pipeline reads jobs/configs of a checkout)")
+    work = Path(config.workdir)
+    prepared = work / "prep" / ("ipr2pr-train" if stage == 1 else "cirr-train")
+    overrides = [f"workdir={work}", f"data.prepared={prepared}", f"train.seed={config.seed}"]
+    if stage > 1:
+        overrides.append(f"model.init_from={work / f'stage{stage - 1}' / 'model'}")
+    return load_config(JobConfig, path, overrides + list(config.overrides))
+
+
+def _synth(kind: str, out: Path, pairs: int, seed: int) -> Path:
+    from .data.synthetic import write_synthetic
+
+    manifest = out / "synthetic" / "manifest.json"
+    if manifest.is_file():
+        made = json.loads(manifest.read_text())
+        if (made["pairs"], made["seed"]) == (pairs, seed):
+            print(f"synth: reusing {out} ({pairs} pairs, seed {seed})")
+            return out
+    summary = write_synthetic(kind, out, pairs=pairs, seed=seed)
+    print(f"synth: {kind} -> {out}: " + ", ".join(f"{s} {n}" for s, n in summary.items()))
+    return out
+
+
+def _prepare_all(data: dict[str, Path], out: Path, splits: dict[str, tuple[str, str]], config: PipelineConfig) -> None:
+    from .config import PrepareConfig
+    from .data.prepare import prepare
+
+    for name, (kind, split) in splits.items():
+        prepare(PrepareConfig(dataset=kind, root=str(data[kind]), split=split, out=str(out / name),
+                              preset=config.preset, num_cpus=config.num_cpus))
+
+
+def _evaluate_once(evaluate, config: EvalConfig) -> dict:
+    """Reuse metrics.json when it came from this very model (same fingerprint)."""
+    from .model import model_fingerprint
+
+    path = Path(config.out) / "metrics.json"
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous.get("model_fingerprint") == model_fingerprint(config.checkpoint):
+            print(f"evaluate: reusing {path}")
+            return previous
+    return evaluate(config)
+
+
+def hidden_test1_annotations(root: Path) -> list[dict]:
+    """Synthetic CIRR test1 captions with their hidden targets put back (what the CIRR server holds)."""
+    records = json.loads((root / "captions" / "cap.rc2.test1.json").read_text())
+    targets = json.loads((root / "synthetic" / "test1_targets.json").read_text())
+    return [{**r, "target_hard": targets[str(r["pairid"])]} for r in records]
+
+
+def _score_test1(root: Path, evaluation: dict, out: Path) -> None:
+    """Score every variant's submission files (never the model's scores) against the hidden targets."""
+    from .eval.submission import load_submission, score_cirr
+
+    annotations = hidden_test1_annotations(root)
+    evaluation["variants"] = {
+        variant: score_cirr(annotations, load_submission(files["recall"]), load_submission(files["recall_subset"]),
+                            gallery_size=evaluation["counts"]["gallery"])
+        for variant, files in evaluation["submissions"].items()
+    }
+    (out / "scored.json").write_text(json.dumps(evaluation["variants"], indent=1))
+

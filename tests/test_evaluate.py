@@ -1,0 +1,148 @@
+"""evaluate / score-cirr / index end to end on Ray (untrained tiny model): the protocol's invariants on the REAL
+CIRR val annotations with placeholder images, submissions scored back equal to the metrics, FashionIQ galleries,
+the index's reuse and model check, and clear errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from detailfusion.cli import main
+from detailfusion.config import EvalConfig
+from detailfusion.data.synthetic import write_synthetic
+from detailfusion.eval.evaluate import evaluate
+from detailfusion.eval.submission import check_submission, load_submission, score_cirr
+from detailfusion.index import GalleryIndex, IndexMismatch
+from detailfusion.model import model_fingerprint, save_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny):
+    model, tokenizer = tiny
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def cirr_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "cirr"
+    write_synthetic("cirr", root, pairs=300, seed=3, image_size=64)
+    return root
+
+
+def run_eval(ray_local, tmp_path, root, split, model_dir, dataset="cirr", **extra):
+    config = EvalConfig(dataset=dataset, root=str(root), split=split, checkpoint=str(model_dir),
+                        out=str(tmp_path / f"{dataset}-{split}"), cpus_per_actor=0.5, **extra)
+    return evaluate(config), tmp_path / f"{dataset}-{split}"
+
+
+def test_cirr_val_submissions_score_back_to_the_metrics(ray_local, tmp_path, cirr_root, model_dir):
+    result, out = run_eval(ray_local, tmp_path, cirr_root, "val", model_dir)
+    assert set(result["variants"]) == {"gm", "di", "static", "afc", "image_only", "text_only", "random"}
+    assert result["model_fingerprint"] == model_fingerprint(model_dir)
+    assert "reference removed" in result["protocol"] and "gallery index" in result["tie_rule"]
+    annotations = json.loads((cirr_root / "captions/cap.rc2.val.json").read_text())
+    for variant, files in result["submissions"].items():
+        scored = score_cirr(annotations, load_submission(files["recall"]), load_submission(files["recall_subset"]),
+                            gallery_size=result["counts"]["gallery"])
+        assert scored == pytest.approx(result["variants"][variant]), variant
+    # the untrained AFC starts as static fusion: same rankings, weights (.5, .5)
+    assert result["variants"]["afc"] == pytest.approx(result["variants"]["static"])
+    assert result["fusion_weights"]["all"]["mean_a_di"] == pytest.approx(0.5)
+    assert set(result["fusion_weights"]["by_edit_type"]) <= {"recolour", "reshape", "add", "remove", "move", "resize"}
+    lines = (out / "fusion_weights.csv").read_text().splitlines()
+    assert lines[0] == "sample_id,a_gm,a_di,edit_type" and len(lines) == result["counts"]["queries"] + 1
+
+
+def test_cirr_test1_writes_valid_submissions_and_reuses_the_index(ray_local, tmp_path, cirr_root, model_dir, capsys):
+    result, out = run_eval(ray_local, tmp_path, cirr_root, "test1", model_dir)
+    assert "variants" not in result
+    annotations = json.loads((cirr_root / "captions/cap.rc2.test1.json").read_text())
+    for metric in ("recall", "recall_subset"):
+        data = load_submission(out / f"cirr_test1_{metric}.json")
+        check_submission(data, metric, annotations, gallery_size=result["counts"]["gallery"])
+    capsys.readouterr()
+    run_eval(ray_local, tmp_path, cirr_root, "test1", model_dir)
+    assert "index: reusing" in capsys.readouterr().out
+
+
+def test_index_refuses_another_model(tmp_path):
+    index = GalleryIndex(torch.randn(5, 2, 4), [f"i{n}" for n in range(5)], "aaaa")
+    index.save(tmp_path / "index")
+    assert GalleryIndex.load(tmp_path / "index", "aaaa").image_ids == index.image_ids
+    with pytest.raises(IndexMismatch, match="built by model aaaa.*model in use is bbbb"):
+        GalleryIndex.load(tmp_path / "index", "bbbb")
+
+
+def test_faiss_search_equals_exact_search():
+    faiss = pytest.importorskip("faiss", reason="faiss-cpu is in the test extra")
+    del faiss
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.nn.functional.normalize(torch.randn(300, 8, 16, generator=generator), dim=-1)
+    index = GalleryIndex(embeddings, [str(n) for n in range(300)], "x")
+    queries = torch.nn.functional.normalize(torch.randn(40, 16, generator=generator), dim=-1)
+    exact_scores, exact = index.search(queries, 10)
+    faiss_scores, approx = index.search_faiss(queries, 10)
+    assert torch.equal(exact, approx)
+    assert torch.allclose(exact_scores, faiss_scores, atol=1e-5)
+
+
+def placeholder_images(root, split_file):
+    images = json.loads(split_file.read_text())
+    for i, relative in enumerate(images.values()):
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        colour = tuple(int(c) for c in np.random.default_rng(i).integers(0, 255, 3))
+        Image.new("RGB", (24, 18), colour).save(path)
+
+
+@pytest.mark.slow
+def test_real_cirr_val_protocol_invariants(ray_local, tmp_path, shared_datasets, model_dir):
+    root = tmp_path / "cirr"
+    shutil.copytree(shared_datasets / "cirr", root)
+    placeholder_images(root, root / "image_splits/split.rc2.val.json")
+    result, out = run_eval(ray_local, tmp_path, root, "val", model_dir, batch_size=256)
+    annotations = json.loads((root / "captions/cap.rc2.val.json").read_text())
+    assert result["counts"] == {"queries": 4181, "gallery": 2297}
+    recall = load_submission(out / "cirr_val_recall.json")
+    subset = load_submission(out / "cirr_val_recall_subset.json")
+    pairids = [str(a["pairid"]) for a in annotations]
+    assert sorted(k for k in recall if k not in ("version", "metric")) == sorted(pairids)  # every pairid, once
+    for record in annotations:
+        top = recall[str(record["pairid"])]
+        assert len(top) == 50 and record["reference"] not in top  # the reference never ranks for its own query
+        members = set(record["img_set"]["members"]) - {record["reference"]}
+        assert len(subset[str(record["pairid"])]) == 3 and set(subset[str(record["pairid"])]) <= members
+    scored = score_cirr(annotations, recall, subset)
+    assert scored == pytest.approx(result["variants"]["afc"])
+    # placeholder images carry no signal: every variant stays near chance on the subset (3 of 5 members)
+    assert 40 <= result["variants"]["random"]["Rs@2"] <= 60
+
+
+def test_fashioniq_per_category_galleries(ray_local, tmp_path, model_dir):
+    root = tmp_path / "fiq"
+    write_synthetic("fashioniq", root, pairs=240, seed=1, image_size=64)
+    result, _ = run_eval(ray_local, tmp_path, root, "val", model_dir, dataset="fashioniq")
+    metrics = result["variants"]["di"]
+    assert {"dress/R@10", "shirt/R@50", "toptee/R@10", "R@10", "R@50", "Avg"} <= set(metrics)
+    # 8 val queries per category over a 16-image category gallery: R@50 covers it all
+    assert metrics["dress/R@50"] == 100.0
+    assert metrics["Avg"] == pytest.approx((metrics["R@10"] + metrics["R@50"]) / 2)
+
+
+def test_cli_errors_are_clear(tmp_path, capsys, cirr_root):
+    assert main(["evaluate", "--dataset", "cirr", "--root", str(cirr_root), "--split", "val",
+                 "--checkpoint", str(tmp_path / "absent"), "--out", str(tmp_path / "o")]) == 2
+    assert "no exported model there" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"version": "rc2", "metric": "recall", "1": ["a"]}')
+    annotations = str(cirr_root / "captions/cap.rc2.val.json")
+    assert main(["score-cirr", "--annotations", annotations, "--recall", str(bad), "--recall-subset", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "pairid(s) missing" in err and "not in the annotations: 1" in err
+    broken = tmp_path / "broken.json"
+    broken.write_text("[{")
+    assert main(["score-cirr", "--annotations", str(broken), "--recall", str(bad), "--recall-subset", str(bad)]) == 2
+    assert "malformed JSON" in capsys.readouterr().err
