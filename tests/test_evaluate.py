@@ -117,8 +117,8 @@ def test_real_cirr_val_protocol_invariants(ray_local, tmp_path, shared_datasets,
         assert len(subset[str(record["pairid"])]) == 3 and set(subset[str(record["pairid"])]) <= members
     scored = score_cirr(annotations, recall, subset)
     assert scored == pytest.approx(result["variants"]["afc"])
-    # placeholder images carry no signal: every variant stays near chance on the subset (3 of 5 members)
-    assert 40 <= result["variants"]["random"]["Rs@2"] <= 60
+    # random scores: subset recall at chance (the target is one of 5 candidates: Rs@2 = 40 %)
+    assert 35 <= result["variants"]["random"]["Rs@2"] <= 45
 
 
 def test_fashioniq_per_category_galleries(ray_local, tmp_path, model_dir):

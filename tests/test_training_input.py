@@ -83,6 +83,26 @@ def test_training_rows_are_tokenised_and_refuse_a_foreign_cache(cirr_prepared, e
         training_dataset(cirr_prepared, tokenizer, 32, vision_fingerprint=vision_fingerprint(other))
 
 
+def test_subset_negatives_are_other_set_members(cirr_prepared, exported):
+    """K=2 images per row from the query's img_set, never its reference or target (the pixels say which)."""
+    _, tokenizer, _ = exported
+    index, store = load_image_store(cirr_prepared, "pixels")
+    triplets = pq.read_table(cirr_prepared / "triplets").to_pylist()
+    batch = training_dataset(cirr_prepared, tokenizer, 32, use_features=False, subset_negatives=2).take_batch(len(triplets))
+    assert batch["subset"].shape == (len(triplets), 2, 64, 64, 3)
+    by_key = {sample_key(t["sample_id"]): t for t in triplets}
+    for key, subset in zip(batch["sample_key"], batch["subset"]):
+        row = by_key[int(key)]
+        members = [store[index[m]] for m in row["subset_ids"] if m not in (row["reference_id"], row["target_id"])]
+        for image in subset:
+            assert any(np.array_equal(image, m) for m in members)
+    with pytest.raises(ValueError, match="subset negatives need near-duplicate sets"):
+        ipr2pr = cirr_prepared.parent / "ipr2pr"
+        write_synthetic("ipr2pr", ipr2pr / "raw", pairs=8, seed=0, image_size=64)
+        prepare(PrepareConfig(dataset="ipr2pr", root=str(ipr2pr / "raw"), split="train", out=str(ipr2pr / "out")))
+        training_dataset(ipr2pr / "out", tokenizer, 32, subset_negatives=2)
+
+
 def _collect_keys(config):
     import ray.train
 

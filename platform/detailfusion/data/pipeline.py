@@ -8,7 +8,10 @@ Worker side, ``iter_worker_batches(batch_size)`` iterates ``ray.train.get_datase
 ``drop_last=True`` so every rank runs the same number of steps.
 
 Batch columns: input_ids, attention_mask [B, L] int64; sample_key [B] int64 (stable hash of sample_id);
-reference / target: pixels uint8 [B, S, S, 3] or features float16 [B, T, W]; ``source`` says which.
+reference / target: pixels uint8 [B, S, S, 3] or features float16 [B, T, W]; ``source`` says which;
+with ``subset_negatives=K``: subset [B, K, ...] images of K members of the query's near-duplicate set (CIRR
+``img_set``) other than its reference and target, drawn anew every epoch (the reference fills in when a set
+has fewer than K others).
 """
 
 from __future__ import annotations
@@ -51,8 +54,10 @@ def load_image_store(prepared_dir: str | Path, source: str) -> tuple[dict[str, i
 class TripletBatcher:
     """Ray Data actor: canonical triplet rows -> tokenised text + attached images (see module docstring)."""
 
-    def __init__(self, prepared_dir: str, tokenizer, max_text_length: int, source: str, layout: str):
+    def __init__(self, prepared_dir: str, tokenizer, max_text_length: int, source: str, layout: str,
+                 subset_negatives: int = 0):
         self.tokenizer, self.max_text_length, self.source, self.layout = tokenizer, max_text_length, source, layout
+        self.subset_negatives = subset_negatives
         self.rng = np.random.default_rng()
         self.index, self.store = load_image_store(prepared_dir, source) if layout == "gallery" else ({}, None)
 
@@ -71,16 +76,30 @@ class TripletBatcher:
         else:
             out["reference"] = self.store[[self.index[i] for i in batch["reference_id"]]]
             out["target"] = self.store[[self.index[i] for i in batch["target_id"]]]
+            if self.subset_negatives:
+                out["subset"] = self.store[self._subset_rows(batch)]
         return out
+
+    def _subset_rows(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """[B, K] image-store rows of K set members other than each query's reference and target."""
+        rows = []
+        for members, reference, target in zip(batch["subset_ids"], batch["reference_id"], batch["target_id"]):
+            others = [m for m in members if m not in (reference, target) and m in self.index]
+            picked = list(self.rng.permutation(others)[: self.subset_negatives])
+            picked += [reference] * (self.subset_negatives - len(picked))
+            rows.append([self.index[m] for m in picked])
+        return np.asarray(rows, dtype=np.int64)
 
 
 def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, use_features: bool = True,
-                     batch_size: int = 64, vision_fingerprint: str | None = None, actor_cpus: float = 1.0):
+                     batch_size: int = 64, vision_fingerprint: str | None = None, actor_cpus: float = 1.0,
+                     subset_negatives: int = 0):
     """The Ray Dataset of one prepared split for training (rows without a target are refused).
 
     ``use_features``: read the frozen-ViT cache when the split has one; ``vision_fingerprint`` (of the model
     about to train) must then match the cache's, or the cache belongs to another ViT. ``actor_cpus``: CPUs of
     the attaching actor (fractional on small machines, where whole CPUs would starve the Train workers).
+    ``subset_negatives``: K near-duplicate images per row (gallery-layout splits with ``img_set``s only).
     """
     import ray
 
@@ -93,6 +112,9 @@ def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, 
             f"the model has {vision_fingerprint}; rebuild the cache or train without it (use_features=false)"
         )
     layout = manifest["layout"]
+    if subset_negatives and layout != "gallery":
+        raise ValueError(f"{prepared_dir}: subset negatives need near-duplicate sets (CIRR img_set); "
+                         f"{manifest['dataset']} has none")
     rows_dir = Path(prepared_dir) / ("features" if source == FEATURES and layout == "inline" else "triplets")
     if layout == "gallery":  # annotation rows are small: hand them to Ray Data from memory, no file-listing task
         table = pq.read_table(rows_dir)
@@ -105,7 +127,8 @@ def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, 
     return dataset.map_batches(
         TripletBatcher,
         fn_constructor_kwargs=dict(prepared_dir=str(prepared_dir), tokenizer=tokenizer,
-                                   max_text_length=max_text_length, source=source, layout=layout),
+                                   max_text_length=max_text_length, source=source, layout=layout,
+                                   subset_negatives=subset_negatives),
         batch_size=batch_size,
         batch_format="numpy",
         concurrency=1,

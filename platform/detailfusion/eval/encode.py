@@ -118,7 +118,7 @@ def encode_gallery(prepared_dir: str | Path, model_dir: str | Path, fingerprint:
     gallery = pq.read_table(Path(prepared_dir) / "gallery.parquet")
     ids = list(dict.fromkeys(gallery.column("image_id").to_pylist()))
     location = dict(zip(gallery.column("image_id").to_pylist(), gallery.column("location").to_pylist()))
-    images = ray.data.read_parquet(str(Path(prepared_dir) / "images"), columns=["image_id", "pixels"])
+    images = ray.data.read_parquet(str(Path(prepared_dir) / "images")).select_columns(["image_id", "pixels"])
     encoded = _collect(images.map_batches(GalleryEncoder, fn_constructor_args=(str(model_dir), options.use_gpu),
                                           **_pool_kwargs(options)), "embedding")
     if not len(encoded):

@@ -115,7 +115,9 @@ def evaluate(config: EvalConfig) -> dict:
     labelled = triplets.column("target_id").null_count == 0
     if config.dataset == "cirr":
         cirr = CirrQueries(triplets, index)
-        result["variants"], result["submissions"] = {}, {}
+        result["submissions"] = {}
+        if labelled:
+            result["variants"] = {}
         for variant in variants:
             scores = variant_scores(variant, queries, index, seed=config.seed)
             if labelled:

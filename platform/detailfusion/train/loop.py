@@ -121,8 +121,15 @@ class StageRecipe:
 
     def _to_device(self, batch: dict) -> dict:
         out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        for key in ("reference", "target"):
-            out[key] = normalize_pixels(out[key]) if out[key].dtype == torch.uint8 else out[key].float()
+        for key in ("reference", "target", "subset"):
+            if key not in out:
+                continue
+            if out[key].dtype != torch.uint8:
+                out[key] = out[key].float()
+            elif key == "subset":  # [B, K, S, S, 3] -> [B, K, 3, S, S]
+                out[key] = normalize_pixels(out[key].flatten(0, 1)).unflatten(0, out[key].shape[:2])
+            else:
+                out[key] = normalize_pixels(out[key])
         out["images"] = "pixel_values" if batch["reference"].dtype == torch.uint8 else "embeds"
         return out
 

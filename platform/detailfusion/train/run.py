@@ -47,8 +47,9 @@ def check_stage(config: JobConfig) -> dict:
             )
     elif config.model.init_from and not (Path(config.model.init_from) / "config.json").is_file():
         raise StageError(f"model.init_from={config.model.init_from!r} holds no exported model (no config.json)")
-    if config.loss.subset_negatives:
-        raise StageError("loss.subset_negatives > 0 is not supported by the training input yet; set it to 0")
+    if config.loss.subset_negatives and manifest["layout"] != "gallery":
+        raise StageError(f"loss.subset_negatives needs near-duplicate sets (CIRR img_set); {manifest['dataset']} has "
+                         "none: set it to 0")
     if config.train.use_gpu is False and config.train.precision == "fp16":
         raise StageError("train.precision=fp16 needs GPUs; use fp32 (or bf16) on CPU")
     return manifest
@@ -109,6 +110,7 @@ def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir:
     dataset = training_dataset(
         config.data.prepared, tokenizer, model.config.max_text_length, use_features=config.data.use_feature_cache,
         vision_fingerprint=vision_fingerprint(model), actor_cpus=config.train.data_actor_cpus,
+        subset_negatives=config.loss.subset_negatives if config.train.stage < 3 else 0,
     )
     del model
     train = config.train

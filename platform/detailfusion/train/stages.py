@@ -57,6 +57,10 @@ def branch_loss(spec: StageSpec, model, loss_fn, batch: dict[str, torch.Tensor],
     )
     di = dict(query=out.query_di, targets=out.target_di, temperature=model.di_branch.temperature(),
               references=out.reference_di)
+    if "subset" in batch:  # [B, K, ...] near-duplicates -> DI target features [B, K, Nq, D]
+        subset = batch["subset"].flatten(0, 1)
+        embeds = model.encode_image(subset) if images == "pixel_values" else subset
+        di["subset_negatives"] = model.di_branch.encode_target(embeds).unflatten(0, batch["subset"].shape[:2])
     if spec.number == 1:
         return loss_fn(**di)
     gm = dict(query=out.query_gm, targets=out.target_gm, temperature=model.gm_branch.temperature())
