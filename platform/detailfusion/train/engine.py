@@ -40,8 +40,11 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig,
         raise ValueError("no trainable parameters: the stage froze everything")
     optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
                                   weight_decay=optim.weight_decay)
+    total_steps = max(4, total_steps)
+    # OneCycleLR divides by its warm-up length in steps (pct_start * total - 1): keep it at least one step
+    warmup = min(0.5, max(optim.warmup_fraction, 2.0 / total_steps))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=optim.lr, total_steps=max(2, total_steps), pct_start=optim.warmup_fraction,
+        optimizer, max_lr=optim.lr, total_steps=total_steps, pct_start=warmup,
         anneal_strategy="cos", cycle_momentum=False,
     )
     engine, optimizer, _, scheduler = deepspeed.initialize(
