@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .config import EvalConfig, JobConfig, load_config
@@ -56,6 +56,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     if config.preset != "tiny":
         raise ValueError(f"the pipeline runs the tiny preset on procedural data; for {config.preset!r} run the jobs "
                          "one by one on real data (README: real-data runbook)")
+    config = replace(config, workdir=str(Path(config.workdir).resolve()))
     work = Path(config.workdir)
     work.mkdir(parents=True, exist_ok=True)
     stage_configs = [_stage_config(config, n) for n in (1, 2, 3)]  # config errors before any work

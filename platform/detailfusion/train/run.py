@@ -10,6 +10,7 @@ Rerunning the same command resumes from the latest checkpoint; a finished stage 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from ..config import JobConfig, save_config, to_dict
@@ -73,10 +74,21 @@ def initial_model(config: JobConfig, directory: Path) -> str:
     return str(directory)
 
 
+def absolute_paths(config: JobConfig) -> JobConfig:
+    """Local paths made absolute on the driver: Train workers run in other working directories."""
+    absolute = lambda path: str(Path(path).resolve()) if path else path  # noqa: E731
+    return replace(
+        config, workdir=absolute(config.workdir),
+        data=replace(config.data, prepared=absolute(config.data.prepared), root=absolute(config.data.root)),
+        model=replace(config.model, init_from=absolute(config.model.init_from)),
+    )
+
+
 def run_stage(config: JobConfig) -> Path:
     """Train one stage (or reuse it when finished); returns the exported model directory."""
     from ..ray_setup import init_ray
 
+    config = absolute_paths(config)
     manifest = check_stage(config)
     spec = STAGES[config.train.stage]
     out = stage_dir(config)
