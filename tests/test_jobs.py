@@ -22,3 +22,15 @@ def test_prepare_job_help_and_bad_keys():
 def test_cli_prepare_refuses_a_wrong_dataset_name():
     result = run("-m", "detailfusion.cli", "prepare", "--dataset", "coco", "--root", ".", "--split", "val", "--out", "x")
     assert result.returncode == 2 and "invalid choice: 'coco'" in result.stderr
+
+
+def test_stage_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
+    """Train workers run in other working directories: a relative workdir / prepared / init_from must not reach them."""
+    from detailfusion.config import JobConfig, load_config
+    from detailfusion.train.run import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    config = absolute_paths(load_config(JobConfig, None, ["workdir=runs/x", "data.prepared=prep/a",
+                                                          "model.init_from=runs/x/stage1/model"]))
+    assert config.workdir == str(tmp_path / "runs/x") and config.data.prepared == str(tmp_path / "prep/a")
+    assert config.model.init_from == str(tmp_path / "runs/x/stage1/model") and config.model.pretrained is None
