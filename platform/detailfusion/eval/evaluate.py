@@ -101,6 +101,9 @@ def evaluate(config: EvalConfig) -> dict:
     prepared = prepared_split(config, model_config["vision_config"]["image_size"])
     index = gallery_index(config, prepared, fingerprint, Path(config.index) if config.index else out / "index")
     triplets = pq.read_table(prepared / "triplets")
+    labelled = triplets.column("target_id").null_count == 0
+    if not labelled and config.dataset != "cirr":
+        raise ValueError(f"{config.dataset} split {config.split!r} has no targets and no submission format")
     print(f"evaluate: encoding {triplets.num_rows} queries", flush=True)
     features = encode_queries(prepared, config.checkpoint, triplets, _options(config))
     compositor = model_config.get("compositor", "afc")
@@ -112,7 +115,6 @@ def evaluate(config: EvalConfig) -> dict:
         "protocol": CIRR_PROTOCOL if config.dataset == "cirr" else FASHIONIQ_PROTOCOL, "tie_rule": TIE_RULE,
         "counts": {"queries": triplets.num_rows, "gallery": len(index)},
     }
-    labelled = triplets.column("target_id").null_count == 0
     if config.dataset == "cirr":
         cirr = CirrQueries(triplets, index)
         result["submissions"] = {}
@@ -124,11 +126,9 @@ def evaluate(config: EvalConfig) -> dict:
                 result["variants"][variant] = cirr.metrics(scores)
             result["submissions"][variant] = _write_rankings(out, config.split, variant, *cirr.rankings(scores, index.image_ids),
                                                              main=variant == compositor)
-    elif labelled:
+    else:
         gallery = pq.read_table(prepared / "gallery.parquet", columns=["image_id", "category"])
         result["variants"] = fashioniq_variant_metrics(triplets, gallery, index, queries, variants, config.seed)
-    if not labelled and config.dataset != "cirr":
-        raise ValueError(f"{config.dataset} split {config.split!r} has no targets and no submission format")
     edit_types = _edit_types(config, triplets)
     result["fusion_weights"] = _weights_summary(features.weights, edit_types)
     _write_weights(out / "fusion_weights.csv", features.sample_ids, features.weights, edit_types)
