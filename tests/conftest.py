@@ -41,7 +41,8 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
-    """One local Ray for the whole session: 2 CPUs, a small object store, no dashboard."""
+    """One local Ray for the whole session: 2 CPUs, a small object store, and the dashboard (Ray Train frees the
+    resources of a run killed from outside, e.g. a sweep trial stopped early, through its state API)."""
     import ray
 
     if not ray.is_initialized():
@@ -49,7 +50,7 @@ def ray_local(tmp_path_factory):
             address="local",
             num_cpus=2,
             object_store_memory=256 * 1024 * 1024,
-            include_dashboard=False,
+            include_dashboard=True,
             _temp_dir=str(tmp_path_factory.mktemp("ray")),
             log_to_driver=False,
             # workers import train loops defined in test modules

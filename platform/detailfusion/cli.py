@@ -90,6 +90,44 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .config import JobConfig, load_config
+    from .tune import SweepSettings, sweep
+
+    config = load_config(JobConfig, args.config, args.set or [])
+    out = args.out or str(Path(config.workdir) / "sweeps" / f"{Path(args.space).stem}-stage{args.stage}")
+    settings = SweepSettings(stage=args.stage, space=args.space, out=out, num_samples=args.num_samples,
+                             scheduler=args.scheduler, metric=args.metric, mode=args.mode,
+                             grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+                             max_concurrent_trials=args.max_concurrent_trials, trial_cpus=args.trial_cpus,
+                             num_cpus=args.num_cpus)
+    rows = sweep(config, settings)
+    return 0 if any(r["status"] == "FINISHED" for r in rows) else 1
+
+
+def add_sweep_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--stage", type=int, required=True, choices=[1, 2, 3], help="the stage every trial trains")
+    command.add_argument("--space", required=True, help="tune-space YAML (tune_spaces/*.yaml)")
+    command.add_argument("--config", required=True, help="the stage's job config (jobs/configs/*.yaml)")
+    command.add_argument("--set", action="append", metavar="KEY=VALUE",
+                         help="override in the job config, e.g. data.val_prepared=runs/x/prep/cirr-val")
+    command.add_argument("--out", help="sweep directory (default WORKDIR/sweeps/<space>-stage<N>); rerun to resume")
+    command.add_argument("--num-samples", type=int, default=1, help="draws of the space; grids are crossed with each (1)")
+    command.add_argument("--scheduler", default="asha", choices=["asha", "fifo"],
+                         help="asha: stop trials early on the validation score (default); fifo: run all to the end")
+    command.add_argument("--metric", default="val_score",
+                         help="reported metric to optimise (default val_score: the stage variant's validation Avg; "
+                              "any val/<variant>/<metric>, e.g. val/di/Rs@1)")
+    command.add_argument("--mode", default="max", choices=["max", "min"])
+    command.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped (1)")
+    command.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep the best 1/rf per rung (2)")
+    command.add_argument("--max-concurrent-trials", type=int, default=1, help="trials at once (1)")
+    command.add_argument("--trial-cpus", type=float, default=0.25, help="CPU of each trial's driver function (0.25)")
+    command.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (ignored under ray job submit)")
+
+
 def _eval_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--dataset", required=True, choices=["cirr", "fashioniq"])
     command.add_argument("--root", help="dataset root in its original layout (prepared for the model's resolution)")
@@ -176,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--set", action="append", metavar="KEY=VALUE", help="override in every stage config, e.g. train.epochs=1")
     pipe.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     pipe.set_defaults(run=_pipeline)
+
+    sw = commands.add_parser(
+        "sweep", help="Ray Tune sweep of one stage over a tune space, trials scored on validation recall (ASHA)"
+    )
+    add_sweep_arguments(sw)
+    sw.set_defaults(run=_sweep)
     return parser
 
 

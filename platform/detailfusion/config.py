@@ -53,6 +53,7 @@ class DataConfig:
     dataset: Literal["synthetic", "cirr", "fashioniq", "ipr2pr"] = "synthetic"
     root: str | None = None
     prepared: str | None = None  # output dir of `detailfusion prepare` for the training split
+    val_prepared: str | None = None  # a prepared labelled CIRR/FashionIQ split: validation recall every epoch
     use_feature_cache: bool = True  # train on cached frozen-ViT features when the prepared split has them
     train_split: str = "train"
     val_split: str = "val"
@@ -85,6 +86,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # best N by loss (plus the latest)
     max_failures: int = 0  # worker-group restarts Ray Train may make after a crash
     log_every: int = 10  # steps between progress lines
+    validate_every: int = 1  # epochs between validations (with data.val_prepared; the last epoch always)
     fail_at_step: int | None = None  # fault injection for tests: raise once in fail_rank at this step
     fail_rank: int = 0
     data_actor_cpus: float = 1.0  # CPUs of the Ray Data actor that attaches images (fractional on small hosts)
@@ -176,11 +178,15 @@ def apply_override(config: T, item: str) -> T:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
+    return with_value(config, key.strip(), value, source=f"--set {item}")
+
+
+def with_value(config: T, key: str, value: Any, source: str = "<value>") -> T:
+    """A copy of ``config`` with the dotted ``key`` set to ``value`` (checked like a file's keys)."""
     nested: Any = value
-    for part in reversed(key.strip().split(".")):
+    for part in reversed(key.split(".")):
         nested = {part: nested}
-    merged = _merge(to_dict(config), nested)
-    return from_dict(type(config), merged, source=f"--set {item}")
+    return from_dict(type(config), _merge(to_dict(config), nested), source=source)
 
 
 def from_dict(cls: type[T], data: dict[str, Any], source: str = "<dict>", prefix: str = "") -> T:

@@ -38,17 +38,39 @@ def _load(model_dir: str, use_gpu: bool):
     return model.to(device=device, dtype=dtype).eval(), tokenizer, device
 
 
+@torch.no_grad()
+def gallery_embeddings(model, pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [B, S, S, 3] (on the model's device) -> unified gallery embeddings [B, Nq, 2D]."""
+    targets = model.encode_targets(model.encode_image(normalize_pixels(pixels)))
+    return model.gallery_embedding(targets["gm"], targets["di"])
+
+
+@torch.no_grad()
+def query_features(model, tokenizer, pixels: torch.Tensor, texts: list[str]) -> dict[str, torch.Tensor]:
+    """Reference pixels uint8 [B, S, S, 3] + texts -> {q_gm, q_di, text_gm [B, D], unified [B, 2D], weights [B, 2]
+    (NaN when the compositor has none)}, float32 on the CPU."""
+    device = pixels.device
+    tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=model.config.max_text_length,
+                       return_tensors="pt").to(device)
+    queries = model.encode_queries(model.encode_image(normalize_pixels(pixels)), tokens["input_ids"],
+                                   tokens["attention_mask"])
+    fused = model.compose(queries["gm"], queries["di"])
+    weights = fused.weights if fused.weights is not None else torch.full((len(texts), 2), float("nan"))
+    text = model.gm_branch.encode_text(tokens["input_ids"], tokens["attention_mask"])
+    out = {"q_gm": queries["gm"].feature, "q_di": queries["di"].feature, "text_gm": text, "unified": fused.query,
+           "weights": weights}
+    return {name: value.float().cpu() for name, value in out.items()}
+
+
 class GalleryEncoder:
     """Actor: {image_id, pixels uint8 [B, S, S, 3]} -> {image_id, embedding float32 [B, Nq, 2D]}."""
 
     def __init__(self, model_dir: str, use_gpu: bool):
         self.model, _, self.device = _load(model_dir, use_gpu)
 
-    @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pixels = normalize_pixels(torch.from_numpy(np.array(batch["pixels"])).to(self.device, non_blocking=True))
-        targets = self.model.encode_targets(self.model.encode_image(pixels))
-        embedding = self.model.gallery_embedding(targets["gm"], targets["di"])
+        pixels = torch.from_numpy(np.array(batch["pixels"])).to(self.device, non_blocking=True)
+        embedding = gallery_embeddings(self.model, pixels)
         return {"image_id": batch["image_id"], "embedding": embedding.float().cpu().numpy()}
 
 
@@ -60,21 +82,11 @@ class QueryEncoder:
         self.model, self.tokenizer, self.device = _load(model_dir, use_gpu)
         self.position, self.images = load_image_store(prepared_dir, PIXELS)
 
-    @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        model = self.model
         rows = [self.position[r] for r in batch["reference_id"]]
-        pixels = normalize_pixels(torch.from_numpy(self.images[rows]).to(self.device, non_blocking=True))
-        tokens = self.tokenizer([str(t) for t in batch["text"]], padding="max_length", truncation=True,
-                                max_length=model.config.max_text_length, return_tensors="pt").to(self.device)
-        queries = model.encode_queries(model.encode_image(pixels), tokens["input_ids"], tokens["attention_mask"])
-        fused = model.compose(queries["gm"], queries["di"])
-        weights = fused.weights if fused.weights is not None else torch.full((len(rows), 2), float("nan"))
-        text = model.gm_branch.encode_text(tokens["input_ids"], tokens["attention_mask"])
-        as_numpy = lambda t: t.float().cpu().numpy()  # noqa: E731
-        return {"sample_id": batch["sample_id"], "q_gm": as_numpy(queries["gm"].feature),
-                "q_di": as_numpy(queries["di"].feature), "text_gm": as_numpy(text),
-                "unified": as_numpy(fused.query), "weights": as_numpy(weights)}
+        pixels = torch.from_numpy(self.images[rows]).to(self.device, non_blocking=True)
+        features = query_features(self.model, self.tokenizer, pixels, [str(t) for t in batch["text"]])
+        return {"sample_id": batch["sample_id"], **{name: value.numpy() for name, value in features.items()}}
 
 
 @dataclass

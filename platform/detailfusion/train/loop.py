@@ -106,8 +106,43 @@ class StageRecipe:
                 if every and self.step % every == 0 and self.step < self.total_steps:
                     self._checkpoint(epoch, index + 1, {"loss": last_loss, "epoch": epoch})
             self.skip_batches = 0
-            if not self.config.train.checkpoint_every or epoch + 1 == self.config.train.epochs:
-                self._checkpoint(epoch + 1, 0, {"loss": last_loss, "epoch": epoch + 1}, export=epoch + 1 == self.config.train.epochs)
+            last = epoch + 1 == self.config.train.epochs
+            validation = self._validate(epoch) if self._validates(epoch) else {}
+            if not self.config.train.checkpoint_every or last:
+                self._checkpoint(epoch + 1, 0, {"loss": last_loss, "epoch": epoch + 1, **validation}, export=last)
+
+    # -- validation ----------------------------------------------------------------------------------
+
+    def _validates(self, epoch: int) -> bool:
+        every = self.config.train.validate_every
+        return bool(self.config.data.val_prepared) and ((epoch + 1) % every == 0 or epoch + 1 == self.config.train.epochs)
+
+    def _validate(self, epoch: int) -> dict[str, float]:
+        """Rank 0: recall on data.val_prepared -> {"val_score": headline Avg of the stage's variant,
+        "val/<variant>/<metric>": ...} (also appended to validation.csv). Other ranks return {}."""
+        from ..eval.validate import ValidationSplit, stage_variant
+        from ..eval.variants import FIXED_WEIGHTS
+
+        if self.rank != 0:
+            return {}
+        if not hasattr(self, "validation_split"):
+            self.validation_split = ValidationSplit(self.config.data.val_prepared)
+        model = self.engine.module
+        main = stage_variant(self.spec.number, model.config.compositor)
+        variants = list(dict.fromkeys([main, *([] if self.spec.number == 1 else FIXED_WEIGHTS)]))
+        started = time.perf_counter()
+        model.eval()
+        try:
+            metrics = self.validation_split.metrics(model, self.tokenizer, variants)
+        finally:
+            self.engine.train()
+        out = {"val_score": metrics[main]["Avg"], "val_variant": main}
+        out.update({f"val/{v}/{k}": value for v, m in metrics.items() for k, value in m.items()})
+        self._append_csv("validation.csv", {"epoch": epoch + 1, "step": self.step, **{k: v for k, v in out.items()
+                                                                                       if k != "val_variant"}})
+        self._log(f"epoch {epoch + 1} validation ({self.validation_split.dataset}, {main}): Avg {out['val_score']:.2f} "
+                  f"in {time.perf_counter() - started:.1f} s")
+        return out
 
     def _batches(self):
         for batch in iter_worker_batches(self.micro_batch):
@@ -205,9 +240,12 @@ class StageRecipe:
     def _write_metrics(self, epoch: int, parts: dict, rate: float) -> None:
         if self.rank != 0:
             return
-        path = Path(self.run_facts["stage_dir"]) / "metrics.csv"
         row = {"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate,
                **{k: float(v) for k, v in parts.items()}}
+        self._append_csv("metrics.csv", row)
+
+    def _append_csv(self, name: str, row: dict) -> None:
+        path = Path(self.run_facts["stage_dir"]) / name
         new = not path.exists()
         with path.open("a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(row))

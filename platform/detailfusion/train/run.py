@@ -51,9 +51,29 @@ def check_stage(config: JobConfig) -> dict:
     if config.loss.subset_negatives and manifest["layout"] != "gallery":
         raise StageError(f"loss.subset_negatives needs near-duplicate sets (CIRR img_set); {manifest['dataset']} has "
                          "none: set it to 0")
+    if config.data.val_prepared:
+        check_validation(config, manifest)
     if config.train.use_gpu is False and config.train.precision == "fp16":
         raise StageError("train.precision=fp16 needs GPUs; use fp32 (or bf16) on CPU")
     return manifest
+
+
+def check_validation(config: JobConfig, manifest: dict) -> None:
+    """data.val_prepared must be a labelled gallery split at the training split's resolution."""
+    import pyarrow.parquet as pq
+
+    where = f"data.val_prepared={config.data.val_prepared!r}"
+    val = read_manifest(config.data.val_prepared)
+    if val["layout"] != "gallery":
+        raise StageError(f"{where} holds {val['dataset']}, which has no gallery: validate on prepared CIRR or FashionIQ")
+    if val["image_size"] != manifest["image_size"]:
+        raise StageError(f"{where} holds {val['image_size']} px images, the training split {manifest['image_size']} px")
+    if pq.read_table(Path(config.data.val_prepared) / "triplets", columns=["target_id"]).column("target_id").null_count:
+        raise StageError(f"{where} (split {val['split']!r}) has no targets to validate against")
+    if config.train.zero_stage == 3:
+        raise StageError("validation runs on rank 0 with the whole model: use train.zero_stage <= 2 with data.val_prepared")
+    if config.train.validate_every < 1:
+        raise StageError(f"train.validate_every must be >= 1 epoch, got {config.train.validate_every}")
 
 
 def initial_model(config: JobConfig, directory: Path) -> str:
@@ -79,13 +99,15 @@ def absolute_paths(config: JobConfig) -> JobConfig:
     absolute = lambda path: str(Path(path).resolve()) if path else path  # noqa: E731
     return replace(
         config, workdir=absolute(config.workdir),
-        data=replace(config.data, prepared=absolute(config.data.prepared), root=absolute(config.data.root)),
+        data=replace(config.data, prepared=absolute(config.data.prepared), root=absolute(config.data.root),
+                     val_prepared=absolute(config.data.val_prepared)),
         model=replace(config.model, init_from=absolute(config.model.init_from)),
     )
 
 
-def run_stage(config: JobConfig) -> Path:
-    """Train one stage (or reuse it when finished); returns the exported model directory."""
+def run_stage(config: JobConfig, callbacks: list | None = None) -> Path:
+    """Train one stage (or reuse it when finished); returns the exported model directory. ``callbacks``: Ray Train
+    user callbacks (a sweep passes Ray Tune's report callback)."""
     from ..ray_setup import init_ray
 
     config = absolute_paths(config)
@@ -100,7 +122,7 @@ def run_stage(config: JobConfig) -> Path:
     save_config(config, out / "config.yaml")
     init_from = initial_model(config, out / "init")
     init_ray()
-    trainer = build_trainer(config, manifest, init_from, export_dir)
+    trainer = build_trainer(config, manifest, init_from, export_dir, callbacks)
     print(f"[stage {spec.number}] {spec.name}: {manifest['counts']['triplets']} triplets from {config.data.prepared}, "
           f"{config.train.num_workers} worker(s), ZeRO-{config.train.zero_stage}, {config.train.precision}", flush=True)
     result = trainer.fit()
@@ -110,7 +132,7 @@ def run_stage(config: JobConfig) -> Path:
     return export_dir
 
 
-def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir: Path):
+def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir: Path, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -142,5 +164,6 @@ def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir:
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints, checkpoint_score_attribute="loss",
                                                checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=train.max_failures),
+            callbacks=callbacks,
         ),
     )

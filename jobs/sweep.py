@@ -1,0 +1,15 @@
+"""Ray Tune sweep of one training stage: every trial is a full Ray Train run, scored on validation recall.
+
+    python jobs/sweep.py --stage 2 --space tune_spaces/gamma.yaml --config jobs/configs/stage2_tiny.yaml \\
+        --set data.val_prepared=runs/tiny/prep/cirr-val
+    ray job submit --working-dir . -- "$(which python)" jobs/sweep.py --stage 2 --space ... --config ... --set ...
+
+Same arguments as ``detailfusion sweep``; rerunning the same command resumes an interrupted sweep.
+"""
+
+import sys
+
+from detailfusion.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["sweep", *sys.argv[1:]]))

@@ -1,0 +1,67 @@
+"""Validation recall inside a training run: the protocol, variants and metric code of ``evaluate``, run in the
+training process on a model already in memory (no Ray Data: a validation split is small). Ray Tune scores
+sweep trials on it, never on the training loss.
+
+Which variant scores a stage (``STAGE_VARIANT``): stage 1 trains only the DI branch, so ``di``; stage 2 trains
+both branches and no compositor yet, so ``static`` (the equal blend); stage 3 the model's own compositor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from ..data.pipeline import PIXELS, load_image_store, read_manifest
+from ..index import GalleryIndex
+from .encode import QueryFeatures, gallery_embeddings, query_features
+from .protocols import CirrQueries, fashioniq_variant_metrics
+from .variants import variant_queries, variant_scores
+
+STAGE_VARIANT = {1: "di", 2: "static", 3: None}  # None: the model's compositor
+
+
+def stage_variant(stage: int, compositor: str) -> str:
+    return STAGE_VARIANT[stage] or compositor
+
+
+class ValidationSplit:
+    """A labelled prepared CIRR or FashionIQ split (its triplets, gallery and decoded images), loaded once."""
+
+    def __init__(self, prepared_dir: str | Path):
+        self.path = Path(prepared_dir)
+        manifest = read_manifest(self.path)
+        if manifest["layout"] != "gallery":
+            raise ValueError(f"{prepared_dir}: a {manifest['dataset']} split has no gallery to validate on "
+                             "(give a prepared CIRR or FashionIQ split)")
+        self.dataset = manifest["dataset"]
+        self.triplets = pq.read_table(self.path / "triplets")
+        if self.triplets.column("target_id").null_count:
+            raise ValueError(f"{prepared_dir}: split {manifest['split']!r} has no targets to validate against")
+        self.gallery = pq.read_table(self.path / "gallery.parquet")
+        self.position, self.images = load_image_store(self.path, PIXELS)
+        self.image_ids = list(dict.fromkeys(self.gallery.column("image_id").to_pylist()))
+
+    @torch.no_grad()
+    def metrics(self, model, tokenizer, variants: list[str], batch_size: int = 64) -> dict[str, dict[str, float]]:
+        """{variant: metrics} of ``model`` (in eval mode, on its device) under the split's protocol."""
+        device = next(model.parameters()).device
+        pixels = lambda rows: torch.from_numpy(self.images[rows]).to(device)  # noqa: E731
+        rows = [self.position[i] for i in self.image_ids]
+        embeddings = torch.cat([gallery_embeddings(model, pixels(rows[i:i + batch_size])).float().cpu()
+                                for i in range(0, len(rows), batch_size)])
+        index = GalleryIndex(embeddings, self.image_ids, model_fingerprint="in-training")
+        references = self.triplets.column("reference_id").to_pylist()
+        texts = [str(t) for t in self.triplets.column("text").to_pylist()]
+        parts = [query_features(model, tokenizer, pixels([self.position[r] for r in references[i:i + batch_size]]),
+                                texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+        joined = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+        features = QueryFeatures(self.triplets.column("sample_id").to_pylist(), **joined)
+        compositor = model.config.compositor
+        queries = variant_queries(features, index, references, compositor)
+        if self.dataset == "cirr":
+            cirr = CirrQueries(self.triplets, index)
+            return {v: cirr.metrics(variant_scores(v, queries, index)) for v in variants}
+        categories = self.gallery.select(["image_id", "category"])
+        return fashioniq_variant_metrics(self.triplets, categories, index, queries, variants)

@@ -1,0 +1,151 @@
+"""Ray Tune sweeps: space files checked at start; a real ASHA sweep of the tiny stage 2 (every trial a Ray Train
+run, scored on validation recall) with its results table and best model; an interrupted sweep resumed without
+rerunning its finished trial."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from detailfusion.config import ConfigError, JobConfig, load_config
+from detailfusion.config import PrepareConfig
+from detailfusion.data.prepare import prepare
+from detailfusion.data.synthetic import write_synthetic
+from detailfusion.model import build_model, load_model, model_fingerprint, save_model
+from detailfusion.tune import SpaceError, SweepSettings, load_space, sweep
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE2 = REPO / "jobs/configs/stage2_tiny.yaml"
+
+
+def write_space(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# -- space files ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gamma", "lr", "hard_negatives", "combined"])
+def test_shipped_spaces_load(name):
+    space = load_space(REPO / "tune_spaces" / f"{name}.yaml", load_config(JobConfig, STAGE2))
+    assert space and all(dist in ("grid", "choice", "uniform", "loguniform") for dist, _ in space.values())
+
+
+@pytest.mark.parametrize("text, message", [
+    ("loss.gamma: {normal: [0, 1]}", "unknown distribution 'normal'"),
+    ("loss.gamma: {uniform: [2.0, 1.0]}", "low < high"),
+    ("optim.lr: {loguniform: [0, 1.0e-3]}", "must be > 0"),
+    ("loss.gama: {grid: [1.0, 2.0]}", "unknown key 'loss.gama'"),
+    ("loss.subset_negatives: {choice: [1, two]}", "expects an integer"),
+    ("workdir: {choice: [a, b]}", "the sweep sets this key itself"),
+    ("loss.gamma: [1, 2]", "expected one distribution"),
+    ("loss.gamma: {grid: []}", "non-empty list"),
+    ("- just a list", "expected a mapping"),
+])
+def test_bad_space_files_are_clear_errors(tmp_path, text, message):
+    path = write_space(tmp_path / "space.yaml", text)
+    with pytest.raises(SpaceError, match=message) as error:
+        load_space(path, load_config(JobConfig, STAGE2))
+    assert str(path) in str(error.value)
+
+
+# -- real sweeps --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stage2(tmp_path_factory, ray_local):
+    """A random tiny model, a feature-cached synthetic CIRR train split and the stage 2 config over them.
+
+    Trials validate on the training split itself: with a few dozen steps that is where a working learning rate
+    and a negligible one differ clearly, which makes ASHA's decisions in the test deterministic."""
+    root = tmp_path_factory.mktemp("sweep")
+    torch.manual_seed(0)
+    model, tokenizer = build_model("tiny")
+    save_model(model, tokenizer, root / "init")
+    write_synthetic("cirr", root / "raw", pairs=400, seed=5, image_size=64)
+    prepare(PrepareConfig(dataset="cirr", root=str(root / "raw"), split="train", out=str(root / "prep"),
+                          cache_vision_features=True, model=str(root / "init")))
+    overrides = [f"workdir={root}", f"data.prepared={root / 'prep'}", f"model.init_from={root / 'init'}",
+                 f"data.val_prepared={root / 'prep'}", "train.log_every=100"]
+    return root, overrides
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_asha_sweep_stops_the_weak_trials_and_exports_the_best(stage2, tmp_path):
+    root, overrides = stage2
+    space = write_space(tmp_path / "lr.yaml", "optim.lr: {grid: [3.0e-3, 1.0e-9, 1.0e-10]}\n")
+    config = load_config(JobConfig, STAGE2, [*overrides, "train.epochs=3"])
+    out = tmp_path / "sweep"
+    rows = sweep(config, SweepSettings(stage=2, space=str(space), out=str(out), scheduler="asha",
+                                       reduction_factor=2, trial_cpus=0.25))
+    table = read_rows(out / "results.csv")
+    assert [r["trial"] for r in table] == [r["trial"] for r in rows] and len(table) == 3
+    best, *rest = table
+    assert best["status"] == "FINISHED" and float(best["optim.lr"]) == 3e-3 and best["epochs"] == "3"
+    assert [r["status"] for r in rest] == ["STOPPED", "STOPPED"] and all(r["early_stopped"] == "True" for r in rest)
+    assert all(int(r["epochs"]) < 3 for r in rest)
+    assert float(best["val_score"]) > max(float(r["val_score"]) for r in rest)
+    # the score is validation recall from the evaluation code, also written by the trial itself
+    validation = read_rows(out / "trials" / best["trial"] / "stage2" / "validation.csv")
+    assert [int(r["epoch"]) for r in validation] == [1, 2, 3]
+    assert float(validation[-1]["val_score"]) == pytest.approx(float(best["val_score"]))
+    assert float(validation[-1]["val/static/Avg"]) == pytest.approx(float(best["val_score"]))
+    # the best model is the best trial's export and loads with from_pretrained
+    assert model_fingerprint(out / "best_model") == model_fingerprint(best["export"])
+    load_model(out / "best_model")
+    assert json.loads((out / "best.json").read_text())["trial"] == best["trial"]
+    markdown = (out / "results.md").read_text()
+    assert "| trial | status | epochs | optim.lr | val_score |" in markdown and "STOPPED" in markdown
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(stage2, tmp_path):
+    root, overrides = stage2
+    space = write_space(tmp_path / "gamma.yaml", "loss.gamma: {grid: [2.0, 1.0]}\n")
+    out = tmp_path / "sweep"
+    args = ["sweep", "--stage", "2", "--space", str(space), "--config", str(STAGE2), "--out", str(out),
+            "--scheduler", "fifo", *[a for o in [*overrides, "train.epochs=1"] for a in ("--set", o)]]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen([sys.executable, "-m", "detailfusion.cli", *args, "--num-cpus", "2"], cwd=REPO, env=env,
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("trials/*/stage2"))) < 2:  # the second trial started: the first is recorded finished
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(1)
+    first.send_signal(signal.SIGINT)  # Ctrl-C on the driver
+    first.wait(timeout=120)
+    done = list(out.glob("trials/*/stage2/DONE"))
+    assert len(done) == 1, (tmp_path / "first.log").read_text()[-3000:]
+    finished = done[0].parent
+    before = (done[0].stat().st_mtime_ns, (finished / "metrics.csv").read_text())
+
+    config = load_config(JobConfig, STAGE2, [*overrides, "train.epochs=1"])
+    rows = sweep(config, SweepSettings(stage=2, space=str(space), out=str(out), scheduler="fifo"))
+    assert sorted(r["status"] for r in rows) == ["FINISHED", "FINISHED"]
+    assert sorted(float(r["loss.gamma"]) for r in rows) == [1.0, 2.0]
+    assert (done[0].stat().st_mtime_ns, (finished / "metrics.csv").read_text()) == before  # not trained again
+    assert len(list(out.glob("trials/*/stage2/DONE"))) == 2 and (out / "best_model" / "config.json").is_file()
+
+
+def test_a_sweep_without_a_validation_split_is_refused(tmp_path):
+    config = load_config(JobConfig, STAGE2)
+    space = write_space(tmp_path / "g.yaml", "loss.gamma: {grid: [1.0]}\n")
+    with pytest.raises(ConfigError, match="data.val_prepared"):
+        sweep(config, SweepSettings(stage=2, space=str(space), out=str(tmp_path / "s")))
+    with pytest.raises(ConfigError, match="--stage 3"):
+        sweep(config, SweepSettings(stage=3, space=str(space), out=str(tmp_path / "s")))
