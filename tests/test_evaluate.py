@@ -16,7 +16,8 @@ from detailfusion.data.synthetic import write_synthetic
 from detailfusion.eval.evaluate import evaluate
 from detailfusion.eval.submission import check_submission, load_submission, score_cirr
 from detailfusion.index import GalleryIndex, IndexMismatch
-from detailfusion.model import model_fingerprint, save_model
+from detailfusion.eval.validate import ValidationSplit
+from detailfusion.model import load_model, model_fingerprint, save_model
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,10 @@ def test_cirr_val_submissions_score_back_to_the_metrics(ray_local, tmp_path, cir
     assert set(result["fusion_weights"]["by_edit_type"]) <= {"recolour", "reshape", "add", "remove", "move", "resize"}
     lines = (out / "fusion_weights.csv").read_text().splitlines()
     assert lines[0] == "sample_id,a_gm,a_di,edit_type" and len(lines) == result["counts"]["queries"] + 1
+    # the in-training validation that scores sweep trials gives the same numbers, in process
+    model, tokenizer = load_model(model_dir)
+    in_training = ValidationSplit(out / "prepared").metrics(model.eval(), tokenizer, ["gm", "di", "static", "afc"])
+    assert {v: pytest.approx(m) for v, m in in_training.items()} == {v: result["variants"][v] for v in in_training}
 
 
 def test_cirr_test1_writes_valid_submissions_and_reuses_the_index(ray_local, tmp_path, cirr_root, model_dir, capsys):

@@ -34,3 +34,12 @@ def test_stage_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
                                                           "model.init_from=runs/x/stage1/model"]))
     assert config.workdir == str(tmp_path / "runs/x") and config.data.prepared == str(tmp_path / "prep/a")
     assert config.model.init_from == str(tmp_path / "runs/x/stage1/model") and config.model.pretrained is None
+
+
+def test_sweep_job_help_and_bad_space(tmp_path):
+    assert run("jobs/sweep.py", "--help").returncode == 0
+    space = tmp_path / "space.yaml"
+    space.write_text("loss.gamma: {normal: [1.0, 2.0]}\n")
+    bad = run("jobs/sweep.py", "--stage", "2", "--space", str(space), "--config", "jobs/configs/stage2_tiny.yaml",
+              "--set", f"data.val_prepared={tmp_path}")
+    assert bad.returncode == 2 and "unknown distribution 'normal'" in bad.stderr and str(space) in bad.stderr

@@ -112,15 +112,16 @@ def test_asha_sweep_stops_the_weak_trials_and_exports_the_best(stage2, tmp_path)
 
 
 @pytest.mark.slow
-def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(stage2, tmp_path):
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(stage2, tmp_path, ray_local):
     root, overrides = stage2
     space = write_space(tmp_path / "gamma.yaml", "loss.gamma: {grid: [2.0, 1.0]}\n")
     out = tmp_path / "sweep"
     args = ["sweep", "--stage", "2", "--space", str(space), "--config", str(STAGE2), "--out", str(out),
             "--scheduler", "fifo", *[a for o in [*overrides, "train.epochs=1"] for a in ("--set", o)]]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # the first run is its own driver process on the session's Ray (as under `ray job submit`), then Ctrl-C
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     log = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen([sys.executable, "-m", "detailfusion.cli", *args, "--num-cpus", "2"], cwd=REPO, env=env,
+    first = subprocess.Popen([sys.executable, "-m", "detailfusion.cli", *args], cwd=REPO, env=env,
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
     while len(list(out.glob("trials/*/stage2"))) < 2:  # the second trial started: the first is recorded finished
