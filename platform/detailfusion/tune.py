@@ -211,7 +211,8 @@ def results_rows(grid, keys: list[str], settings: SweepSettings, epochs: int, tr
         trial = Path(result.path).name  # the trial id (trial_dirname_creator)
         stage_dir = trials_dir / trial / f"stage{settings.stage}"
         export = stage_dir / "model"
-        finished = (export / "config.json").is_file() and (stage_dir / "DONE").is_file()
+        # the last epoch's report comes after the export; ASHA may stop a trial right at that report (its top rung)
+        finished = (export / "config.json").is_file() and ((stage_dir / "DONE").is_file() or iterations >= epochs)
         status = "ERROR" if result.error else ("FINISHED" if finished else "STOPPED")
         rows.append({
             "trial": trial, "status": status, "epochs": iterations,
