@@ -128,6 +128,18 @@ def add_sweep_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (ignored under ray job submit)")
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .config import ServeConfig, apply_override, from_dict
+    from .serving.run import serve_forever
+
+    fields = {k: v for k, v in vars(args).items() if k in ServeConfig.__dataclass_fields__ and v is not None}
+    config = from_dict(ServeConfig, fields, source="detailfusion serve")
+    for item in args.set or []:
+        config = apply_override(config, item)
+    serve_forever(config)
+    return 0
+
+
 def _eval_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--dataset", required=True, choices=["cirr", "fashioniq"])
     command.add_argument("--root", help="dataset root in its original layout (prepared for the model's resolution)")
@@ -220,6 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_sweep_arguments(sw)
     sw.set_defaults(run=_sweep)
+
+    srv = commands.add_parser(
+        "serve", help="Ray Serve retrieval endpoint (POST /search, GET /, /healthz) of a model and its gallery index"
+    )
+    srv.add_argument("--checkpoint", required=True, help="exported model directory (save_pretrained)")
+    srv.add_argument("--index", required=True, help="gallery index built by this model (detailfusion index)")
+    srv.add_argument("--host", help="HTTP address (default 127.0.0.1; 0.0.0.0 for other hosts)")
+    srv.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    srv.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per model replica")
+    srv.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (ignored when joining a cluster)")
+    srv.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="any ServeConfig field, e.g. max_replicas=4, max_batch_size=32, batching=false")
+    srv.set_defaults(run=_serve)
     return parser
 
 

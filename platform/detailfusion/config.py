@@ -144,6 +144,32 @@ class EvalConfig:
     seed: int = 0  # of the random baseline
 
 
+@dataclass(frozen=True)
+class ServeConfig:
+    """``serve``: the retrieval endpoint of an exported model and its gallery index (``detailfusion index``)."""
+
+    checkpoint: str = ""  # exported model directory
+    index: str = ""  # gallery index directory built by this model
+    host: str = "127.0.0.1"  # HTTP proxy address (0.0.0.0 to accept other hosts)
+    port: int = 8000
+    batching: bool = True  # @serve.batch dynamic batching (False: one request per forward pass)
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+    min_replicas: int = 1  # model replicas, autoscaled on ongoing requests
+    max_replicas: int = 2
+    target_ongoing_requests: float | None = None  # per replica; None: the batch size
+    upscale_delay_s: float = 3.0
+    downscale_delay_s: float = 30.0
+    replica_cpus: float = 1.0
+    frontend_cpus: float = 0.25
+    use_gpu: bool = False  # one GPU per model replica
+    max_body_mb: float = 8.0
+    max_image_pixels: int = 40_000_000
+    max_text_chars: int = 300
+    max_top_k: int = 100
+    num_cpus: int | None = None  # CPUs of a local Ray started by `detailfusion serve`
+
+
 # ----------------------------------------------------------------------------------------------------
 # Loading.
 

@@ -30,6 +30,7 @@ class GalleryIndex:
     model_fingerprint: str
     locations: list[str | None] = field(default_factory=list)  # where each image came from (for thumbnails)
     source: dict = field(default_factory=dict)  # dataset, split, prepared dir
+    thumbnails: list[bytes | None] = field(default_factory=list)  # JPEG at the model's resolution (serving)
 
     def __post_init__(self):
         if self.embeddings.ndim != 3 or self.embeddings.shape[0] != len(self.image_ids):
@@ -91,7 +92,10 @@ class GalleryIndex:
         directory.mkdir(parents=True, exist_ok=True)
         save_file({"embeddings": self.embeddings.float().contiguous()}, str(directory / EMBEDDINGS_FILE))
         locations = self.locations or [None] * len(self)
-        pq.write_table(pa.table({"image_id": self.image_ids, "location": locations}), directory / IMAGES_FILE)
+        thumbnails = self.thumbnails or [None] * len(self)
+        table = pa.table({"image_id": self.image_ids, "location": locations,
+                          "thumbnail": pa.array(thumbnails, type=pa.binary())})
+        pq.write_table(table, directory / IMAGES_FILE)
         meta = {"model_fingerprint": self.model_fingerprint, "images": len(self),
                 "shape": list(self.embeddings.shape), "source": self.source}
         (directory / META_FILE).write_text(json.dumps(meta, indent=1))  # last: its presence marks a whole index
@@ -115,6 +119,7 @@ class GalleryIndex:
             model_fingerprint=meta["model_fingerprint"],
             locations=table.column("location").to_pylist(),
             source=meta.get("source", {}),
+            thumbnails=table.column("thumbnail").to_pylist() if "thumbnail" in table.column_names else [],
         )
         if model_fingerprint is not None:
             index.check_model(model_fingerprint, where=f"index {directory}")

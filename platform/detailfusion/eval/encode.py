@@ -9,6 +9,7 @@ the text-only feature and the model's own compositor output, per query.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,16 +63,26 @@ def query_features(model, tokenizer, pixels: torch.Tensor, texts: list[str]) -> 
     return {name: value.float().cpu() for name, value in out.items()}
 
 
+def jpeg_thumbnail(pixels: np.ndarray, quality: int = 90) -> bytes:
+    """uint8 [S, S, 3] -> JPEG bytes (the gallery thumbnails a server shows and takes as references)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
 class GalleryEncoder:
-    """Actor: {image_id, pixels uint8 [B, S, S, 3]} -> {image_id, embedding float32 [B, Nq, 2D]}."""
+    """Actor: {image_id, pixels uint8 [B, S, S, 3]} -> {image_id, embedding float32 [B, Nq, 2D], thumbnail JPEG}."""
 
     def __init__(self, model_dir: str, use_gpu: bool):
         self.model, _, self.device = _load(model_dir, use_gpu)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pixels = torch.from_numpy(np.array(batch["pixels"])).to(self.device, non_blocking=True)
-        embedding = gallery_embeddings(self.model, pixels)
-        return {"image_id": batch["image_id"], "embedding": embedding.float().cpu().numpy()}
+        array = np.array(batch["pixels"])
+        embedding = gallery_embeddings(self.model, torch.from_numpy(array).to(self.device, non_blocking=True))
+        thumbnails = np.array([jpeg_thumbnail(image) for image in array], dtype=object)
+        return {"image_id": batch["image_id"], "embedding": embedding.float().cpu().numpy(), "thumbnail": thumbnails}
 
 
 class QueryEncoder:
@@ -139,7 +150,7 @@ def encode_gallery(prepared_dir: str | Path, model_dir: str | Path, fingerprint:
     order = [row[name] for name in ids]
     return GalleryIndex(
         embeddings=torch.from_numpy(encoded["embedding"][order]), image_ids=ids, model_fingerprint=fingerprint,
-        locations=[location[name] for name in ids],
+        locations=[location[name] for name in ids], thumbnails=[bytes(encoded["thumbnail"][i]) for i in order],
         source={"dataset": manifest["dataset"], "split": manifest["split"], "prepared": str(prepared_dir),
                 "source": manifest["source"], "config_hash": manifest["config_hash"]},
     )

@@ -1,0 +1,154 @@
+"""Loopback load test of the Serve endpoint: batching on vs off, 1 vs 2 model replicas, in one run.
+
+    python benchmarks/serve_load.py --requests 1000 --concurrency 16
+    python benchmarks/serve_load.py --checkpoint runs/tiny/stage3/model --index runs/tiny/index
+
+Every configuration gets the same fixed number of requests (bounded also by --max-seconds) from an aiohttp
+client to 127.0.0.1 only, at a fixed concurrency; it prints QPS, p50/p95/p99 latency and the error counts, then
+the ratio of batching to no batching. Without --checkpoint/--index it makes a random-init tiny model and the
+index of a small synthetic CIRR split in a temporary directory (the speed of serving, not of a trained model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import platform
+import random
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def tiny_model_and_index(root: Path) -> tuple[str, str, list[dict]]:
+    import torch
+
+    from detailfusion.config import EvalConfig
+    from detailfusion.data.synthetic import write_synthetic
+    from detailfusion.eval.evaluate import build_index
+    from detailfusion.model import build_model, save_model
+
+    torch.manual_seed(0)
+    save_model(*build_model("tiny"), root / "model")
+    write_synthetic("cirr", root / "cirr", pairs=300, seed=0, image_size=64)
+    build_index(EvalConfig(dataset="cirr", root=str(root / "cirr"), split="val", checkpoint=str(root / "model"),
+                           out=str(root / "index"), cpus_per_actor=0.5))
+    return str(root / "model"), str(root / "index"), queries_from(root / "cirr", "val")
+
+
+def queries_from(cirr_root: Path, split: str) -> list[dict]:
+    """JSON bodies: each caption's reference image (base64 PNG) + its text."""
+    captions = json.loads((cirr_root / f"captions/cap.rc2.{split}.json").read_text())
+    paths = json.loads((cirr_root / f"image_splits/split.rc2.{split}.json").read_text())
+    return [{"image": base64.b64encode((cirr_root / paths[c["reference"]]).read_bytes()).decode(), "text": c["caption"],
+             "top_k": 10} for c in captions[:64]]
+
+
+async def load(url: str, bodies: list[dict], count: int, concurrency: int, max_seconds: float) -> dict:
+    import aiohttp
+
+    latencies, statuses, failures = [], {}, 0
+    deadline = time.perf_counter() + max_seconds
+    counter = iter(range(count))
+
+    async def worker(session):
+        nonlocal failures
+        for i in counter:
+            if time.perf_counter() > deadline:
+                return
+            start = time.perf_counter()
+            try:
+                async with session.post(url, json=bodies[i % len(bodies)]) as response:
+                    await response.read()
+                    statuses[response.status] = statuses.get(response.status, 0) + 1
+            except aiohttp.ClientError:
+                failures += 1
+                continue
+            latencies.append(time.perf_counter() - start)
+
+    started = time.perf_counter()
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    seconds = time.perf_counter() - started
+    ok = statuses.get(200, 0)
+    quantile = lambda q: 1000 * statistics.quantiles(latencies, n=100)[q - 1] if len(latencies) > 1 else float("nan")  # noqa: E731
+    return {"requests": sum(statuses.values()) + failures, "ok": ok, "seconds": seconds, "qps": ok / seconds,
+            "p50_ms": quantile(50), "p95_ms": quantile(95), "p99_ms": quantile(99),
+            "server_errors": sum(n for s, n in statuses.items() if s >= 500) + failures,
+            "client_errors": sum(n for s, n in statuses.items() if 400 <= s < 500)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--index")
+    parser.add_argument("--cirr-root", help="synthetic or real CIRR root for the query bodies (with --checkpoint)")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--requests", type=int, default=1000, help="per configuration")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-seconds", type=float, default=120.0, help="per configuration")
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--num-cpus", type=int, default=2)
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from detailfusion.config import ServeConfig
+    from detailfusion.serving.app import build_app
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.checkpoint and args.index and args.cirr_root:
+            checkpoint, index, bodies = args.checkpoint, args.index, queries_from(Path(args.cirr_root), args.split)
+        else:
+            ray.init(num_cpus=args.num_cpus, include_dashboard=True)
+            checkpoint, index, bodies = tiny_model_and_index(Path(tmp))
+        if not ray.is_initialized():
+            ray.init(num_cpus=args.num_cpus, include_dashboard=True)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        url = f"http://127.0.0.1:{port}/search"
+        random.seed(0)
+        rows = []
+        for replicas in (1, 2):
+            for batching in (True, False):
+                config = ServeConfig(checkpoint=checkpoint, index=index, port=port, batching=batching,
+                                     max_batch_size=args.max_batch_size, min_replicas=replicas, max_replicas=replicas,
+                                     replica_cpus=0.5, frontend_cpus=0.25)
+                serve.run(build_app(config), name="detailfusion", route_prefix="/")
+                asyncio.run(load(url, bodies, 32, 4, 30))  # warm-up, not counted
+                result = asyncio.run(load(url, bodies, args.requests, args.concurrency, args.max_seconds))
+                rows.append({"replicas": replicas, "batching": batching, **result})
+                print(f"replicas {replicas} batching {'on ' if batching else 'off'}: {result['ok']}/{result['requests']} ok "
+                      f"in {result['seconds']:.1f} s, {result['qps']:.1f} QPS, p50 {result['p50_ms']:.0f} ms, "
+                      f"p95 {result['p95_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms, "
+                      f"{result['server_errors']} server errors, {result['client_errors']} client errors", flush=True)
+        serve.shutdown()
+    print(f"\n{platform.machine()}, {args.num_cpus} CPUs for Ray, concurrency {args.concurrency}, "
+          f"{args.requests} requests per configuration, max batch {args.max_batch_size}\n")
+    print("| replicas | batching | requests | QPS | p50 ms | p95 ms | p99 ms | server errors |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['replicas']} | {'on' if r['batching'] else 'off'} | {r['requests']} | {r['qps']:.1f} | "
+              f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['server_errors']} |")
+    for replicas in (1, 2):
+        on, off = (next(r for r in rows if r["replicas"] == replicas and r["batching"] == b) for b in (True, False))
+        print(f"batching / no batching QPS, {replicas} replica(s): {on['qps'] / off['qps']:.2f}x")
+    total = sum(r["requests"] for r in rows)
+    errors = sum(r["server_errors"] for r in rows)
+    print(f"total {total} requests, {errors} server errors")
+
+
+if __name__ == "__main__":
+    main()

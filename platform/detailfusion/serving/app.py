@@ -1,0 +1,200 @@
+"""The Ray Serve retrieval app: a FastAPI ingress (``Frontend``) in front of an autoscaled, dynamically batched
+model deployment (``Retriever``) that holds the exported model and its gallery index in memory.
+
+HTTP (all errors are ``{"error": {"code", "message"}}`` with a 4xx status; the server keeps serving):
+- ``POST /search``: a reference image (multipart ``image`` file, or base64 ``image`` in JSON, or a gallery
+  ``reference_id``) + ``text`` + ``top_k`` -> ``{"results": [{"image_id", "score"}], "weights": {"gm", "di"}}``.
+- ``GET /healthz``, ``GET /gallery?offset=&limit=``, ``GET /thumbnails/{image_id}`` (JPEG from the index),
+  ``GET /`` the search page.
+
+``app_builder(args)`` is the import path for ``serve run`` / ``serve deploy`` (``serve/config.yaml``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+
+from ..config import ServeConfig, from_dict
+from .queries import Limits, RequestError, SearchQuery, check_content_length, parse_fields, parse_json
+
+logger = logging.getLogger("ray.serve")
+api = FastAPI(title="DetailFusion composed image retrieval")
+
+
+@serve.deployment
+class Retriever:
+    """Model + gallery index; ``search`` calls are batched (``@serve.batch``) into one forward pass."""
+
+    def __init__(self, checkpoint: str, index: str, max_batch_size: int, batch_wait_timeout_s: float, use_gpu: bool):
+        import torch
+
+        from ..index import GalleryIndex
+        from ..model import load_model, model_fingerprint
+
+        self.torch = torch
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        model, self.tokenizer = load_model(checkpoint)
+        self.model = model.to(self.device).eval()
+        self.index = GalleryIndex.load(index, model_fingerprint(checkpoint))  # refuses another model's index
+        self.static_weights = list(model.config.static_weights)
+        self.search_batch.set_max_batch_size(max_batch_size)
+        self.search_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    async def search(self, query: dict) -> dict:
+        return await self.search_batch(query)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def search_batch(self, queries: list[dict]) -> list[dict]:
+        """queries: {pixels uint8 [S, S, 3], text, top_k} each -> {results, weights, batch_size}."""
+        from ..eval.encode import query_features
+
+        pixels = self.torch.from_numpy(np.stack([q["pixels"] for q in queries])).to(self.device)
+        features = query_features(self.model, self.tokenizer, pixels, [q["text"] for q in queries])
+        k = max(q["top_k"] for q in queries)
+        scores, rows = self.index.search(features["unified"], k)
+        out = []
+        for q, score_row, index_row, weights in zip(queries, scores.tolist(), rows.tolist(), features["weights"].tolist()):
+            if any(w != w for w in weights):  # NaN: a compositor without per-query weights (static)
+                weights = self.static_weights
+            results = [{"image_id": self.index.image_ids[i], "score": round(s, 6)}
+                       for s, i in zip(score_row[:q["top_k"]], index_row[:q["top_k"]])]
+            out.append({"results": results, "weights": {"gm": weights[0], "di": weights[1]},
+                        "batch_size": len(queries)})
+        return out
+
+
+@serve.deployment
+@serve.ingress(api)
+class Frontend:
+    """HTTP: parses and checks requests, answers errors, serves the page and thumbnails; forwards searches."""
+
+    def __init__(self, retriever, checkpoint: str, index: str, limits: dict):
+        import pyarrow.parquet as pq
+
+        from ..index import IMAGES_FILE
+
+        self.retriever = retriever
+        self.limits = Limits(**limits)
+        config = json.loads((Path(checkpoint) / "config.json").read_text())
+        self.image_size = config["vision_config"]["image_size"]
+        table = pq.read_table(Path(index) / IMAGES_FILE)
+        self.image_ids = table.column("image_id").to_pylist()
+        thumbnails = table.column("thumbnail").to_pylist() if "thumbnail" in table.column_names else []
+        self.thumbnails = {i: t for i, t in zip(self.image_ids, thumbnails) if t}
+        self.page = resources.files("detailfusion.serving").joinpath("static/index.html").read_text()
+
+    @api.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok", "gallery": len(self.image_ids), "image_size": self.image_size}
+
+    @api.get("/", response_class=HTMLResponse)
+    def page(self) -> str:
+        return self.page
+
+    @api.get("/gallery")
+    def gallery(self, offset: int = 0, limit: int = 24) -> dict:
+        limit = max(0, min(limit, 200))
+        return {"total": len(self.image_ids), "images": self.image_ids[max(0, offset):max(0, offset) + limit]}
+
+    @api.get("/thumbnails/{image_id}")
+    def thumbnail(self, image_id: str) -> Response:
+        data = self.thumbnails.get(image_id)
+        if data is None:
+            return error(RequestError(404, "unknown_image", f"no thumbnail for image {image_id!r}"))
+        return Response(content=data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @api.post("/search")
+    async def search(self, request: Request) -> Response:
+        try:
+            query = await self._query(request)
+            pixels = query.pixels if query.pixels is not None else self._reference_pixels(query.reference_id)
+            result = await self.retriever.search.remote({"pixels": pixels, "text": query.text, "top_k": query.top_k})
+            return JSONResponse(result)
+        except RequestError as exc:
+            return error(exc)
+        except Exception:  # noqa: BLE001  (logged server-side; the client gets no internals)
+            logger.exception("search failed")
+            return error(RequestError(500, "internal", "internal error"))
+
+    async def _query(self, request: Request) -> SearchQuery:
+        check_content_length(request.headers.get("content-length"), self.limits)
+        body = await read_body(request, self.limits.max_body_bytes)
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "application/json":
+            return parse_json(body, self.image_size, len(self.image_ids), self.limits)
+        if kind == "multipart/form-data":
+            from starlette.formparsers import MultiPartException, MultiPartParser
+
+            async def stream():
+                yield body
+
+            try:
+                form = await MultiPartParser(request.headers, stream()).parse()
+            except MultiPartException as exc:
+                raise RequestError(400, "bad_multipart", f"malformed multipart body: {exc.message}") from None
+            fields = {k: v for k, v in form.items() if isinstance(v, str)}
+            upload = form.get("image")
+            image = await upload.read() if upload is not None and not isinstance(upload, str) else None
+            return parse_fields(fields, image, self.image_size, len(self.image_ids), self.limits)
+        raise RequestError(415, "unsupported_media_type",
+                           f"content type {kind or 'none'!r}: send multipart/form-data or application/json")
+
+    def _reference_pixels(self, image_id: str) -> np.ndarray:
+        from PIL import Image
+
+        data = self.thumbnails.get(image_id)
+        if data is None:
+            raise RequestError(404, "unknown_reference", f"reference_id {image_id!r} is not a gallery image with a thumbnail")
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        if image.size != (self.image_size, self.image_size):
+            image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
+        return np.asarray(image, dtype=np.uint8)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it grows past ``limit`` bytes (also without a Content-Length)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def error(exc: RequestError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def build_app(config: ServeConfig):
+    """The Serve application of ``config`` (checkpoint + index; batching, autoscaling and limits)."""
+    for path, what in ((Path(config.checkpoint) / "config.json", "checkpoint"), (Path(config.index) / "index.json", "index")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} {getattr(config, what)!r}: {path.name} not found (give an exported model "
+                                    "directory and a `detailfusion index` directory)")
+    batch = config.max_batch_size if config.batching else 1
+    retriever = Retriever.options(
+        max_ongoing_requests=max(2 * batch, 2),
+        autoscaling_config={"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
+                            "target_ongoing_requests": config.target_ongoing_requests or batch,
+                            "upscale_delay_s": config.upscale_delay_s, "downscale_delay_s": config.downscale_delay_s},
+        ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": 1 if config.use_gpu else 0},
+    ).bind(config.checkpoint, config.index, batch, config.batch_wait_timeout_s, config.use_gpu)
+    limits = {"max_body_bytes": int(config.max_body_mb * 1024 * 1024), "max_image_pixels": config.max_image_pixels,
+              "max_text_chars": config.max_text_chars, "max_top_k": config.max_top_k}
+    return Frontend.options(ray_actor_options={"num_cpus": config.frontend_cpus}, max_ongoing_requests=256).bind(
+        retriever, config.checkpoint, config.index, limits)
+
+
+def app_builder(args: dict):
+    """``serve run detailfusion.serving.app:app_builder checkpoint=... index=...`` (args are ServeConfig keys)."""
+    return build_app(from_dict(ServeConfig, dict(args), source="serve application args"))
