@@ -90,10 +90,13 @@ def search_multipart(url, image: bytes, text, top_k=5, **fields):
 
 
 def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width x height`` pixels (a decompression bomb's signature), no pixel data."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = b"IHDR" + ihdr
-    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    """A small PNG whose header claims ``width x height`` pixels (a decompression bomb's signature)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))
 
 
 def test_a_learned_query_comes_back_first(server, trained):

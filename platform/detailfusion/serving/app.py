@@ -8,9 +8,9 @@ HTTP (all errors are ``{"error": {"code", "message"}}`` with a 4xx status; the s
   ``GET /`` the search page.
 
 ``app_builder(args)`` is the import path for ``serve run`` / ``serve deploy`` (``serve/config.yaml``).
+No ``from __future__ import annotations`` here (FastAPI reads the handlers' annotations at runtime), and the
+helpers come before the ingress class: ``serve.ingress`` pickles the handlers when the class is defined.
 """
-
-from __future__ import annotations
 
 import io
 import json
@@ -28,6 +28,21 @@ from .queries import Limits, RequestError, SearchQuery, check_content_length, pa
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="DetailFusion composed image retrieval")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it grows past ``limit`` bytes (also without a Content-Length)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def error(exc: RequestError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
 
 
 @serve.deployment
@@ -158,21 +173,6 @@ class Frontend:
         if image.size != (self.image_size, self.image_size):
             image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
         return np.asarray(image, dtype=np.uint8)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused (413) as soon as it grows past ``limit`` bytes (also without a Content-Length)."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def error(exc: RequestError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
 
 
 def build_app(config: ServeConfig):
