@@ -1,0 +1,47 @@
+"""serve/config.yaml is a valid Serve deploy config (Ray's own schema) whose app args are ServeConfig keys, and
+the request checks of the endpoint, without a server."""
+
+import base64
+from pathlib import Path
+
+import pytest
+import yaml
+
+from detailfusion.config import ServeConfig, from_dict
+from detailfusion.serving.queries import Limits, RequestError, parse_json
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_serve_config_yaml_validates_with_rays_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    (app,) = schema.applications
+    assert app.import_path == "detailfusion.serving.app:app_builder"
+    config = from_dict(ServeConfig, app.args, source="serve/config.yaml")
+    assert config.min_replicas <= config.max_replicas
+
+
+@pytest.mark.parametrize("body, status, code", [
+    (b"[1, 2]", 400, "bad_json"),
+    (b'{"text": "x", "top_k": true, "reference_id": "a"}', 422, "bad_top_k"),
+    (b'{"text": "x", "top_k": "3", "reference_id": "a", "image": "aGk="}', 422, "ambiguous_reference"),
+])
+def test_json_requests_are_checked(body, status, code):
+    with pytest.raises(RequestError) as error:
+        parse_json(body, size=64, gallery_size=10, limits=Limits())
+    assert (error.value.status, error.value.code) == (status, code)
+
+
+def test_a_data_url_image_is_accepted(tmp_path):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    query = parse_json(f'{{"image": "{url}", "text": " make it blue ", "top_k": "3"}}'.encode(), 64, 10, Limits())
+    assert query.pixels.shape == (64, 64, 3) and query.text == "make it blue" and query.top_k == 3
