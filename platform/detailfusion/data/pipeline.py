@@ -136,10 +136,11 @@ def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, 
     )
 
 
-def iter_worker_batches(batch_size: int, device=None, dataset: str = "train") -> Iterator[dict]:
-    """Inside ``train_loop_per_worker``: this rank's shard as torch batches of ``batch_size`` (drop_last)."""
+def iter_worker_batches(batch_size: int, device=None, dataset: str = "train", pin_memory: bool = False) -> Iterator[dict]:
+    """Inside ``train_loop_per_worker``: this rank's shard as torch batches of ``batch_size`` (drop_last), on the
+    worker's device (Ray Data's default), staged in pinned host memory with ``pin_memory`` (GPU workers)."""
     import ray.train
 
     shard = ray.train.get_dataset_shard(dataset)
     kwargs = {"device": device} if device is not None else {}
-    yield from shard.iter_torch_batches(batch_size=batch_size, drop_last=True, **kwargs)
+    yield from shard.iter_torch_batches(batch_size=batch_size, drop_last=True, pin_memory=pin_memory, **kwargs)

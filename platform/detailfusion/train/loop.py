@@ -145,7 +145,7 @@ class StageRecipe:
         return out
 
     def _batches(self):
-        for batch in iter_worker_batches(self.micro_batch):
+        for batch in iter_worker_batches(self.micro_batch, pin_memory=self.device.type == "cuda"):
             yield self._to_device(batch)
 
     def _epoch_batches(self, batches, epoch: int):
