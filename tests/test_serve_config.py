@@ -45,3 +45,19 @@ def test_a_data_url_image_is_accepted(tmp_path):
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     query = parse_json(f'{{"image": "{url}", "text": " make it blue ", "top_k": "3"}}'.encode(), 64, 10, Limits())
     assert query.pixels.shape == (64, 64, 3) and query.text == "make it blue" and query.top_k == 3
+
+
+def test_an_index_of_another_model_is_refused_before_serving(tmp_path, tiny):
+    import torch
+
+    from detailfusion.index import GalleryIndex, IndexMismatch
+    from detailfusion.model import save_model
+    from detailfusion.serving.app import build_app
+
+    model, tokenizer = tiny
+    save_model(model, tokenizer, tmp_path / "model")
+    GalleryIndex(torch.zeros(2, 8, 64), ["a", "b"], model_fingerprint="another-model").save(tmp_path / "index")
+    with pytest.raises(IndexMismatch, match="rebuild it with `detailfusion index`"):
+        build_app(ServeConfig(checkpoint=str(tmp_path / "model"), index=str(tmp_path / "index")))
+    with pytest.raises(FileNotFoundError, match="index .*index.json not found"):
+        build_app(ServeConfig(checkpoint=str(tmp_path / "model"), index=str(tmp_path / "nowhere")))

@@ -181,6 +181,13 @@ def build_app(config: ServeConfig):
         if not path.is_file():
             raise FileNotFoundError(f"{what} {getattr(config, what)!r}: {path.name} not found (give an exported model "
                                     "directory and a `detailfusion index` directory)")
+    from ..index import META_FILE, IndexMismatch
+    from ..model import model_fingerprint
+
+    built_by = json.loads((Path(config.index) / META_FILE).read_text())["model_fingerprint"]
+    if built_by != model_fingerprint(config.checkpoint):  # refused here, before any replica starts
+        raise IndexMismatch(f"index {config.index} was built by model {built_by}, not by {config.checkpoint}; "
+                            "rebuild it with `detailfusion index` and this checkpoint")
     batch = config.max_batch_size if config.batching else 1
     retriever = Retriever.options(
         max_ongoing_requests=max(2 * batch, 2),
