@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
@@ -50,12 +51,9 @@ class Retriever:
     """Model + gallery index; ``search`` calls are batched (``@serve.batch``) into one forward pass."""
 
     def __init__(self, checkpoint: str, index: str, max_batch_size: int, batch_wait_timeout_s: float, use_gpu: bool):
-        import torch
-
         from ..index import GalleryIndex
         from ..model import load_model, model_fingerprint
 
-        self.torch = torch
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         model, self.tokenizer = load_model(checkpoint)
         self.model = model.to(self.device).eval()
@@ -72,7 +70,7 @@ class Retriever:
         """queries: {pixels uint8 [S, S, 3], text, top_k} each -> {results, weights, batch_size}."""
         from ..eval.encode import query_features
 
-        pixels = self.torch.from_numpy(np.stack([q["pixels"] for q in queries])).to(self.device)
+        pixels = torch.from_numpy(np.stack([q["pixels"] for q in queries])).to(self.device)
         features = query_features(self.model, self.tokenizer, pixels, [q["text"] for q in queries])
         k = max(q["top_k"] for q in queries)
         scores, rows = self.index.search(features["unified"], k)

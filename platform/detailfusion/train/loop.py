@@ -60,6 +60,7 @@ class StageRecipe:
             self.model, self.config.train, self.config.optim, self.world_size, self.total_steps
         )
         self.step, self.epoch, self.skip_batches = 0, 0, 0
+        self.validation_split = None  # data.val_prepared, loaded on rank 0 at the first validation
         self._resume()
 
     def _resume(self) -> None:
@@ -125,7 +126,7 @@ class StageRecipe:
 
         if self.rank != 0:
             return {}
-        if not hasattr(self, "validation_split"):
+        if self.validation_split is None:
             self.validation_split = ValidationSplit(self.config.data.val_prepared)
         model = self.engine.module
         main = stage_variant(self.spec.number, model.config.compositor)
