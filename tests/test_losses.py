@@ -90,34 +90,45 @@ def test_gather_is_identity_on_one_process():
 
 
 def _global_batch(seed=0, batch=4):
+    """Features of a global batch of 4 queries: DI query/targets/references/subset negatives, GM, unified."""
     g = torch.Generator().manual_seed(seed)
-    norm = torch.nn.functional.normalize
-    return (norm(torch.randn(batch, 8, generator=g), dim=-1), norm(torch.randn(batch, 3, 8, generator=g), dim=-1),
-            norm(torch.randn(batch, 3, 8, generator=g), dim=-1))
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(batch, *shape, generator=g), dim=-1)  # noqa: E731
+    return {"q_di": unit(8), "t_di": unit(3, 8), "r_di": unit(3, 8), "s_di": unit(2, 3, 8), "q_gm": unit(8),
+            "t_gm": unit(3, 8), "q_u": unit(8), "t_u": unit(3, 8)}
+
+
+def _all_losses(x, gather):
+    """L_DI (own + batch references, 2 subset negatives, weight 2) + 2 L_GM, then + L_C: stages 2 and 3 at once."""
+    tau = torch.tensor(0.5)
+    detail = DetailLoss(hard_negative_scale=2.0, batch_reference_negatives=True, gather=gather)
+    joint = JointLoss(detail, ContrastiveLoss(gather=gather), gamma=2.0)(
+        gm=dict(query=x["q_gm"], targets=x["t_gm"], temperature=tau),
+        di=dict(query=x["q_di"], targets=x["t_di"], temperature=tau, references=x["r_di"], subset_negatives=x["s_di"]))
+    return joint["loss"] + ContrastiveLoss(gather=gather)(x["q_u"], x["t_u"], tau)["loss"]
 
 
 def _rank_worker(rank, world_size, init_file, results, gather):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    q, t, r = _global_batch()
     shard = slice(rank * 2, rank * 2 + 2)
-    q, t, r = (x[shard].clone().requires_grad_(True) for x in (q, t, r))
-    loss = DetailLoss(batch_reference_negatives=True, gather=gather)(q, t, torch.tensor(0.5), references=r)["loss"]
+    x = {k: v[shard].clone().requires_grad_(True) for k, v in _global_batch().items()}
+    loss = _all_losses(x, gather)
     loss.backward()
-    results[rank] = (loss.item(), q.grad.clone(), t.grad.clone(), r.grad.clone())
+    results[rank] = (loss.item(), {k: v.grad.clone() for k, v in x.items()})
     torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("gather", [True, False])
 def test_two_ranks_see_the_global_batch_only_with_the_gather(tmp_path, gather):
-    q, t, r = (x.clone().requires_grad_(True) for x in _global_batch())
-    full = DetailLoss(batch_reference_negatives=True)(q, t, torch.tensor(0.5), references=r)["loss"]
+    """2 processes (gloo) with half the batch each == 1 process with all of it, for L_GM, L_DI and L_C together:
+    the mean of the ranks' losses equals the global loss and the averaged gradients equal its gradients."""
+    x = {k: v.clone().requires_grad_(True) for k, v in _global_batch().items()}
+    full = _all_losses(x, gather=True)  # one process: nothing to gather
     full.backward()
     results = mp.Manager().dict()
     mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), results, gather), nprocs=2, join=True)
     mean_loss = (results[0][0] + results[1][0]) / 2
     # each rank's gradient on its shard is world_size x the global-batch gradient (ranks then average)
-    grads = [torch.cat([results[0][i], results[1][i]]) / 2 for i in (1, 2, 3)]
-    same = math.isclose(mean_loss, full.item(), abs_tol=1e-6) and all(
-        torch.allclose(g, x.grad, atol=1e-6) for g, x in zip(grads, (q, t, r))
-    )
-    assert same == gather
+    grads = {k: torch.cat([results[0][1][k], results[1][1][k]]) / 2 for k in x}
+    same_loss = math.isclose(mean_loss, full.item(), abs_tol=1e-6)
+    same_grads = all(torch.allclose(grads[k], x[k].grad, atol=1e-6) for k in x)
+    assert same_loss == gather and same_grads == gather

@@ -155,6 +155,19 @@ def _eval_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--set", action="append", metavar="KEY=VALUE", help="any EvalConfig field")
 
 
+def _local_cluster(args: argparse.Namespace) -> int:
+    from . import local_cluster
+
+    if args.action == "up":
+        print(f"starting {args.hosts} hosts under {args.dir} ...", flush=True)
+        cluster = local_cluster.up(args.dir, hosts=args.hosts, cpus_per_host=args.cpus_per_host, subnet=args.subnet,
+                                   object_store_mb=args.object_store_mb)
+        print(local_cluster.usage(cluster))
+    else:
+        local_cluster.down(args.dir)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detailfusion", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -245,6 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="any ServeConfig field, e.g. max_replicas=4, max_batch_size=32, batching=false")
     srv.set_defaults(run=_serve)
+
+    lc = commands.add_parser(
+        "local-cluster", help="a multi-host Ray cluster on this machine (network namespaces; root, Linux) for testing"
+    )
+    lc.add_argument("action", choices=["up", "down"], help="up: make the hosts and start Ray; down: remove all of it")
+    lc.add_argument("--dir", required=True, help="cluster directory (cluster.json, token, Ray temp dirs); keep it short")
+    lc.add_argument("--hosts", type=int, default=2, help="hosts (network namespaces), the head on the first (2)")
+    lc.add_argument("--cpus-per-host", type=float, default=2, help="CPUs each host offers Ray (2)")
+    lc.add_argument("--subnet", default="10.77.0", help="first three octets of the hosts' private /24 (10.77.0)")
+    lc.add_argument("--object-store-mb", type=int, default=200, help="object store per host in MiB (200)")
+    lc.set_defaults(run=_local_cluster)
     return parser
 
 

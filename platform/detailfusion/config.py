@@ -81,6 +81,7 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # of workers over nodes
     seed: int = 0
     checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of every epoch
     keep_checkpoints: int = 2  # best N by loss (plus the latest)
@@ -160,6 +161,8 @@ class ServeConfig:
     target_ongoing_requests: float | None = None  # per replica; None: the batch size
     upscale_delay_s: float = 3.0
     downscale_delay_s: float = 30.0
+    look_back_period_s: float = 30.0  # window the autoscaler averages ongoing requests over
+    max_replicas_per_node: int | None = None  # 1: every model replica on its own node (spread over hosts)
     replica_cpus: float = 1.0
     frontend_cpus: float = 0.25
     use_gpu: bool = False  # one GPU per model replica

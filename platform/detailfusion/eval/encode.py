@@ -73,16 +73,21 @@ def jpeg_thumbnail(pixels: np.ndarray, quality: int = 90) -> bytes:
 
 
 class GalleryEncoder:
-    """Actor: {image_id, pixels uint8 [B, S, S, 3]} -> {image_id, embedding float32 [B, Nq, 2D], thumbnail JPEG}."""
+    """Actor: {image_id, pixels uint8 [B, S, S, 3]} -> {image_id, embedding float32 [B, Nq, 2D], thumbnail JPEG,
+    node_ip (where it was encoded)}."""
 
     def __init__(self, model_dir: str, use_gpu: bool):
+        import ray
+
         self.model, _, self.device = _load(model_dir, use_gpu)
+        self.node_ip = ray.util.get_node_ip_address()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         array = np.array(batch["pixels"])
         embedding = gallery_embeddings(self.model, torch.from_numpy(array).to(self.device, non_blocking=True))
         thumbnails = np.array([jpeg_thumbnail(image) for image in array], dtype=object)
-        return {"image_id": batch["image_id"], "embedding": embedding.float().cpu().numpy(), "thumbnail": thumbnails}
+        return {"image_id": batch["image_id"], "embedding": embedding.float().cpu().numpy(), "thumbnail": thumbnails,
+                "node_ip": np.array([self.node_ip] * len(array))}
 
 
 class QueryEncoder:
@@ -115,8 +120,17 @@ class QueryFeatures:
 def _pool_kwargs(options: EncodeOptions) -> dict:
     from ray.data import ActorPoolStrategy
 
-    return dict(compute=ActorPoolStrategy(size=options.actors), num_cpus=options.cpus_per_actor, num_gpus=1 if options.use_gpu else 0,
-                batch_size=options.batch_size, batch_format="numpy")
+    return dict(compute=ActorPoolStrategy(size=options.actors), num_cpus=options.cpus_per_actor,
+                num_gpus=1 if options.use_gpu else 0, batch_size=options.batch_size, batch_format="numpy",
+                scheduling_strategy="SPREAD")  # actors over as many nodes as the cluster has
+
+
+def _over_the_pool(dataset, options: EncodeOptions):
+    """Blocks of at most one batch (a block is never split between actors: a one-file gallery would otherwise go to
+    one actor), and the work held back until the whole pool is up (else the first actor ready takes it all)."""
+    spread = dataset.repartition(target_num_rows_per_block=options.batch_size)
+    spread.context.wait_for_min_actors_s = 600  # (each dataset holds its own context) fails when the pool cannot start
+    return spread
 
 
 def _collect(dataset, key: str) -> dict[str, np.ndarray]:
@@ -142,17 +156,19 @@ def encode_gallery(prepared_dir: str | Path, model_dir: str | Path, fingerprint:
     ids = list(dict.fromkeys(gallery.column("image_id").to_pylist()))
     location = dict(zip(gallery.column("image_id").to_pylist(), gallery.column("location").to_pylist()))
     images = ray.data.read_parquet(str(Path(prepared_dir) / "images")).select_columns(["image_id", "pixels"])
-    encoded = _collect(images.map_batches(GalleryEncoder, fn_constructor_args=(str(model_dir), options.use_gpu),
-                                          **_pool_kwargs(options)), "embedding")
+    encoder = dict(fn_constructor_args=(str(model_dir), options.use_gpu), **_pool_kwargs(options))
+    encoded = _collect(_over_the_pool(images, options).map_batches(GalleryEncoder, **encoder), "embedding")
     if not len(encoded):
         raise ValueError(f"{prepared_dir}: no images to encode")
     row = {str(name): i for i, name in enumerate(encoded["image_id"])}
+    nodes, counts = np.unique(encoded["node_ip"].astype(str), return_counts=True)
     order = [row[name] for name in ids]
     return GalleryIndex(
         embeddings=torch.from_numpy(encoded["embedding"][order]), image_ids=ids, model_fingerprint=fingerprint,
         locations=[location[name] for name in ids], thumbnails=[bytes(encoded["thumbnail"][i]) for i in order],
         source={"dataset": manifest["dataset"], "split": manifest["split"], "prepared": str(prepared_dir),
-                "source": manifest["source"], "config_hash": manifest["config_hash"]},
+                "source": manifest["source"], "config_hash": manifest["config_hash"],
+                "encoded_on": {str(n): int(c) for n, c in zip(nodes, counts)}},  # node IP -> images encoded there
     )
 
 
@@ -162,9 +178,8 @@ def encode_queries(prepared_dir: str | Path, model_dir: str | Path, triplets,
     import ray
 
     rows = ray.data.from_arrow(triplets.select(["sample_id", "reference_id", "text"]))
-    encoded = _collect(rows.map_batches(QueryEncoder, fn_constructor_args=(str(model_dir), str(prepared_dir),
-                                                                           options.use_gpu), **_pool_kwargs(options)),
-                       "unified")
+    encoder = dict(fn_constructor_args=(str(model_dir), str(prepared_dir), options.use_gpu), **_pool_kwargs(options))
+    encoded = _collect(_over_the_pool(rows, options).map_batches(QueryEncoder, **encoder), "unified")
     wanted = triplets.column("sample_id").to_pylist()
     position = {str(s): i for i, s in enumerate(encoded["sample_id"])}
     order = [position[s] for s in wanted]

@@ -72,8 +72,9 @@ def gallery_index(config: EvalConfig, prepared: Path, fingerprint: str, director
     index = encode_gallery(prepared, config.checkpoint, fingerprint, _options(config))
     index.save(directory)
     seconds = time.perf_counter() - start
+    nodes = ", ".join(f"{ip}: {n}" for ip, n in index.source["encoded_on"].items())
     print(f"index: encoded {len(index)} gallery images in {seconds:.1f} s ({len(index) / seconds:.0f} images/s) "
-          f"-> {directory}", flush=True)
+          f"on {len(index.source['encoded_on'])} node(s) ({nodes}) -> {directory}", flush=True)
     return index
 
 

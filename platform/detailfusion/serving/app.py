@@ -189,9 +189,11 @@ def build_app(config: ServeConfig):
     batch = config.max_batch_size if config.batching else 1
     retriever = Retriever.options(
         max_ongoing_requests=max(2 * batch, 2),
+        **({"max_replicas_per_node": config.max_replicas_per_node} if config.max_replicas_per_node else {}),
         autoscaling_config={"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
                             "target_ongoing_requests": config.target_ongoing_requests or batch,
-                            "upscale_delay_s": config.upscale_delay_s, "downscale_delay_s": config.downscale_delay_s},
+                            "upscale_delay_s": config.upscale_delay_s, "downscale_delay_s": config.downscale_delay_s,
+                            "look_back_period_s": config.look_back_period_s},
         ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": 1 if config.use_gpu else 0},
     ).bind(config.checkpoint, config.index, batch, config.batch_wait_timeout_s, config.use_gpu)
     limits = {"max_body_bytes": int(config.max_body_mb * 1024 * 1024), "max_image_pixels": config.max_image_pixels,

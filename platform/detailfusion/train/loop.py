@@ -11,6 +11,7 @@ Stage 3 encodes its split once with the frozen branches and then trains the comp
 from __future__ import annotations
 
 import csv
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -61,7 +62,25 @@ class StageRecipe:
         )
         self.step, self.epoch, self.skip_batches = 0, 0, 0
         self.validation_split = None  # data.val_prepared, loaded on rank 0 at the first validation
+        self._record_placement()
         self._resume()
+
+    def _record_placement(self) -> None:
+        """Every rank's node into ``workers.json`` of the stage dir (collective: all ranks call it), logged once."""
+        import socket
+
+        import ray
+
+        here = {"rank": self.rank, "node_ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(),
+                "device": str(self.device)}
+        placement = [here]
+        if self.world_size > 1:
+            placement = [None] * self.world_size
+            torch.distributed.all_gather_object(placement, here)
+        if self.rank == 0:  # one writer; the gather above is the collective
+            (Path(self.run_facts["stage_dir"]) / "workers.json").write_text(json.dumps(placement, indent=2) + "\n")
+            nodes = sorted({p["node_ip"] for p in placement})
+            self._log(f"{self.world_size} rank(s) on {len(nodes)} node(s): {', '.join(nodes)}")
 
     def _resume(self) -> None:
         import ray.train

@@ -155,7 +155,8 @@ def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir:
         train_loop_per_worker,
         train_loop_config={"job": to_dict(config), "run": run},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
-                                     resources_per_worker={"CPU": train.cpus_per_worker}),
+                                     resources_per_worker={"CPU": train.cpus_per_worker},
+                                     placement_strategy=train.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         datasets={"train": dataset},
         run_config=RunConfig(
