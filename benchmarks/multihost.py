@@ -1,7 +1,8 @@
 """Tiny stage 2 with 2 Ray Train workers on 1 host vs 2 hosts, in the same run, on a local 2-host cluster
 (`detailfusion local-cluster`: network namespaces, root on Linux). Prints samples/s of each, the ratio, and the
-bytes that crossed the hosts' links per optimizer step (every host's veth, both directions; the 1-host run's
-figure is the cluster's background traffic: heartbeats, metrics, logs).
+bytes on the hosts' links per optimizer step (sent + received on every host's veth: a byte from one host to the
+other is counted on both links; the 1-host run's figure is the traffic that is not the collectives: data blocks
+from the other host, heartbeats, metrics, logs).
 
     python benchmarks/multihost.py [--pairs 256] [--epochs 3] [--batch 16] [--dir /tmp/dfbench]
 """
