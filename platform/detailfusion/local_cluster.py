@@ -79,17 +79,13 @@ class LocalCluster:
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path,
                 "GLOO_SOCKET_IFNAME": self.socket_ifname, "NCCL_SOCKET_IFNAME": self.socket_ifname}
 
-    def driver_env(self) -> dict[str, str]:
-        """Environment of a driver on a host: ``ray.init()`` / ``init_ray()`` join the cluster through RAY_ADDRESS."""
-        return {**self.ray_env(), "RAY_ADDRESS": self.head_address}
-
     def on_host(self, index: int, argv: list[str], env: dict[str, str] | None = None) -> list[str]:
         """``argv`` run inside host ``index``'s namespace with the cluster's Ray environment (plus ``env``)."""
         pairs = [f"{k}={v}" for k, v in {**self.ray_env(), **(env or {})}.items()]
         return ["ip", "netns", "exec", self.hosts[index].netns, "env", *pairs, *argv]
 
     def link_bytes(self) -> int:
-        """Bytes sent and received so far on every host's link (the traffic that crossed between hosts)."""
+        """Bytes sent + received so far on every host's link (host-to-host traffic counts once on each link)."""
         total = 0
         for host in self.hosts:
             stats = Path("/sys/class/net") / host.link / "statistics"
@@ -120,7 +116,7 @@ def up(directory: str | Path, hosts: int = 2, cpus_per_host: float = 2, subnet: 
     cluster = _describe(directory, hosts, cpus_per_host, subnet, object_store_mb)
     try:
         _write_token(Path(cluster.token_path))
-        _make_network(cluster, subnet)
+        _make_network(cluster)
         for index in range(hosts):
             start_host(cluster, index)
         (directory / "cluster.json").write_text(json.dumps(asdict(cluster), indent=2) + "\n")
@@ -267,7 +263,7 @@ def _write_token(path: Path) -> None:
     path.chmod(0o600)
 
 
-def _make_network(cluster: LocalCluster, subnet: str) -> None:
+def _make_network(cluster: LocalCluster) -> None:
     _ip("link", "add", cluster.bridge, "type", "bridge")
     _ip("addr", "add", f"{cluster.bridge_ip}/24", "dev", cluster.bridge)
     _ip("link", "set", cluster.bridge, "up")
