@@ -76,8 +76,9 @@ def test_all_stages_train_and_stage3_changes_only_the_compositor(data, tmp_path)
     assert not torch.equal(after1["gm_branch.query_tokens"], after2["gm_branch.query_tokens"])
     assert all(torch.equal(after1[k], after2[k]) for k in after1 if k.startswith("vision_model."))
 
-    # stage 3: only the compositor (and its temperature) may change, bit for bit
-    stage3 = run_stage(job(3, data, work, f"model.init_from={stage2}"))
+    # stage 3: only the compositor (and its temperature) may change, bit for bit. It trains on outputs encoded
+    # once, so 12 epochs cost little; with 6 the loss fell by 0.048 in one CI run, under the 0.05 bar.
+    stage3 = run_stage(job(3, data, work, f"model.init_from={stage2}", "train.epochs=12"))
     ok, figures = falls(losses(work / "stage3"))
     assert ok, f"stage 3 loss did not fall: {figures}"
     after3 = load_file(stage3 / "model.safetensors")
@@ -85,7 +86,7 @@ def test_all_stages_train_and_stage3_changes_only_the_compositor(data, tmp_path)
     assert frozen and all(torch.equal(after2[k], after3[k]) for k in frozen)
     assert not torch.equal(after2["compositor.head.2.weight"], after3["compositor.head.2.weight"])
     # a finished stage is reused, not retrained
-    assert run_stage(job(3, data, work, f"model.init_from={stage2}")) == stage3
+    assert run_stage(job(3, data, work, f"model.init_from={stage2}", "train.epochs=12")) == stage3
 
 
 def test_an_interrupted_stage_resumes_when_rerun(data, tmp_path):
