@@ -1,5 +1,6 @@
 """Safe image decoding: every failure is a ``BadImage`` with a reason, and oversized images are refused
-from their header, before any pixel is decoded (decompression bombs)."""
+from their header, before any pixel is decoded (decompression bombs); then the PIL half of the transform
+(targetpad, bicubic resize, centre crop). Imports no torch: Ray Data workers of ``prepare`` import this module."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-
-from .transforms import resize_crop, target_pad
 
 MAX_PIXELS = 50_000_000  # a 7071 x 7071 image; far above any CIR dataset
 MAX_SIDE = 16_384
@@ -42,7 +41,30 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise BadImage(f"refused as a decompression bomb / absurd size: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
         raise BadImage(f"corrupt or truncated image: {exc}") from None
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def target_pad(image: Image.Image, max_ratio: float = 1.25) -> Image.Image:
+    """Pad the short side with black so that long/short <= ``max_ratio`` (centred), as in CLIP4Cir / SPRC."""
+    width, height = image.size
+    long, short = max(width, height), min(width, height)
+    if long / short <= max_ratio:
+        return image
+    target_short = int(round(long / max_ratio))
+    new_size = (width, target_short) if width > height else (target_short, height)
+    canvas = Image.new("RGB", new_size, (0, 0, 0))
+    canvas.paste(image, ((new_size[0] - width) // 2, (new_size[1] - height) // 2))
+    return canvas
+
+
+def resize_crop(image: Image.Image, size: int) -> Image.Image:
+    """Bicubic resize of the short side to ``size``, then a centre crop to ``size`` x ``size``."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
 
 
 def load_pixels(data: bytes, size: int) -> np.ndarray:

@@ -29,7 +29,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import PrepareConfig
-from ..model.backbone import load_preset
 from .cirr import read_cirr
 from .fashioniq import read_fashioniq
 from .images import BadImage, load_pixels
@@ -55,6 +54,8 @@ class PrepareError(RuntimeError):
 def resolve_image_size(config: PrepareConfig) -> int:
     if config.image_size is not None:
         return config.image_size
+    from ..model.backbone import load_preset  # torch + transformers: not in the Ray Data workers, which import this module
+
     return int(load_preset(config.preset)["image_size"])
 
 

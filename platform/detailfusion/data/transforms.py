@@ -10,31 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .images import resize_crop, target_pad  # the PIL half lives with the decoder, which imports no torch
+
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
-
-
-def target_pad(image: Image.Image, max_ratio: float = 1.25) -> Image.Image:
-    """Pad the short side with black so that long/short <= ``max_ratio`` (centred), as in CLIP4Cir / SPRC."""
-    width, height = image.size
-    long, short = max(width, height), min(width, height)
-    if long / short <= max_ratio:
-        return image
-    target_short = int(round(long / max_ratio))
-    new_size = (width, target_short) if width > height else (target_short, height)
-    canvas = Image.new("RGB", new_size, (0, 0, 0))
-    canvas.paste(image, ((new_size[0] - width) // 2, (new_size[1] - height) // 2))
-    return canvas
-
-
-def resize_crop(image: Image.Image, size: int) -> Image.Image:
-    """Bicubic resize of the short side to ``size``, then a centre crop to ``size`` x ``size``."""
-    width, height = image.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return image.crop((left, top, left + size, top + size))
 
 
 def preprocess(image: Image.Image, size: int, max_ratio: float = 1.25) -> np.ndarray:
