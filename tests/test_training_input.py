@@ -88,7 +88,8 @@ def test_subset_negatives_are_other_set_members(cirr_prepared, exported):
     _, tokenizer, _ = exported
     index, store = load_image_store(cirr_prepared, "pixels")
     triplets = pq.read_table(cirr_prepared / "triplets").to_pylist()
-    batch = training_dataset(cirr_prepared, tokenizer, 32, use_features=False, subset_negatives=2).take_batch(len(triplets))
+    batch = training_dataset(cirr_prepared, tokenizer, 32, use_features=False, subset_negatives=2,
+                             batch_size=8).take_batch(len(triplets))  # 40 rows: 5 whole global batches
     assert batch["subset"].shape == (len(triplets), 2, 64, 64, 3)
     by_key = {sample_key(t["sample_id"]): t for t in triplets}
     for key, subset in zip(batch["sample_key"], batch["subset"]):
@@ -125,7 +126,7 @@ def test_two_workers_get_disjoint_shards_covering_the_split(cirr_prepared, expor
 
     model, tokenizer, _ = exported
     dataset = training_dataset(cirr_prepared, tokenizer, 32, vision_fingerprint=vision_fingerprint(model),
-                               actor_cpus=0.25)
+                               actor_cpus=0.25, batch_size=10)  # global batch: 2 ranks x 5
     trainer = TorchTrainer(
         _collect_keys,
         train_loop_config={"batch_size": 5, "out": str(tmp_path)},

@@ -52,56 +52,98 @@ def load_image_store(prepared_dir: str | Path, source: str) -> tuple[dict[str, i
 
 
 class TripletBatcher:
-    """Ray Data actor: canonical triplet rows -> tokenised text + attached images (see module docstring)."""
+    """Ray Data actor for the inline layout (IPr2Pr): triplet rows with their images -> tokenised text + images."""
 
-    def __init__(self, prepared_dir: str, tokenizer, max_text_length: int, source: str, layout: str,
-                 subset_negatives: int = 0):
-        self.tokenizer, self.max_text_length, self.source, self.layout = tokenizer, max_text_length, source, layout
-        self.subset_negatives = subset_negatives
-        self.rng = np.random.default_rng()
-        self.index, self.store = load_image_store(prepared_dir, source) if layout == "gallery" else ({}, None)
+    def __init__(self, tokenizer, max_text_length: int, source: str, seed: int = 0):
+        self.tokenizer, self.max_text_length, self.source = tokenizer, max_text_length, source
+        self.rng = np.random.default_rng(seed)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [str(self.rng.choice(list(v))) for v in batch["text_variants"]]
         tokens = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_text_length,
                                 return_tensors="np")
-        out = {
+        suffix = "features" if self.source == FEATURES else "pixels"
+        return {
             "input_ids": tokens["input_ids"].astype(np.int64),
             "attention_mask": tokens["attention_mask"].astype(np.int64),
             "sample_key": np.array([sample_key(s) for s in batch["sample_id"]], dtype=np.int64),
+            "reference": batch[f"reference_{suffix}"], "target": batch[f"target_{suffix}"],
         }
-        if self.layout == "inline":
-            suffix = "features" if self.source == FEATURES else "pixels"
-            out["reference"], out["target"] = batch[f"reference_{suffix}"], batch[f"target_{suffix}"]
-        else:
-            out["reference"] = self.store[[self.index[i] for i in batch["reference_id"]]]
-            out["target"] = self.store[[self.index[i] for i in batch["target_id"]]]
-            if self.subset_negatives:
-                out["subset"] = self.store[self._subset_rows(batch)]
+
+
+class GalleryBatcher:
+    """Ray Data actor for the gallery layout (CIRR, FashionIQ): index rows -> the batch's tokens and images.
+
+    Holds the split's image store and the token table of every text the plan uses; a batch is gathers only.
+    """
+
+    def __init__(self, prepared_dir: str, source: str, input_ids: np.ndarray, attention_mask: np.ndarray):
+        self.input_ids, self.attention_mask = input_ids, attention_mask
+        _, self.store = load_image_store(prepared_dir, source)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {"input_ids": self.input_ids[batch["text_row"]], "attention_mask": self.attention_mask[batch["text_row"]],
+               "sample_key": batch["sample_key"], "reference": self.store[batch["reference_row"]],
+               "target": self.store[batch["target_row"]]}
+        if "subset_rows" in batch:
+            out["subset"] = self.store[batch["subset_rows"]]
         return out
 
-    def _subset_rows(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """[B, K] image-store rows of K set members other than each query's reference and target."""
-        rows = []
-        for members, reference, target in zip(batch["subset_ids"], batch["reference_id"], batch["target_id"]):
-            others = [m for m in members if m not in (reference, target) and m in self.index]
-            picked = list(self.rng.permutation(others)[: self.subset_negatives])
-            picked += [reference] * (self.subset_negatives - len(picked))
-            rows.append([self.index[m] for m in picked])
-        return np.asarray(rows, dtype=np.int64)
+
+def epoch_plan(triplets, index: dict[str, int], tokenizer, max_text_length: int, epochs: int, rows_per_epoch: int,
+               seed: int, subset_negatives: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every epoch's rows, drawn on the driver: (plan columns, token table).
+
+    Epoch ``e`` is a fresh permutation of the split (seeded by ``seed`` and ``e``, METHOD.md's data order) cut to
+    ``rows_per_epoch`` rows; each row's text variant and its ``subset_negatives`` near-duplicates are drawn by the
+    same generator. Plan columns, ``epochs * rows_per_epoch`` rows: sample_key int64, text_row (into the token
+    table), reference_row / target_row (into the image store) int64, subset_rows [K] int64. Token table: input_ids,
+    attention_mask [texts, max_text_length] int64, each distinct text tokenised once.
+    """
+    variants = triplets.column("text_variants").to_pylist()
+    references = [index[i] for i in triplets.column("reference_id").to_pylist()]
+    targets = [index[i] for i in triplets.column("target_id").to_pylist()]
+    keys = np.array([sample_key(s) for s in triplets.column("sample_id").to_pylist()], dtype=np.int64)
+    texts = list(dict.fromkeys(t for v in variants for t in v))
+    text_row = {t: i for i, t in enumerate(texts)}
+    tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=max_text_length, return_tensors="np")
+    table = {"input_ids": tokens["input_ids"].astype(np.int64), "attention_mask": tokens["attention_mask"].astype(np.int64)}
+    others = []
+    if subset_negatives:
+        for members, ref, tgt in zip(triplets.column("subset_ids").to_pylist(), references, targets):
+            others.append([index[m] for m in members if m in index and index[m] not in (ref, tgt)])
+    columns = {name: [] for name in ("sample_key", "text_row", "reference_row", "target_row", "subset_rows")}
+    for epoch in range(epochs):
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(keys))[:rows_per_epoch]
+        columns["sample_key"].append(keys[order])
+        columns["text_row"].append(np.array([text_row[variants[i][rng.integers(len(variants[i]))]] for i in order]))
+        columns["reference_row"].append(np.asarray(references)[order])
+        columns["target_row"].append(np.asarray(targets)[order])
+        if subset_negatives:  # K other members of the set; the reference fills in for a short set
+            picks = [list(rng.permutation(others[i])[:subset_negatives]) for i in order]
+            columns["subset_rows"].append(np.array([p + [references[i]] * (subset_negatives - len(p))
+                                                    for p, i in zip(picks, order)], dtype=np.int64))
+    plan = {name: np.concatenate(parts).astype(np.int64) for name, parts in columns.items() if parts}
+    return plan, table
 
 
 def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, use_features: bool = True,
-                     batch_size: int = 64, vision_fingerprint: str | None = None, actor_cpus: float = 1.0,
-                     subset_negatives: int = 0):
+                     vision_fingerprint: str | None = None, actor_cpus: float = 1.0, subset_negatives: int = 0,
+                     epochs: int = 1, seed: int = 0, batch_size: int = 32):
     """The Ray Dataset of one prepared split for training (rows without a target are refused).
 
+    Gallery layout (CIRR, FashionIQ): one stream holding all ``epochs``, each a fresh seeded shuffle of the split
+    cut to whole global batches of ``batch_size`` (``epoch_plan``), so Ray Data starts once per stage and its
+    actor only gathers; blocks of one global batch, order preserved. Inline layout (IPr2Pr): one epoch per
+    iteration, streamed from the shards in file order, tokenised by the actor.
     ``use_features``: read the frozen-ViT cache when the split has one; ``vision_fingerprint`` (of the model
     about to train) must then match the cache's, or the cache belongs to another ViT. ``actor_cpus``: CPUs of
-    the attaching actor (fractional on small machines, where whole CPUs would starve the Train workers).
+    the batching actor (fractional on small machines, where whole CPUs would starve the Train workers).
     ``subset_negatives``: K near-duplicate images per row (gallery-layout splits with ``img_set``s only).
     """
     import ray
+    from ray.data import ActorPoolStrategy
 
     manifest = read_manifest(prepared_dir)
     cache = manifest.get("features")
@@ -115,25 +157,39 @@ def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, 
     if subset_negatives and layout != "gallery":
         raise ValueError(f"{prepared_dir}: subset negatives need near-duplicate sets (CIRR img_set); "
                          f"{manifest['dataset']} has none")
-    rows_dir = Path(prepared_dir) / ("features" if source == FEATURES and layout == "inline" else "triplets")
-    if layout == "gallery":  # annotation rows are small: hand them to Ray Data from memory, no file-listing task
-        table = pq.read_table(rows_dir)
-        unlabelled = table.column("target_id").null_count
-        if unlabelled:
-            raise ValueError(f"{prepared_dir}: {unlabelled} triplets have no target (a test split?); cannot train on it")
-        dataset = ray.data.from_arrow(table)
-    else:  # inline images: stream the shards
+    actor = dict(compute=ActorPoolStrategy(size=1), num_cpus=actor_cpus, batch_format="numpy")
+    if layout != "gallery":  # inline images: stream the shards
+        rows_dir = Path(prepared_dir) / ("features" if source == FEATURES else "triplets")
         dataset = ray.data.read_parquet(str(rows_dir), num_cpus=actor_cpus)
-    return dataset.map_batches(
-        TripletBatcher,
-        fn_constructor_kwargs=dict(prepared_dir=str(prepared_dir), tokenizer=tokenizer,
-                                   max_text_length=max_text_length, source=source, layout=layout,
-                                   subset_negatives=subset_negatives),
-        batch_size=batch_size,
-        batch_format="numpy",
-        concurrency=1,
-        num_cpus=actor_cpus,
-    )
+        return dataset.map_batches(TripletBatcher, fn_constructor_kwargs=dict(
+            tokenizer=tokenizer, max_text_length=max_text_length, source=source, seed=seed),
+            batch_size=batch_size, **actor)
+    triplets = pq.read_table(Path(prepared_dir) / "triplets")
+    unlabelled = triplets.column("target_id").null_count
+    if unlabelled:
+        raise ValueError(f"{prepared_dir}: {unlabelled} triplets have no target (a test split?); cannot train on it")
+    rows_per_epoch = len(triplets) // batch_size * batch_size
+    if not rows_per_epoch:
+        raise ValueError(f"{prepared_dir}: {len(triplets)} triplets make no global batch of {batch_size}")
+    index = {image_id: i for i, image_id in enumerate(pq.read_table(
+        Path(prepared_dir) / ("features" if source == FEATURES else "images"), columns=["image_id"]).column(
+        "image_id").to_pylist())}
+    plan, tokens = epoch_plan(triplets, index, tokenizer, max_text_length, epochs, rows_per_epoch, seed,
+                              subset_negatives)
+    blocks = [{name: column[start:start + batch_size] for name, column in plan.items()}
+              for start in range(0, len(plan["sample_key"]), batch_size)]
+    dataset = ray.data.from_arrow([_arrow_block(block) for block in blocks])
+    dataset.context.execution_options.preserve_order = True
+    return dataset.map_batches(GalleryBatcher, fn_constructor_kwargs=dict(
+        prepared_dir=str(prepared_dir), source=source, **tokens), batch_size=None, **actor)
+
+
+def _arrow_block(columns: dict[str, np.ndarray]):
+    """Numpy columns ([N] or [N, K]) -> a pyarrow table (2-D columns as Ray's tensor extension type)."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    return pa.table({name: ArrowTensorArray.from_numpy(c) if c.ndim > 1 else pa.array(c) for name, c in columns.items()})
 
 
 def iter_worker_batches(batch_size: int, device=None, dataset: str = "train", pin_memory: bool = False) -> Iterator[dict]:

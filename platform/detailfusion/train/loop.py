@@ -11,7 +11,9 @@ Stage 3 encodes its split once with the frozen branches and then trains the comp
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -36,11 +38,14 @@ class StageRecipe:
     def __init__(self, config: JobConfig, run: dict):
         import ray.train
 
+        self.started = time.time()  # the driver's call time is run["called_at"]: their gap is the group's start-up
         self.config, self.run_facts = config, run
         self.spec = STAGES[config.train.stage]
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = torch.device("cuda", context.get_local_rank()) if config.train.use_gpu else torch.device("cpu")
+        # Ray sets OMP_NUM_THREADS=1 in a worker with a fractional CPU share: use the cores it was given instead
+        torch.set_num_threads(config.train.threads_per_worker or math.ceil(config.train.cpus_per_worker))
         self.micro_batch = micro_batch_size(config.train, self.world_size)
         self.steps_per_epoch = run["rows"] // self.world_size // self.micro_batch // config.train.grad_accum
         if self.steps_per_epoch < 1:
@@ -98,12 +103,13 @@ class StageRecipe:
 
     def run(self) -> None:
         self.setup()
+        set_up = time.time()
         cached = self._encode_split_once() if self.spec.number == 3 else None
         self.engine.train()
         started, seen, last_loss = time.perf_counter(), 0, float("nan")
-        for epoch in range(self.epoch, self.config.train.epochs):
-            batches = cached if cached is not None else self._batches()
-            for index, batch in enumerate(self._epoch_batches(batches, epoch)):
+        first_step = self.step + 1
+        for epoch, batches in self._epochs(cached):
+            for index, batch in enumerate(batches):
                 if index < self.skip_batches:
                     continue
                 if index // self.config.train.grad_accum >= self.steps_per_epoch:
@@ -119,6 +125,11 @@ class StageRecipe:
                 last_loss = parts["loss"].item()
                 rate = seen / (time.perf_counter() - started)
                 self._write_metrics(epoch, parts, rate)
+                if self.step == first_step:
+                    called = self.run_facts["called_at"]
+                    self._log(f"start-up {time.time() - called:.1f} s to the first step: worker group "
+                              f"{self.started - called:.1f} s, setup {set_up - self.started:.1f} s, first batch and step "
+                              f"{time.time() - set_up:.1f} s")
                 if self.step % self.config.train.log_every == 0 or self.step == self.total_steps:
                     self._log(f"epoch {epoch} step {self.step}/{self.total_steps} loss {last_loss:.4f} "
                               f"lr {self.scheduler.get_last_lr()[0]:.2e} {rate:.1f} samples/s")
@@ -168,11 +179,24 @@ class StageRecipe:
         for batch in iter_worker_batches(self.micro_batch, pin_memory=self.device.type == "cuda"):
             yield self._to_device(batch)
 
-    def _epoch_batches(self, batches, epoch: int):
-        if isinstance(batches, list):  # stage 3's cached outputs: reshuffle every epoch, same on every rank
-            order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(self.config.train.seed + epoch))
-            return (batches[i] for i in order.tolist())
-        return batches
+    def _epochs(self, cached: list[dict] | None):
+        """(epoch, its batches) from the resumed epoch on. The input stream holds ``data_epochs`` epochs: all of
+        them (one Ray Data execution per stage; a resumed run discards the finished epochs' batches) or one (a
+        new execution per epoch). Stage 3 reshuffles its cached outputs every epoch, the same on every rank."""
+        epochs, per_epoch = self.config.train.epochs, self.steps_per_epoch * self.config.train.grad_accum
+        if cached is not None:
+            for epoch in range(self.epoch, epochs):
+                order = torch.randperm(len(cached), generator=torch.Generator().manual_seed(self.config.train.seed + epoch))
+                yield epoch, (cached[i] for i in order.tolist())
+        elif self.run_facts["data_epochs"] == 1:
+            for epoch in range(self.epoch, epochs):
+                yield epoch, self._batches()
+        else:
+            stream = iter_worker_batches(self.micro_batch, pin_memory=self.device.type == "cuda")
+            for _ in itertools.islice(stream, self.epoch * per_epoch):
+                pass
+            for epoch in range(self.epoch, epochs):
+                yield epoch, (self._to_device(batch) for batch in itertools.islice(stream, per_epoch))
 
     def _to_device(self, batch: dict) -> dict:
         out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -260,7 +284,8 @@ class StageRecipe:
     def _write_metrics(self, epoch: int, parts: dict, rate: float) -> None:
         if self.rank != 0:
             return
-        row = {"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate,
+        row = {"step": self.step, "epoch": epoch, "wall_time": round(time.time(), 4),
+               "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate,
                **{k: float(v) for k, v in parts.items()}}
         self._append_csv("metrics.csv", row)
 

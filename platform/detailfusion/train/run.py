@@ -10,6 +10,7 @@ Rerunning the same command resumes from the latest checkpoint; a finished stage 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -110,6 +111,7 @@ def run_stage(config: JobConfig, callbacks: list | None = None) -> Path:
     user callbacks (a sweep passes Ray Tune's report callback)."""
     from ..ray_setup import init_ray
 
+    called_at = time.time()
     config = absolute_paths(config)
     manifest = check_stage(config)
     spec = STAGES[config.train.stage]
@@ -122,17 +124,43 @@ def run_stage(config: JobConfig, callbacks: list | None = None) -> Path:
     save_config(config, out / "config.yaml")
     init_from = initial_model(config, out / "init")
     init_ray()
-    trainer = build_trainer(config, manifest, init_from, export_dir, callbacks)
+    trainer = build_trainer(config, manifest, init_from, export_dir, callbacks, called_at)
     print(f"[stage {spec.number}] {spec.name}: {manifest['counts']['triplets']} triplets from {config.data.prepared}, "
           f"{config.train.num_workers} worker(s), ZeRO-{config.train.zero_stage}, {config.train.precision}", flush=True)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    (out / "DONE").write_text(json.dumps({"metrics": result.metrics, "export": str(export_dir)}, default=str))
+    cost = stage_cost(out / "metrics.csv", called_at, time.time())
+    if cost:
+        print(f"[stage {spec.number}] {cost['steps']} steps in {cost['train_s']:.1f} s ({cost['ms_per_step']:.0f} ms/step); "
+              f"fixed cost {cost['startup_s'] + cost['finish_s']:.1f} s: start-up {cost['startup_s']:.1f} s, "
+              f"finish {cost['finish_s']:.1f} s", flush=True)
+    (out / "DONE").write_text(json.dumps({"metrics": result.metrics, "export": str(export_dir), "cost": cost},
+                                         default=str))
     return export_dir
 
 
-def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir: Path, callbacks: list | None = None):
+def stage_cost(metrics_csv: Path, called_at: float, returned_at: float) -> dict | None:
+    """Where a stage's wall time went, from the step end times (``wall_time``) this call wrote to metrics.csv:
+    start-up (the call until the first step began, one median step before its end), training, finish (last step
+    to the call's return: checkpoint, export, shut-down); seconds and steps. None when no step ran."""
+    import csv
+    import statistics
+
+    if not metrics_csv.is_file():
+        return None
+    with metrics_csv.open() as f:
+        ends = [float(row["wall_time"]) for row in csv.DictReader(f) if float(row["wall_time"]) >= called_at]
+    if not ends:
+        return None
+    step_s = statistics.median([b - a for a, b in zip(ends, ends[1:])]) if len(ends) > 1 else 0.0
+    return {"steps": len(ends), "ms_per_step": round(step_s * 1000, 1), "train_s": round(ends[-1] - ends[0] + step_s, 2),
+            "startup_s": round(ends[0] - step_s - called_at, 2), "finish_s": round(returned_at - ends[-1], 2)}
+
+
+def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir: Path, callbacks: list | None = None,
+                  called_at: float | None = None):
+    """The stage's ``TorchTrainer``; ``called_at``: when the stage was called (time.time(), for its start-up line)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -140,17 +168,21 @@ def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir:
     from ..model import load_model
     from .loop import train_loop_per_worker
 
+    called_at = called_at or time.time()
     model, tokenizer = load_model(init_from)
+    train = config.train
+    # stage 3 encodes one epoch once and reshuffles those outputs itself; a gallery split streams every epoch at once
+    data_epochs = 1 if train.stage == 3 or manifest["layout"] != "gallery" else train.epochs
     dataset = training_dataset(
         config.data.prepared, tokenizer, model.config.max_text_length, use_features=config.data.use_feature_cache,
-        vision_fingerprint=vision_fingerprint(model), actor_cpus=config.train.data_actor_cpus,
-        subset_negatives=config.loss.subset_negatives if config.train.stage < 3 else 0,
+        vision_fingerprint=vision_fingerprint(model), actor_cpus=train.data_actor_cpus,
+        subset_negatives=config.loss.subset_negatives if train.stage < 3 else 0, epochs=data_epochs, seed=train.seed,
+        batch_size=train.batch_size,
     )
     del model
-    train = config.train
     out = stage_dir(config)
     run = {"init_from": init_from, "export_dir": str(export_dir), "stage_dir": str(out),
-           "rows": manifest["counts"]["triplets"]}
+           "rows": manifest["counts"]["triplets"], "data_epochs": data_epochs, "called_at": called_at}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": to_dict(config), "run": run},

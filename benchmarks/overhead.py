@@ -1,0 +1,176 @@
+"""The platform's own cost: a bare torch training loop against the platform's stage 2 (Ray Train worker +
+DeepSpeed + Ray Data input) on the same model, batch, loss and cores, in one run.
+
+Both train the tiny model's stage 2 (L_DI with the reference and ``--subset`` near-duplicate negatives +
+gamma L_GM, pixels, no feature cache) with AdamW, one-cycle schedule and gradient clipping, batch ``--batch``,
+on synthetic CIRR prepared once. The bare loop builds its batches in the same process (tokenise, gather
+images, normalise) and uses every core; the platform runs ``run_stage`` with the tiny stage 2 config.
+
+Printed per loop: ms per step (steady state: median of step-to-step wall times after the first epoch), mean ms
+per step over the same steps (epoch-end checkpoints included), start-up seconds (the call until the first step
+began) and the finish (last step to the call's return: checkpoint, export, shut-down), and the ratio to the bare
+loop. The platform's stage runs twice on one Ray session: the second start-up is what a pipeline's later stages
+pay. Then the same stage with ``--workers`` ranks and ZeRO-2 on the same cores.
+
+    python benchmarks/overhead.py [--pairs 2000] [--epochs 4] [--batch 32] [--workers 2] [--bare-steps 150]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bare_loop(model_dir: Path, prepared: Path, batch_size: int, steps: int, subset: int, gamma: float, lr: float,
+              threads: int) -> dict:
+    """A plain torch loop of stage 2: returns {"ms": [per-step wall ms], "startup_s": model load to first step}."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from detailfusion.config import LossConfig
+    from detailfusion.data.pipeline import PIXELS, load_image_store
+    from detailfusion.data.transforms import normalize_pixels
+    from detailfusion.model import load_model
+    from detailfusion.train.stages import STAGES, branch_loss, build_loss, freeze_for_stage
+
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    model, tokenizer = load_model(str(model_dir))
+    spec = STAGES[2]
+    freeze_for_stage(model, spec)
+    model.train()
+    loss_fn = build_loss(spec, LossConfig(gamma=gamma, subset_negatives=subset))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), eps=1e-7, weight_decay=0.05)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1,
+                                                    anneal_strategy="cos", cycle_momentum=False)
+    rows = pq.read_table(prepared / "triplets").to_pylist()
+    index, store = load_image_store(prepared, PIXELS)
+    rng = np.random.default_rng(0)
+
+    def batch_at(step: int) -> dict:
+        chosen = [rows[i] for i in rng.choice(len(rows), batch_size, replace=False)]
+        text = tokenizer([str(rng.choice(r["text_variants"])) for r in chosen], padding="max_length", truncation=True,
+                         max_length=model.config.max_text_length, return_tensors="pt")
+        pick = lambda ids: normalize_pixels(torch.from_numpy(store[[index[i] for i in ids]]))  # noqa: E731
+        batch = {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
+                 "reference": pick([r["reference_id"] for r in chosen]), "target": pick([r["target_id"] for r in chosen])}
+        if subset:
+            members = [[m for m in r["subset_ids"] if m not in (r["reference_id"], r["target_id"])] for r in chosen]
+            ids = [(list(rng.permutation(m)[:subset]) + [r["reference_id"]] * subset)[:subset]
+                   for m, r in zip(members, chosen)]
+            batch["subset"] = pick([i for row in ids for i in row]).unflatten(0, (batch_size, subset))
+        return batch
+
+    times, first = [], None
+    for step in range(steps):
+        t0 = time.perf_counter()
+        first = first or t0
+        parts = branch_loss(spec, model, loss_fn, batch_at(step), "pixel_values")
+        optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        parts["loss"].item()
+        times.append((time.perf_counter() - t0) * 1000)
+    return {"ms": times, "startup_s": first - started}
+
+
+def platform_stage(workdir: Path, prepared: Path, init: Path, epochs: int, batch_size: int, overrides: list[str]) -> dict:
+    """``run_stage`` of the tiny stage 2 config: per-step wall ms from its metrics.csv, start-up and finish seconds."""
+    from detailfusion.config import JobConfig, load_config
+    from detailfusion.train.run import run_stage
+
+    config = load_config(JobConfig, REPO / "jobs/configs/stage2_tiny.yaml", [
+        f"workdir={workdir}", f"data.prepared={prepared}", f"model.init_from={init}", f"train.epochs={epochs}",
+        f"train.batch_size={batch_size}", "data.use_feature_cache=false", "train.log_every=100000", *overrides])
+    called = time.time()
+    run_stage(config)
+    returned = time.time()
+    with open(workdir / "stage2" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    ends = [float(r["wall_time"]) for r in rows]
+    steps_per_epoch = sum(1 for r in rows if r["epoch"] == "0")
+    ms = [(b - a) * 1000 for a, b in zip(ends, ends[1:])]
+    first_step_ms = statistics.median(ms)
+    return {"ms": ms[steps_per_epoch:], "startup_s": ends[0] - first_step_ms / 1000 - called,
+            "finish_s": returned - ends[-1], "steps": len(rows)}
+
+
+def summary(name: str, result: dict, baseline: float | None) -> str:
+    steady = statistics.median(result["ms"])
+    line = (f"{name:<44} {steady:8.1f} {statistics.fmean(result['ms']):8.1f} {result['startup_s']:8.1f} "
+            f"{result.get('finish_s', 0.0):7.1f}")
+    return line + (f"   {steady / baseline:5.2f}x" if baseline else "   (baseline)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=2000, help="synthetic CIRR pairs (the tiny pipeline's 2000)")
+    parser.add_argument("--epochs", type=int, default=4, help="platform epochs (the first is not steady state)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--subset", type=int, default=2, help="near-duplicate negatives per query (tiny config: 2)")
+    parser.add_argument("--bare-steps", type=int, default=150)
+    parser.add_argument("--workers", type=int, default=2, help="ranks of the ZeRO-2 run (0: skip it)")
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="cores for both loops")
+    parser.add_argument("--keep", help="keep the data and the runs in this directory (default: a temporary one)")
+    args = parser.parse_args()
+
+    import ray
+    import torch
+
+    from detailfusion.config import PrepareConfig
+    from detailfusion.data.prepare import prepare
+    from detailfusion.data.synthetic import write_synthetic
+    from detailfusion.model import build_model, save_model
+    from detailfusion.ray_setup import init_ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.keep or tmp)
+        torch.manual_seed(0)
+        save_model(*build_model("tiny"), root / "init")
+        write_synthetic("cirr", root / "raw", pairs=args.pairs, seed=0)
+        init_ray(args.num_cpus)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        prepare(PrepareConfig(dataset="cirr", root=str(root / "raw"), split="train", out=str(root / "prep")))
+        ray.shutdown()  # the bare loop runs with no Ray on the machine
+        print("bare loop ...", file=sys.stderr, flush=True)
+        bare = bare_loop(root / "init", root / "prep", args.batch, args.bare_steps, args.subset, 1.0, 1e-3,
+                         args.num_cpus)
+        bare["ms"] = bare["ms"][20:]  # warm-up
+        base = statistics.median(bare["ms"])
+        init_ray(args.num_cpus)
+        runs = {}
+        for name in ("first", "second"):
+            print(f"platform stage 2 ({name}) ...", file=sys.stderr, flush=True)
+            runs[f"platform stage 2, 1 worker ({name} stage)"] = platform_stage(
+                root / name, root / "prep", root / "init", args.epochs, args.batch, [])
+        if args.workers > 1:
+            print(f"platform stage 2 ({args.workers} workers, ZeRO-2) ...", file=sys.stderr, flush=True)
+            runs[f"platform stage 2, {args.workers} workers ZeRO-2"] = platform_stage(
+                root / "zero2", root / "prep", root / "init", args.epochs, args.batch,
+                [f"train.num_workers={args.workers}", "train.zero_stage=2",
+                 f"train.cpus_per_worker={0.75 * args.num_cpus / args.workers:g}"])
+        ray.shutdown()
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores ({args.num_cpus} used), torch {torch.__version__}, "
+          f"ray {ray.__version__}; tiny stage 2, batch {args.batch}, {args.subset} subset negatives, pixels, AdamW")
+    print(f"{'loop':<44} {'ms/step':>8} {'mean ms':>8} {'start s':>8} {'finish s':>7}   ratio")
+    print(summary(f"bare torch loop, {args.num_cpus} threads", bare, None))
+    for name, result in runs.items():
+        print(summary(name, result, base))
+
+
+if __name__ == "__main__":
+    main()
