@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from detailfusion.data.images import BadImage, decode_image, load_pixels
+from detailfusion.data.schema import pixel_type, pixels_from_bytes, pixels_to_arrow
 from detailfusion.data.transforms import CLIP_MEAN, normalize_pixels, preprocess, resize_crop, target_pad
 
 
@@ -61,6 +62,37 @@ def test_pixels_equal_the_plain_pil_transform_bit_for_bit(mode):
     image.save(buffer, format="PNG")
     expected = np.asarray(resize_crop(target_pad(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")), 16))
     assert np.array_equal(load_pixels(buffer.getvalue(), 16), expected)
+
+
+def test_stored_pixel_bytes_round_trip_to_exactly_the_loaded_pixels(tmp_path):
+    """One fixed-size binary value per image, through a parquet file (two row groups) and back: the same uint8
+    [S, S, 3] arrays ``load_pixels`` produced, from the Arrow column and from a Ray Data numpy batch (bytes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    sources = [Image.fromarray(rng.integers(0, 256, (30 + 7 * i, 50, 3), dtype=np.uint8)) for i in range(5)]
+    encoded = []
+    for image in sources:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    loaded = np.stack([load_pixels(data, 24) for data in encoded])
+    column = pixels_to_arrow(list(loaded), 24)
+    assert column.type == pixel_type(24) == pa.binary(24 * 24 * 3) and column[2].as_py() == loaded[2].tobytes()
+    pq.write_table(pa.table({"pixels": column}), tmp_path / "p.parquet", row_group_size=2, compression="lz4")
+    stored = pq.read_table(tmp_path / "p.parquet").column("pixels")
+    assert stored.num_chunks == 3  # decoded across chunks, then from a sliced chunk
+    cases = [(stored, loaded), (stored.chunk(1), loaded[2:4]), (stored[1:4], loaded[1:4]),
+             (stored.chunk(2).slice(0), loaded[4:]), (np.array(stored.to_pylist(), dtype=object), loaded)]
+    for values, expected in cases:
+        decoded = pixels_from_bytes(values)
+        assert decoded.dtype == np.uint8 and decoded.shape == expected.shape and np.array_equal(decoded, expected)
+    assert pixels_from_bytes(pixels_to_arrow([], 24)).shape == (0, 24, 24, 3)
+    with pytest.raises(ValueError, match="expected uint8 pixels"):
+        pixels_to_arrow([loaded[0][:, :20]], 24)
+    with pytest.raises(ValueError, match="older schema version"):
+        pixels_from_bytes(pa.array([[1, 2, 3]], pa.list_(pa.uint8())))
 
 
 def test_prepare_workers_import_no_torch():
