@@ -14,6 +14,8 @@ import pytest
 from PIL import Image
 
 from detailfusion.config import PrepareConfig
+from detailfusion.data.images import load_pixels
+from detailfusion.data.pipeline import load_image_store
 from detailfusion.data.prepare import PrepareError, prepare, read_quarantine
 from detailfusion.data.synthetic import write_synthetic
 
@@ -76,8 +78,13 @@ def test_real_cirr_val_with_placeholder_images_and_damaged_files(tmp_path, share
 
     triplets = pq.read_table(tmp_path / "out/triplets").to_pylist()
     pixels = pq.read_table(tmp_path / "out/images")
-    assert pixels.num_rows == 2293 and pixels.schema.field("pixels").type.shape == (64, 64, 3)
+    assert pixels.num_rows == 2293 and pixels.schema.field("pixels").type == pa.binary(64 * 64 * 3)
+    assert manifest["schema_version"] == 2 and manifest["image_size"] == 64
     kept_images = set(pixels.column("image_id").to_pylist())
+    index, store = load_image_store(tmp_path / "out", "pixels")
+    assert store.shape == (2293, 64, 64, 3) and store.dtype == np.uint8
+    for name in names[4:9]:  # the stored bytes are exactly the loaded pixels
+        assert np.array_equal(store[index[name]], load_pixels((root / images[name]).read_bytes(), 64))
     for row in triplets:
         assert row["reference_id"] in kept_images and row["target_id"] in kept_images
         assert row["reference_id"] in row["subset_ids"] and row["text"] == row["text"].lower()

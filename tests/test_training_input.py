@@ -12,6 +12,7 @@ from detailfusion.config import PrepareConfig
 from detailfusion.data.feature_cache import vision_fingerprint
 from detailfusion.data.pipeline import load_image_store, sample_key, training_dataset
 from detailfusion.data.prepare import prepare
+from detailfusion.data.schema import pixels_from_bytes
 from detailfusion.data.synthetic import write_synthetic
 from detailfusion.data.transforms import normalize_pixels
 from detailfusion.model import build_model, save_model
@@ -65,7 +66,7 @@ def test_ipr2pr_inline_cache_and_training_rows(tmp_path, exported):
     by_key = {sample_key(r["sample_id"]): r for r in raw}
     first = by_key[int(rows["sample_key"][0])]
     with torch.no_grad():
-        online = model.encode_image(normalize_pixels(torch.from_numpy(np.asarray(first["target_pixels"])[None])))
+        online = model.encode_image(normalize_pixels(torch.from_numpy(pixels_from_bytes([first["target_pixels"]]))))
     assert torch.allclose(torch.from_numpy(rows["target"][:1]).float(), online, atol=5e-3, rtol=2e-3)
     pixels = training_dataset(tmp_path / "out", tokenizer, 32, use_features=False).take_batch(2)
     assert pixels["reference"].shape == (2, 64, 64, 3) and pixels["reference"].dtype == np.uint8

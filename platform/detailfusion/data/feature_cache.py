@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from ..config import PrepareConfig
+from .schema import pixels_from_bytes
 from .transforms import normalize_pixels
 
 
@@ -47,7 +47,8 @@ def load_vision_model(model_ref: str):
 
 
 class VisionEncoder:
-    """Ray Data actor: uint8 pixel columns -> float16 frozen-ViT token columns (+ the encoder fingerprint)."""
+    """Ray Data actor: pixel columns (one binary value per uint8 [S, S, 3] image) -> float16 frozen-ViT token
+    columns (+ the encoder fingerprint)."""
 
     def __init__(self, model_ref: str, columns: dict[str, str], use_gpu: bool):
         model = load_vision_model(model_ref)
@@ -62,8 +63,8 @@ class VisionEncoder:
 
         out = batch.drop_columns(list(self.columns))  # keeps list columns as real Arrow lists, never pickled
         for source, target in self.columns.items():
-            array = batch.column(source).combine_chunks().to_numpy()
-            pixels = torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)
+            array = pixels_from_bytes(batch.column(source)).copy()  # a writable batch for torch
+            pixels = torch.from_numpy(array).to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 tokens = self.vision.encode_image(normalize_pixels(pixels))
             out = out.append_column(target, ArrowTensorArray.from_numpy(tokens.to(torch.float16).cpu().numpy()))

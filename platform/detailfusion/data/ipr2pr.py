@@ -2,7 +2,7 @@
 
 Columns: ``original_prompt, original_image{bytes,path}, edit_prompt, edited_prompt, edited_image{bytes,path}``.
 A row becomes a triplet (original image, edit prompt, edited image) whose two images travel inline, decoded
-and transformed, as uint8 [S, S, 3]; ``sample_id`` is a content hash (the shards have no ids).
+and transformed, as uint8 [S, S, 3] stored as one binary value each (schema.py); ``sample_id`` is a content hash (the shards have no ids).
 """
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .images import BadImage, load_pixels
-from .schema import TRIPLET_SCHEMA, Quarantined, normalize_text, write_quarantine_part
+from .schema import TRIPLET_SCHEMA, Quarantined, normalize_text, pixels_to_arrow, write_quarantine_part
 
 REQUIRED_COLUMNS = ("original_image", "edit_prompt", "edited_image")
 
@@ -79,9 +78,6 @@ def to_triplets(batch: pa.Table, image_size: int, split: str, parts_dir: str) ->
         )
     if bad:
         write_quarantine_part(parts_dir, (rows[0]["sample_id"] if rows else bad[0].record), bad)
-    from ray.data.extensions import ArrowTensorArray
-
-    empty = np.zeros((0, image_size, image_size, 3), dtype=np.uint8)
     table = pa.Table.from_pylist(rows, schema=TRIPLET_SCHEMA)
-    table = table.append_column("reference_pixels", ArrowTensorArray.from_numpy(np.stack(references) if references else empty))
-    return table.append_column("target_pixels", ArrowTensorArray.from_numpy(np.stack(targets) if targets else empty))
+    table = table.append_column("reference_pixels", pixels_to_arrow(references, image_size))
+    return table.append_column("target_pixels", pixels_to_arrow(targets, image_size))

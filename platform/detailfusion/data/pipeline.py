@@ -24,6 +24,8 @@ from typing import Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
+from .schema import pixels_from_bytes
+
 FEATURES, PIXELS = "features", "pixels"
 
 
@@ -40,14 +42,16 @@ def sample_key(sample_id: str) -> int:
 
 
 def load_image_store(prepared_dir: str | Path, source: str) -> tuple[dict[str, int], np.ndarray]:
-    """All images of a gallery-layout split: ({image_id: row}, array [N, S, S, 3] uint8 or [N, T, W] float16)."""
+    """All images of a gallery-layout split: ({image_id: row}, array [N, S, S, 3] uint8 or [N, T, W] float16).
+    Pixels are decoded from their one binary value per image (schema.py) without a copy: the array is read-only."""
     import ray.data  # noqa: F401  (registers Ray's tensor extension type for pyarrow)
 
     folder = Path(prepared_dir) / ("features" if source == FEATURES else "images")
     table = pq.read_table(folder)
-    column = "features" if source == FEATURES else "pixels"
     ids = table.column("image_id").to_pylist()
-    array = table.column(column).combine_chunks().to_numpy() if len(ids) else np.zeros((0,))
+    if source != FEATURES:
+        return {image_id: i for i, image_id in enumerate(ids)}, pixels_from_bytes(table.column("pixels"))
+    array = table.column("features").combine_chunks().to_numpy() if len(ids) else np.zeros((0,))
     return {image_id: i for i, image_id in enumerate(ids)}, np.asarray(array)
 
 
@@ -63,11 +67,14 @@ class TripletBatcher:
         tokens = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_text_length,
                                 return_tensors="np")
         suffix = "features" if self.source == FEATURES else "pixels"
+        reference, target = batch[f"reference_{suffix}"], batch[f"target_{suffix}"]
+        if self.source != FEATURES:  # one bytes value per image -> uint8 [B, S, S, 3]
+            reference, target = pixels_from_bytes(reference), pixels_from_bytes(target)
         return {
             "input_ids": tokens["input_ids"].astype(np.int64),
             "attention_mask": tokens["attention_mask"].astype(np.int64),
             "sample_key": np.array([sample_key(s) for s in batch["sample_id"]], dtype=np.int64),
-            "reference": batch[f"reference_{suffix}"], "target": batch[f"target_{suffix}"],
+            "reference": reference, "target": target,
         }
 
 

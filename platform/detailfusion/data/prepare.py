@@ -3,7 +3,7 @@
 Output directory::
 
     triplets/       canonical triplet rows (schema.py); IPr2Pr rows also carry their two images inline
-    images/         CIRR / FashionIQ: one row per gallery image: image_id, pixels uint8 [S, S, 3]
+    images/         CIRR / FashionIQ: one row per gallery image: image_id, pixels (one binary value: uint8 [S, S, 3])
     gallery.parquet canonical gallery rows of the images that decoded
     features/       optional frozen-ViT cache: image_id, features float16 [T, W]   (--cache-vision-features)
     quarantine.jsonl  every record set aside: source file, record, reason, kind
@@ -33,7 +33,8 @@ from .cirr import read_cirr
 from .fashioniq import read_fashioniq
 from .images import BadImage, load_pixels
 from .reading import ReadResult
-from .schema import GALLERY_SCHEMA, SCHEMA_VERSION, TRIPLET_SCHEMA, Quarantined, write_quarantine_part
+from .schema import (GALLERY_SCHEMA, PIXEL_FORMAT, SCHEMA_VERSION, TRIPLET_SCHEMA, Quarantined, pixels_to_arrow,
+                     write_quarantine_part)
 
 QUARANTINE_PARTS = "_quarantine_parts"
 PARQUET_COMPRESSION = "lz4"  # raw pixels: lz4 wrote 1.8x faster than none and 13x faster than snappy (benchmarks/ingest.py)
@@ -122,6 +123,7 @@ def prepare(config: PrepareConfig) -> dict:
         "split": config.split,
         "source": str(root.resolve()),
         "image_size": image_size,
+        "pixel_format": PIXEL_FORMAT,
         "config_hash": digest,
         "counts": counts,
         "warnings": warnings,
@@ -140,8 +142,9 @@ def prepare(config: PrepareConfig) -> dict:
 # -- CIRR / FashionIQ: annotations + a gallery of image files ------------------------------------------
 
 
-def _load_images(batch: dict[str, np.ndarray], root: str, image_size: int, parts_dir: str) -> dict[str, np.ndarray]:
-    """Ray Data batch function: gallery rows -> image_id + pixels; bad images go to a quarantine part file."""
+def _load_images(batch: dict[str, np.ndarray], root: str, image_size: int, parts_dir: str) -> pa.Table:
+    """Ray Data batch function: gallery rows -> image_id + pixels (one binary value per image, schema.py); bad
+    images go to a quarantine part file."""
     ids, pixels, bad = [], [], []
     for image_id, location in zip(batch["image_id"], batch["location"]):
         path = Path(root) / location
@@ -154,8 +157,8 @@ def _load_images(batch: dict[str, np.ndarray], root: str, image_size: int, parts
             bad.append(Quarantined(str(path), image_id, str(exc), "image"))
     if bad:
         write_quarantine_part(parts_dir, str(batch["image_id"][0]), bad)
-    empty = np.zeros((0, image_size, image_size, 3), dtype=np.uint8)
-    return {"image_id": np.array(ids, dtype=object), "pixels": np.stack(pixels) if pixels else empty}
+    return pa.table({"image_id": pa.array([str(i) for i in ids], pa.string()),
+                     "pixels": pixels_to_arrow(pixels, image_size)})
 
 
 def _prepare_annotated(root: Path, out: Path, config: PrepareConfig, image_size: int):

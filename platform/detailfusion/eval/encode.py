@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..data.pipeline import PIXELS, load_image_store, read_manifest
+from ..data.schema import pixels_from_bytes
 from ..data.transforms import normalize_pixels
 from ..index import GalleryIndex
 
@@ -73,8 +74,8 @@ def jpeg_thumbnail(pixels: np.ndarray, quality: int = 90) -> bytes:
 
 
 class GalleryEncoder:
-    """Actor: {image_id, pixels uint8 [B, S, S, 3]} -> {image_id, embedding float32 [B, Nq, 2D], thumbnail JPEG,
-    node_ip (where it was encoded)}."""
+    """Actor: {image_id, pixels (one bytes value per uint8 [S, S, 3] image)} -> {image_id, embedding float32
+    [B, Nq, 2D], thumbnail JPEG, node_ip (where it was encoded)}."""
 
     def __init__(self, model_dir: str, use_gpu: bool):
         import ray
@@ -83,7 +84,7 @@ class GalleryEncoder:
         self.node_ip = ray.util.get_node_ip_address()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        array = np.array(batch["pixels"])
+        array = pixels_from_bytes(batch["pixels"])  # uint8 [B, S, S, 3]
         embedding = gallery_embeddings(self.model, torch.from_numpy(array).to(self.device, non_blocking=True))
         thumbnails = np.array([jpeg_thumbnail(image) for image in array], dtype=object)
         return {"image_id": batch["image_id"], "embedding": embedding.float().cpu().numpy(), "thumbnail": thumbnails,
