@@ -162,7 +162,8 @@ def main() -> None:
             runs[f"platform stage 2, {args.workers} workers ZeRO-2"] = platform_stage(
                 root / "zero2", root / "prep", root / "init", args.epochs, args.batch,
                 [f"train.num_workers={args.workers}", "train.zero_stage=2",
-                 f"train.cpus_per_worker={0.75 * args.num_cpus / args.workers:g}"])
+                 "train.cpus_per_worker=0.5",
+                 f"train.threads_per_worker={max(1, args.num_cpus // args.workers)}"])
         ray.shutdown()
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores ({args.num_cpus} used), torch {torch.__version__}, "
           f"ray {ray.__version__}; tiny stage 2, batch {args.batch}, {args.subset} subset negatives, pixels, AdamW")

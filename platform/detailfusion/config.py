@@ -80,7 +80,7 @@ class TrainConfig:
     zero_stage: Literal[0, 1, 2, 3] = 2
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0  # Ray CPUs each worker reserves; its torch threads: this rounded up (below)
+    cpus_per_worker: float = 1.0  # Ray CPUs each worker reserves (a scheduling share)
     threads_per_worker: int = 0  # torch intra-op threads of each worker; 0: cpus_per_worker rounded up
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # of workers over nodes
     seed: int = 0

@@ -183,15 +183,18 @@ def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, 
         "image_id").to_pylist())}
     plan, tokens = epoch_plan(triplets, index, tokenizer, max_text_length, epochs, rows_per_epoch, seed,
                               subset_negatives)
-    blocks = [{name: column[start:start + batch_size] for name, column in plan.items()}
-              for start in range(0, len(plan["sample_key"]), batch_size)]
-    dataset = ray.data.from_arrow([_arrow_block(block) for block in blocks])
+    rows = _arrow_table(plan)
+    block = batch_size * BATCHES_PER_BLOCK
+    dataset = ray.data.from_arrow([rows.slice(start, block) for start in range(0, len(rows), block)])
     dataset.context.execution_options.preserve_order = True
     return dataset.map_batches(GalleryBatcher, fn_constructor_kwargs=dict(
-        prepared_dir=str(prepared_dir), source=source, **tokens), batch_size=None, **actor)
+        prepared_dir=str(prepared_dir), source=source, **tokens), batch_size=batch_size, **actor)
 
 
-def _arrow_block(columns: dict[str, np.ndarray]):
+BATCHES_PER_BLOCK = 8  # global batches per input block of the plan: few blocks to put, still many per epoch
+
+
+def _arrow_table(columns: dict[str, np.ndarray]):
     """Numpy columns ([N] or [N, K]) -> a pyarrow table (2-D columns as Ray's tensor extension type)."""
     import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
@@ -199,11 +202,42 @@ def _arrow_block(columns: dict[str, np.ndarray]):
     return pa.table({name: ArrowTensorArray.from_numpy(c) if c.ndim > 1 else pa.array(c) for name, c in columns.items()})
 
 
-def iter_worker_batches(batch_size: int, device=None, dataset: str = "train", pin_memory: bool = False) -> Iterator[dict]:
+def iter_worker_batches(batch_size: int, device=None, dataset: str = "train", pin_memory: bool = False,
+                        prefetch_batches: int = 2) -> Iterator[dict]:
     """Inside ``train_loop_per_worker``: this rank's shard as torch batches of ``batch_size`` (drop_last), on the
-    worker's device (Ray Data's default), staged in pinned host memory with ``pin_memory`` (GPU workers)."""
+    worker's device (Ray Data's default), staged in pinned host memory with ``pin_memory`` (GPU workers), with
+    ``prefetch_batches`` fetched ahead of the step in Ray Data's background thread. The shard is looked up now;
+    Ray Data starts when the first batch is asked for."""
     import ray.train
 
     shard = ray.train.get_dataset_shard(dataset)
     kwargs = {"device": device} if device is not None else {}
-    yield from shard.iter_torch_batches(batch_size=batch_size, drop_last=True, pin_memory=pin_memory, **kwargs)
+    return iter(shard.iter_torch_batches(batch_size=batch_size, drop_last=True, pin_memory=pin_memory,
+                                         prefetch_batches=prefetch_batches, **kwargs))
+
+
+class FirstFetched:
+    """An iterator whose first item is fetched in a background thread from construction on: a stage's input
+    pipeline starts while its model is set up. Iterating waits for that item (and re-raises its error)."""
+
+    def __init__(self, iterator: Iterator):
+        import threading
+
+        self._iterator, self._first, self._error = iterator, [], None
+        self._thread = threading.Thread(target=self._fetch, name="first-batch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first.append(next(self._iterator))
+        except StopIteration:
+            pass
+        except BaseException as error:  # noqa: BLE001 (handed to the consumer's thread)
+            self._error = error
+
+    def __iter__(self) -> Iterator:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        yield from self._first
+        yield from self._iterator

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import JobConfig, from_dict
-from ..data.pipeline import iter_worker_batches
+from ..data.pipeline import FirstFetched, iter_worker_batches
 from ..data.transforms import normalize_pixels
 from .engine import build_engine, micro_batch_size
 from .stages import STAGES, branch_loss, build_loss, freeze_for_stage
@@ -102,6 +102,7 @@ class StageRecipe:
     # -- train ---------------------------------------------------------------------------------------
 
     def run(self) -> None:
+        self.stream = FirstFetched(self._worker_batches())  # the input starts while the model is set up
         self.setup()
         set_up = time.time()
         cached = self._encode_split_once() if self.spec.number == 3 else None
@@ -175,8 +176,13 @@ class StageRecipe:
                   f"in {time.perf_counter() - started:.1f} s")
         return out
 
+    def _worker_batches(self):
+        return iter_worker_batches(self.micro_batch, pin_memory=self.device.type == "cuda")
+
     def _batches(self):
-        for batch in iter_worker_batches(self.micro_batch, pin_memory=self.device.type == "cuda"):
+        """One pass over the input: the stream opened at the start first, a new one after it."""
+        stream, self.stream = self.stream or self._worker_batches(), None
+        for batch in stream:
             yield self._to_device(batch)
 
     def _epochs(self, cached: list[dict] | None):
@@ -192,7 +198,7 @@ class StageRecipe:
             for epoch in range(self.epoch, epochs):
                 yield epoch, self._batches()
         else:
-            stream = iter_worker_batches(self.micro_batch, pin_memory=self.device.type == "cuda")
+            stream, self.stream = iter(self.stream), None
             for _ in itertools.islice(stream, self.epoch * per_epoch):
                 pass
             for epoch in range(self.epoch, epochs):
