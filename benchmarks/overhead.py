@@ -6,11 +6,11 @@ gamma L_GM, pixels, no feature cache) with AdamW, one-cycle schedule and gradien
 on synthetic CIRR prepared once. The bare loop builds its batches in the same process (tokenise, gather
 images, normalise) and uses every core; the platform runs ``run_stage`` with the tiny stage 2 config.
 
-Printed per loop: ms per step (steady state: median of step-to-step wall times after the first epoch), mean ms
-per step over the same steps (epoch-end checkpoints included), start-up seconds (the call until the first step
-began) and the finish (last step to the call's return: checkpoint, export, shut-down), and the ratio to the bare
-loop. The platform's stage runs twice on one Ray session: the second start-up is what a pipeline's later stages
-pay. Then the same stage with ``--workers`` ranks and ZeRO-2 on the same cores.
+Printed per loop: ms per step (steady state: the mean step-to-step wall time after the first 10 steps, so
+epoch-end checkpoints and the input pipeline's work beside the steps are included), their median, start-up
+seconds (the call until the first step began), the finish (last step to the call's return: checkpoint, export,
+shut-down) and the ratio to the bare loop. The platform's stage runs twice on one Ray session: the second
+start-up is what a pipeline's later stages pay. Then the same stage with ``--workers`` ranks and ZeRO-2.
 
     python benchmarks/overhead.py [--pairs 2000] [--epochs 4] [--batch 32] [--workers 2] [--bare-steps 150]
 """
@@ -102,16 +102,18 @@ def platform_stage(workdir: Path, prepared: Path, init: Path, epochs: int, batch
     with open(workdir / "stage2" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     ends = [float(r["wall_time"]) for r in rows]
-    steps_per_epoch = sum(1 for r in rows if r["epoch"] == "0")
     ms = [(b - a) * 1000 for a, b in zip(ends, ends[1:])]
     first_step_ms = statistics.median(ms)
-    return {"ms": ms[steps_per_epoch:], "startup_s": ends[0] - first_step_ms / 1000 - called,
+    return {"ms": ms[WARMUP_STEPS:], "startup_s": ends[0] - first_step_ms / 1000 - called,
             "finish_s": returned - ends[-1], "steps": len(rows)}
 
 
+WARMUP_STEPS = 10  # steps left out of the steady state (the first batches, allocator warm-up)
+
+
 def summary(name: str, result: dict, baseline: float | None) -> str:
-    steady = statistics.median(result["ms"])
-    line = (f"{name:<44} {steady:8.1f} {statistics.fmean(result['ms']):8.1f} {result['startup_s']:8.1f} "
+    steady = statistics.fmean(result["ms"])
+    line = (f"{name:<44} {steady:8.1f} {statistics.median(result['ms']):8.1f} {result['startup_s']:8.1f} "
             f"{result.get('finish_s', 0.0):7.1f}")
     return line + (f"   {steady / baseline:5.2f}x" if baseline else "   (baseline)")
 
@@ -149,9 +151,9 @@ def main() -> None:
         print("bare loop ...", file=sys.stderr, flush=True)
         bare = bare_loop(root / "init", root / "prep", args.batch, args.bare_steps, args.subset, 1.0, 1e-3,
                          args.num_cpus)
-        bare["ms"] = bare["ms"][20:]  # warm-up
-        base = statistics.median(bare["ms"])
-        init_ray(args.num_cpus)
+        bare["ms"] = bare["ms"][WARMUP_STEPS:]
+        base = statistics.fmean(bare["ms"])
+        init_ray(args.num_cpus, dashboard=True)  # as the pipeline runs it (Train's cleaner polls the state API)
         runs = {}
         for name in ("first", "second"):
             print(f"platform stage 2 ({name}) ...", file=sys.stderr, flush=True)
@@ -167,7 +169,7 @@ def main() -> None:
         ray.shutdown()
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores ({args.num_cpus} used), torch {torch.__version__}, "
           f"ray {ray.__version__}; tiny stage 2, batch {args.batch}, {args.subset} subset negatives, pixels, AdamW")
-    print(f"{'loop':<44} {'ms/step':>8} {'mean ms':>8} {'start s':>8} {'finish s':>7}   ratio")
+    print(f"{'loop':<44} {'ms/step':>8} {'median':>8} {'start s':>8} {'finish s':>7}   ratio")
     print(summary(f"bare torch loop, {args.num_cpus} threads", bare, None))
     for name, result in runs.items():
         print(summary(name, result, base))

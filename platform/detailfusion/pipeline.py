@@ -62,7 +62,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     stage_configs = [_stage_config(config, n) for n in (1, 2, 3)]  # config errors before any work
     start = time.perf_counter()
     progress = Progress(steps=10)
-    init_ray(config.num_cpus)
+    init_ray(config.num_cpus, dashboard=True)  # Train's placement-group cleaner polls the state API
     data = {kind: progress.run(f"synth {kind}", _synth, kind, work / "data" / kind, pairs, config.seed)
             for kind, pairs in (("cirr", config.cirr_pairs), ("ipr2pr", config.ipr2pr_pairs))}
     splits = {"ipr2pr-train": ("ipr2pr", "train"), "cirr-train": ("cirr", "train"), "cirr-val": ("cirr", "val"),

@@ -168,6 +168,7 @@ def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, 
     if layout != "gallery":  # inline images: stream the shards
         rows_dir = Path(prepared_dir) / ("features" if source == FEATURES else "triplets")
         dataset = ray.data.read_parquet(str(rows_dir), num_cpus=actor_cpus)
+        dataset.context.enable_progress_bars = False
         return dataset.map_batches(TripletBatcher, fn_constructor_kwargs=dict(
             tokenizer=tokenizer, max_text_length=max_text_length, source=source, seed=seed),
             batch_size=batch_size, **actor)
@@ -187,6 +188,7 @@ def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, 
     block = batch_size * BATCHES_PER_BLOCK
     dataset = ray.data.from_arrow([rows.slice(start, block) for start in range(0, len(rows), block)])
     dataset.context.execution_options.preserve_order = True
+    dataset.context.enable_progress_bars = False  # the stage prints its own progress line; bars redraw every batch
     return dataset.map_batches(GalleryBatcher, fn_constructor_kwargs=dict(
         prepared_dir=str(prepared_dir), source=source, **tokens), batch_size=batch_size, **actor)
 

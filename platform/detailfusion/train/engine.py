@@ -51,4 +51,6 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig,
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(train, optim, world_size),
         dist_init_required=False,
     )
+    if world_size == 1 and train.zero_stage == 0:
+        engine.enable_backward_allreduce = False  # one rank: nothing to reduce (saves flattening every gradient)
     return engine, optimizer, scheduler

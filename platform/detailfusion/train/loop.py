@@ -66,6 +66,7 @@ class StageRecipe:
             self.model, self.config.train, self.config.optim, self.world_size, self.total_steps
         )
         self.step, self.epoch, self.skip_batches = 0, 0, 0
+        self.pending_metrics: list[dict] = []  # rank 0's step rows not yet in metrics.csv
         self.validation_split = None  # data.val_prepared, loaded on rank 0 at the first validation
         self._record_placement()
         self._resume()
@@ -132,6 +133,7 @@ class StageRecipe:
                               f"{self.started - called:.1f} s, setup {set_up - self.started:.1f} s, first batch and step "
                               f"{time.time() - set_up:.1f} s")
                 if self.step % self.config.train.log_every == 0 or self.step == self.total_steps:
+                    self._flush_metrics()
                     self._log(f"epoch {epoch} step {self.step}/{self.total_steps} loss {last_loss:.4f} "
                               f"lr {self.scheduler.get_last_lr()[0]:.2e} {rate:.1f} samples/s")
                 every = self.config.train.checkpoint_every
@@ -263,6 +265,7 @@ class StageRecipe:
         """Every rank saves its DeepSpeed state (collective) and reports it; the last one also exports."""
         import ray.train
 
+        self._flush_metrics()
         with tempfile.TemporaryDirectory() as directory:
             state = {CLIENT_STATE: {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}}
             self.engine.save_checkpoint(directory, tag=f"step{self.step}", client_state=state)
@@ -290,19 +293,24 @@ class StageRecipe:
     def _write_metrics(self, epoch: int, parts: dict, rate: float) -> None:
         if self.rank != 0:
             return
-        row = {"step": self.step, "epoch": epoch, "wall_time": round(time.time(), 4),
-               "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate,
-               **{k: float(v) for k, v in parts.items()}}
-        self._append_csv("metrics.csv", row)
+        self.pending_metrics.append({"step": self.step, "epoch": epoch, "wall_time": round(time.time(), 4),
+                                     "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate,
+                                     **{k: v.item() for k, v in parts.items()}})
 
-    def _append_csv(self, name: str, row: dict) -> None:
+    def _flush_metrics(self) -> None:
+        """Rank 0's buffered step rows to metrics.csv: at progress lines and checkpoints, not every step."""
+        if self.pending_metrics:
+            self._append_csv("metrics.csv", *self.pending_metrics)
+            self.pending_metrics = []
+
+    def _append_csv(self, name: str, *rows: dict) -> None:
         path = Path(self.run_facts["stage_dir"]) / name
         new = not path.exists()
         with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             if new:
                 writer.writeheader()
-            writer.writerow(row)
+            writer.writerows(rows)
 
     def _log(self, message: str) -> None:
         if self.rank == 0:

@@ -123,7 +123,7 @@ def run_stage(config: JobConfig, callbacks: list | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     init_from = initial_model(config, out / "init")
-    init_ray()
+    init_ray(dashboard=True)  # Train's placement-group cleaner polls the state API (without it: a warning per poll)
     trainer = build_trainer(config, manifest, init_from, export_dir, callbacks, called_at)
     print(f"[stage {spec.number}] {spec.name}: {manifest['counts']['triplets']} triplets from {config.data.prepared}, "
           f"{config.train.num_workers} worker(s), ZeRO-{config.train.zero_stage}, {config.train.precision}", flush=True)
