@@ -150,7 +150,10 @@ def test_stage_survives_losing_a_host(cluster, data, tmp_path):
     total = rows // 2 // (batch // 2) * epochs
     assert json.loads((tmp_path / "stage2" / "DONE").read_text())["metrics"]["step"] == total
     steps = [int(line.split(",")[0]) for line in (tmp_path / "stage2" / "metrics.csv").read_text().splitlines()[1:]]
-    after = steps[steps.index(int(resumed.group(1)) + 1, 1):]  # the steps the resumed group ran: the rest, once
+    # the resumed group's steps are the suffix from the LAST row of step resumed+1 (metrics.csv is appended to, and
+    # the killed group may have written steps past its checkpoint before it died)
+    first = int(resumed.group(1)) + 1
+    after = steps[len(steps) - 1 - steps[::-1].index(first):]
     assert after == list(range(int(resumed.group(1)) + 1, total + 1)), steps
 
 
