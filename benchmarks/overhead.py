@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import platform
 import statistics
@@ -96,16 +97,12 @@ def platform_stage(workdir: Path, prepared: Path, init: Path, epochs: int, batch
     config = load_config(JobConfig, REPO / "jobs/configs/stage2_tiny.yaml", [
         f"workdir={workdir}", f"data.prepared={prepared}", f"model.init_from={init}", f"train.epochs={epochs}",
         f"train.batch_size={batch_size}", "data.use_feature_cache=false", "train.log_every=100000", *overrides])
-    called = time.time()
     run_stage(config)
-    returned = time.time()
+    cost = json.loads((workdir / "stage2" / "DONE").read_text())["cost"]  # start-up and finish, as the stage printed
     with open(workdir / "stage2" / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    ends = [float(r["wall_time"]) for r in rows]
+        ends = [float(row["wall_time"]) for row in csv.DictReader(f)]
     ms = [(b - a) * 1000 for a, b in zip(ends, ends[1:])]
-    first_step_ms = statistics.median(ms)
-    return {"ms": ms[WARMUP_STEPS:], "startup_s": ends[0] - first_step_ms / 1000 - called,
-            "finish_s": returned - ends[-1], "steps": len(rows)}
+    return {"ms": ms[WARMUP_STEPS:], "startup_s": cost["startup_s"], "finish_s": cost["finish_s"]}
 
 
 WARMUP_STEPS = 10  # steps left out of the steady state (the first batches, allocator warm-up)

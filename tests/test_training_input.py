@@ -4,6 +4,8 @@ shards that cover the split once per epoch."""
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -82,6 +84,23 @@ def test_training_rows_are_tokenised_and_refuse_a_foreign_cache(cirr_prepared, e
     other, _ = build_model("tiny")
     with pytest.raises(ValueError, match="feature cache was made by a vision encoder with fingerprint"):
         training_dataset(cirr_prepared, tokenizer, 32, vision_fingerprint=vision_fingerprint(other))
+
+
+def test_a_triplet_whose_image_is_missing_is_named(cirr_prepared, exported, tmp_path):
+    """A split whose image store lost an image: the error names the split and the triplet, before any training."""
+    import shutil
+
+    _, tokenizer, _ = exported
+    broken = tmp_path / "broken"
+    shutil.copytree(cirr_prepared, broken)
+    images = pq.read_table(broken / "images")
+    first = pq.read_table(broken / "triplets").to_pylist()[0]
+    shutil.rmtree(broken / "images")
+    (broken / "images").mkdir()
+    pq.write_table(images.filter(pa.compute.not_equal(images.column("image_id"), first["reference_id"])),
+                   broken / "images" / "part-0.parquet")
+    with pytest.raises(ValueError, match=f"{broken}: .* missing from its image store .*{first['sample_id']}"):
+        training_dataset(broken, tokenizer, 32, use_features=False, batch_size=8)
 
 
 def test_subset_negatives_are_other_set_members(cirr_prepared, exported):

@@ -1,11 +1,12 @@
 """Training input: prepared shards -> a Ray Dataset of tokenised, fixed-shape batches -> each Train worker's shard.
 
-Driver side, ``training_dataset(prepared_dir, tokenizer, max_text_length)`` builds the Dataset handed to
-``TorchTrainer(datasets={"train": ...})``. Rows get their images attached by an actor that holds the split's
-image store (uint8 pixels, or frozen-ViT features when the cache exists and ``use_features``), and their
-text tokenised (FashionIQ train: one of the four caption forms, drawn anew every epoch).
-Worker side, ``iter_worker_batches(batch_size)`` iterates ``ray.train.get_dataset_shard("train")`` with
-``drop_last=True`` so every rank runs the same number of steps.
+Driver side, ``training_dataset(prepared_dir, tokenizer, max_text_length, epochs=, seed=, batch_size=)`` builds the
+Dataset handed to ``TorchTrainer(datasets={"train": ...})``. Gallery splits (CIRR, FashionIQ): ``epoch_plan`` draws
+every epoch's rows on the driver (a fresh seeded shuffle, text variant, subset negatives) and tokenises each text
+once; one actor holding the image store (uint8 pixels, or frozen-ViT features when the cache exists and
+``use_features``) gathers each batch's images. Inline splits (IPr2Pr): the shards stream once per epoch and an
+actor tokenises them. Worker side, ``iter_worker_batches(batch_size)`` iterates
+``ray.train.get_dataset_shard("train")`` with ``drop_last=True`` so every rank runs the same number of steps.
 
 Batch columns: input_ids, attention_mask [B, L] int64; sample_key [B] int64 (stable hash of sample_id);
 reference / target: pixels uint8 [B, S, S, 3] or features float16 [B, T, W]; ``source`` says which;
@@ -108,8 +109,8 @@ def epoch_plan(triplets, index: dict[str, int], tokenizer, max_text_length: int,
     attention_mask [texts, max_text_length] int64, each distinct text tokenised once.
     """
     variants = triplets.column("text_variants").to_pylist()
-    references = [index[i] for i in triplets.column("reference_id").to_pylist()]
-    targets = [index[i] for i in triplets.column("target_id").to_pylist()]
+    references = np.array([index[i] for i in triplets.column("reference_id").to_pylist()], dtype=np.int64)
+    targets = np.array([index[i] for i in triplets.column("target_id").to_pylist()], dtype=np.int64)
     keys = np.array([sample_key(s) for s in triplets.column("sample_id").to_pylist()], dtype=np.int64)
     texts = list(dict.fromkeys(t for v in variants for t in v))
     text_row = {t: i for i, t in enumerate(texts)}
@@ -125,8 +126,8 @@ def epoch_plan(triplets, index: dict[str, int], tokenizer, max_text_length: int,
         order = rng.permutation(len(keys))[:rows_per_epoch]
         columns["sample_key"].append(keys[order])
         columns["text_row"].append(np.array([text_row[variants[i][rng.integers(len(variants[i]))]] for i in order]))
-        columns["reference_row"].append(np.asarray(references)[order])
-        columns["target_row"].append(np.asarray(targets)[order])
+        columns["reference_row"].append(references[order])
+        columns["target_row"].append(targets[order])
         if subset_negatives:  # K other members of the set; the reference fills in for a short set
             picks = [list(rng.permutation(others[i])[:subset_negatives]) for i in order]
             columns["subset_rows"].append(np.array([p + [references[i]] * (subset_negatives - len(p))
@@ -142,7 +143,7 @@ def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, 
 
     Gallery layout (CIRR, FashionIQ): one stream holding all ``epochs``, each a fresh seeded shuffle of the split
     cut to whole global batches of ``batch_size`` (``epoch_plan``), so Ray Data starts once per stage and its
-    actor only gathers; blocks of one global batch, order preserved. Inline layout (IPr2Pr): one epoch per
+    actor only gathers; input blocks of ``BATCHES_PER_BLOCK`` global batches, order preserved. Inline layout (IPr2Pr): one epoch per
     iteration, streamed from the shards in file order, tokenised by the actor.
     ``use_features``: read the frozen-ViT cache when the split has one; ``vision_fingerprint`` (of the model
     about to train) must then match the cache's, or the cache belongs to another ViT. ``actor_cpus``: CPUs of
@@ -182,6 +183,12 @@ def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, 
     index = {image_id: i for i, image_id in enumerate(pq.read_table(
         Path(prepared_dir) / ("features" if source == FEATURES else "images"), columns=["image_id"]).column(
         "image_id").to_pylist())}
+    missing = [sample for sample, ref, tgt in zip(*(triplets.column(c).to_pylist() for c in
+                                                      ("sample_id", "reference_id", "target_id")))
+               if ref not in index or tgt not in index]
+    if missing:
+        raise ValueError(f"{prepared_dir}: {len(missing)} triplets name images missing from its image store "
+                         f"(e.g. {', '.join(missing[:3])}); run `detailfusion prepare` for this split again")
     plan, tokens = epoch_plan(triplets, index, tokenizer, max_text_length, epochs, rows_per_epoch, seed,
                               subset_negatives)
     rows = _arrow_table(plan)

@@ -150,7 +150,8 @@ def stage_cost(metrics_csv: Path, called_at: float, returned_at: float) -> dict 
     if not metrics_csv.is_file():
         return None
     with metrics_csv.open() as f:
-        ends = [float(row["wall_time"]) for row in csv.DictReader(f) if float(row["wall_time"]) >= called_at]
+        times = [row.get("wall_time") or "" for row in csv.DictReader(f)]  # "": a row from before the column existed
+    ends = [float(t) for t in times if t.replace(".", "", 1).isdigit() and float(t) >= called_at]
     if not ends:
         return None
     step_s = statistics.median([b - a for a, b in zip(ends, ends[1:])]) if len(ends) > 1 else 0.0
