@@ -57,3 +57,29 @@ def ray_local(tmp_path_factory):
             runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "tests"), "TOKENIZERS_PARALLELISM": "false"}},
         )
     yield ray
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_resources_returned(request):
+    """After each module, the session Ray must get all its CPUs back within a minute: a run, actor pool or
+    placement group left behind would starve the next module's Ray Data tasks, which then wait for ever (a CI run
+    hung 3 x 900 s that way). Fails here, naming what still holds resources, instead."""
+    yield
+    import sys
+    import time
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    total = ray.cluster_resources().get("CPU", 0)
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(1)
+    free = ray.available_resources().get("CPU", 0)
+    if free < total:
+        from ray.util.state import list_actors, list_placement_groups
+
+        actors = [f"{a.class_name} ({a.pid})" for a in list_actors(filters=[("state", "=", "ALIVE")])]
+        groups = [g.placement_group_id for g in list_placement_groups(filters=[("state", "=", "CREATED")])]
+        pytest.fail(f"{request.module.__name__} left {total - free} of {total} CPUs held after 60 s: alive actors "
+                    f"{actors}, placement groups {groups}", pytrace=False)

@@ -105,6 +105,12 @@ class StageRecipe:
     def run(self) -> None:
         self.stream = FirstFetched(self._worker_batches())  # the input starts while the model is set up
         self.setup()
+        try:
+            self._train()
+        finally:  # a crash must not lose the rows of the steps that ran (metrics.csv is the run's record)
+            self._flush_metrics()
+
+    def _train(self) -> None:
         set_up = time.time()
         cached = self._encode_split_once() if self.spec.number == 3 else None
         self.engine.train()
