@@ -10,6 +10,7 @@ Rerunning the same command resumes from the latest checkpoint; a finished stage 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,9 @@ from pathlib import Path
 from ..config import JobConfig, save_config, to_dict
 from ..data.pipeline import read_manifest, training_dataset
 from .stages import STAGES
+
+
+HEALTH_CHECK_INTERVAL_S = 0.5  # Ray Train's worker poll interval (set RAY_TRAIN_HEALTH_CHECK_INTERVAL_S to change)
 
 
 class StageError(ValueError):
@@ -124,6 +128,9 @@ def run_stage(config: JobConfig, callbacks: list | None = None) -> Path:
     save_config(config, out / "config.yaml")
     init_from = initial_model(config, out / "init")
     init_ray(dashboard=True)  # Train's placement-group cleaner polls the state API (without it: a warning per poll)
+    # Train's controller notices a finished worker group at its next poll: 2 s by default, 0.5 s cut a tiny stage's
+    # finish from 3.3-4.8 s to 1.0-1.5 s. Read from the driver's environment and passed on to the controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_INTERVAL_S))
     trainer = build_trainer(config, manifest, init_from, export_dir, callbacks, called_at)
     print(f"[stage {spec.number}] {spec.name}: {manifest['counts']['triplets']} triplets from {config.data.prepared}, "
           f"{config.train.num_workers} worker(s), ZeRO-{config.train.zero_stage}, {config.train.precision}", flush=True)
