@@ -11,6 +11,10 @@ epoch-end checkpoints and the input pipeline's work beside the steps are include
 seconds (the call until the first step began), the finish (last step to the call's return: checkpoint, export,
 shut-down) and the ratio to the bare loop. The platform's stage runs twice on one Ray session: the second
 start-up is what a pipeline's later stages pay. Then the same stage with ``--workers`` ranks and ZeRO-2.
+The bare loop runs before, between and after the platform's runs (with no Ray on the machine), and each platform
+run is compared with the mean of the bare runs on either side of it: a small machine's speed drifts by 10-20 %
+over minutes (seen: 118-158 ms for the same bare loop in one hour), which a single baseline at the start reads as
+the platform's cost.
 
     python benchmarks/overhead.py [--pairs 2000] [--epochs 4] [--batch 32] [--workers 2] [--bare-steps 150]
 """
@@ -110,7 +114,7 @@ WARMUP_STEPS = 10  # steps left out of the steady state (the first batches, allo
 
 def summary(name: str, result: dict, baseline: float | None) -> str:
     steady = statistics.fmean(result["ms"])
-    line = (f"{name:<44} {steady:8.1f} {statistics.median(result['ms']):8.1f} {result['startup_s']:8.1f} "
+    line = (f"{name:<50} {steady:8.1f} {statistics.median(result['ms']):8.1f} {result['startup_s']:8.1f} "
             f"{result.get('finish_s', 0.0):7.1f}")
     return line + (f"   {steady / baseline:5.2f}x" if baseline else "   (baseline)")
 
@@ -144,32 +148,43 @@ def main() -> None:
         init_ray(args.num_cpus)
         ray.data.DataContext.get_current().enable_progress_bars = False
         prepare(PrepareConfig(dataset="cirr", root=str(root / "raw"), split="train", out=str(root / "prep")))
-        ray.shutdown()  # the bare loop runs with no Ray on the machine
-        print("bare loop ...", file=sys.stderr, flush=True)
-        bare = bare_loop(root / "init", root / "prep", args.batch, args.bare_steps, args.subset, 1.0, 1e-3,
-                         args.num_cpus)
-        bare["ms"] = bare["ms"][WARMUP_STEPS:]
-        base = statistics.fmean(bare["ms"])
+        ray.shutdown()
+        bares: list[dict] = []
+
+        def bare_run() -> None:  # with no Ray on the machine
+            print(f"bare loop ({len(bares) + 1}) ...", file=sys.stderr, flush=True)
+            result = bare_loop(root / "init", root / "prep", args.batch, args.bare_steps, args.subset, 1.0, 1e-3,
+                               args.num_cpus)
+            bares.append({**result, "ms": result["ms"][WARMUP_STEPS:]})
+
+        runs = []  # (name, result, index of the bare run before it)
+        bare_run()
         init_ray(args.num_cpus, dashboard=True)  # as the pipeline runs it (Train's cleaner polls the state API)
-        runs = {}
         for name in ("first", "second"):
             print(f"platform stage 2 ({name}) ...", file=sys.stderr, flush=True)
-            runs[f"platform stage 2, 1 worker ({name} stage)"] = platform_stage(
-                root / name, root / "prep", root / "init", args.epochs, args.batch, [])
-        if args.workers > 1:
-            print(f"platform stage 2 ({args.workers} workers, ZeRO-2) ...", file=sys.stderr, flush=True)
-            runs[f"platform stage 2, {args.workers} workers ZeRO-2"] = platform_stage(
-                root / "zero2", root / "prep", root / "init", args.epochs, args.batch,
-                [f"train.num_workers={args.workers}", "train.zero_stage=2",
-                 "train.cpus_per_worker=0.5",
-                 f"train.threads_per_worker={max(1, args.num_cpus // args.workers)}"])
+            runs.append((f"platform stage 2, 1 worker ({name} stage)", platform_stage(
+                root / name, root / "prep", root / "init", args.epochs, args.batch, []), len(bares) - 1))
         ray.shutdown()
+        bare_run()
+        if args.workers > 1:
+            init_ray(args.num_cpus, dashboard=True)
+            print(f"platform stage 2 ({args.workers} workers, ZeRO-2) ...", file=sys.stderr, flush=True)
+            runs.append((f"platform stage 2, {args.workers} workers ZeRO-2 (first)", platform_stage(
+                root / "zero2", root / "prep", root / "init", args.epochs, args.batch,
+                [f"train.num_workers={args.workers}", "train.zero_stage=2", "train.cpus_per_worker=0.5",
+                 f"train.threads_per_worker={max(1, args.num_cpus // args.workers)}"]), len(bares) - 1))
+            ray.shutdown()
+            bare_run()
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores ({args.num_cpus} used), torch {torch.__version__}, "
           f"ray {ray.__version__}; tiny stage 2, batch {args.batch}, {args.subset} subset negatives, pixels, AdamW")
-    print(f"{'loop':<44} {'ms/step':>8} {'median':>8} {'start s':>8} {'finish s':>7}   ratio")
-    print(summary(f"bare torch loop, {args.num_cpus} threads", bare, None))
-    for name, result in runs.items():
-        print(summary(name, result, base))
+    print("bare loop runs (ms/step, in order): " + ", ".join(f"{statistics.fmean(b['ms']):.1f}" for b in bares)
+          + " -- each platform run is compared with the mean of the bare runs just before and after it")
+    print(f"{'loop':<50} {'ms/step':>8} {'median':>8} {'start s':>8} {'finish s':>7}   ratio")
+    for i, bare in enumerate(bares):
+        print(summary(f"bare torch loop ({i + 1}), {args.num_cpus} threads", bare, None))
+    for name, result, before in runs:
+        print(summary(name, result, statistics.fmean([statistics.fmean(bares[before]["ms"]),
+                                                      statistics.fmean(bares[before + 1]["ms"])])))
 
 
 if __name__ == "__main__":

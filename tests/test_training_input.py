@@ -1,5 +1,5 @@
-"""Training input: the frozen-ViT feature cache equals the online path, and 2 Ray Train workers get disjoint
-shards that cover the split once per epoch."""
+"""Training input: the frozen-ViT feature cache equals the online path, and 2 ranks get disjoint micro-batches that
+cover the split once per epoch."""
 
 import json
 
@@ -12,7 +12,7 @@ import torch
 
 from detailfusion.config import PrepareConfig
 from detailfusion.data.feature_cache import vision_fingerprint
-from detailfusion.data.pipeline import load_image_store, sample_key, training_dataset
+from detailfusion.data.pipeline import gallery_input, load_image_store, sample_key, training_dataset
 from detailfusion.data.prepare import prepare
 from detailfusion.data.schema import pixels_from_bytes
 from detailfusion.data.synthetic import write_synthetic
@@ -76,14 +76,14 @@ def test_ipr2pr_inline_cache_and_training_rows(tmp_path, exported):
 
 def test_training_rows_are_tokenised_and_refuse_a_foreign_cache(cirr_prepared, exported):
     _, tokenizer, _ = exported
-    batch = training_dataset(cirr_prepared, tokenizer, 32, use_features=False).take_batch(3)
+    batch = next(gallery_input(cirr_prepared, tokenizer, 32, use_features=False).micro_batches(0, 1, 3))
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (3, 32)
     assert batch["reference"].shape == (3, 64, 64, 3)
     assert (batch["input_ids"][:, 0] == tokenizer.cls_token_id).all()
     torch.manual_seed(1)
     other, _ = build_model("tiny")
     with pytest.raises(ValueError, match="feature cache was made by a vision encoder with fingerprint"):
-        training_dataset(cirr_prepared, tokenizer, 32, vision_fingerprint=vision_fingerprint(other))
+        gallery_input(cirr_prepared, tokenizer, 32, vision_fingerprint=vision_fingerprint(other))
 
 
 def test_a_triplet_whose_image_is_missing_is_named(cirr_prepared, exported, tmp_path):
@@ -100,7 +100,7 @@ def test_a_triplet_whose_image_is_missing_is_named(cirr_prepared, exported, tmp_
     pq.write_table(images.filter(pa.compute.not_equal(images.column("image_id"), first["reference_id"])),
                    broken / "images" / "part-0.parquet")
     with pytest.raises(ValueError, match=f"{broken}: .* missing from its image store .*{first['sample_id']}"):
-        training_dataset(broken, tokenizer, 32, use_features=False, batch_size=8)
+        gallery_input(broken, tokenizer, 32, use_features=False, batch_size=8)
 
 
 def test_subset_negatives_are_other_set_members(cirr_prepared, exported):
@@ -108,8 +108,9 @@ def test_subset_negatives_are_other_set_members(cirr_prepared, exported):
     _, tokenizer, _ = exported
     index, store = load_image_store(cirr_prepared, "pixels")
     triplets = pq.read_table(cirr_prepared / "triplets").to_pylist()
-    batch = training_dataset(cirr_prepared, tokenizer, 32, use_features=False, subset_negatives=2,
-                             batch_size=8).take_batch(len(triplets))  # 40 rows: 5 whole global batches
+    batches = list(gallery_input(cirr_prepared, tokenizer, 32, use_features=False, subset_negatives=2,
+                                 batch_size=8).micro_batches(0, 1, 8))  # 40 rows: 5 whole global batches
+    batch = {key: np.concatenate([b[key] for b in batches]) for key in ("sample_key", "subset")}
     assert batch["subset"].shape == (len(triplets), 2, 64, 64, 3)
     by_key = {sample_key(t["sample_id"]): t for t in triplets}
     for key, subset in zip(batch["sample_key"], batch["subset"]):
@@ -117,49 +118,30 @@ def test_subset_negatives_are_other_set_members(cirr_prepared, exported):
         members = [store[index[m]] for m in row["subset_ids"] if m not in (row["reference_id"], row["target_id"])]
         for image in subset:
             assert any(np.array_equal(image, m) for m in members)
-    with pytest.raises(ValueError, match="subset negatives need near-duplicate sets"):
+    with pytest.raises(ValueError, match="inline images, no gallery"):  # IPr2Pr: no sets, no gallery to gather from
         ipr2pr = cirr_prepared.parent / "ipr2pr"
         write_synthetic("ipr2pr", ipr2pr / "raw", pairs=8, seed=0, image_size=64)
         prepare(PrepareConfig(dataset="ipr2pr", root=str(ipr2pr / "raw"), split="train", out=str(ipr2pr / "out")))
-        training_dataset(ipr2pr / "out", tokenizer, 32, subset_negatives=2)
+        gallery_input(ipr2pr / "out", tokenizer, 32, subset_negatives=2)
 
 
-def _collect_keys(config):
-    import ray.train
-
-    from detailfusion.data.pipeline import iter_worker_batches
-
-    rank = ray.train.get_context().get_world_rank()
-    keys, steps = [], 0
-    for batch in iter_worker_batches(config["batch_size"]):
-        assert batch["input_ids"].dtype == torch.int64 and batch["reference"].shape[1:] == (65, 64)
-        keys += batch["sample_key"].tolist()
-        steps += 1
-    with open(f"{config['out']}/rank{rank}.json", "w") as f:
-        json.dump({"keys": keys, "steps": steps}, f)
-
-
-@pytest.mark.timeout(300)
-def test_two_workers_get_disjoint_shards_covering_the_split(cirr_prepared, exported, tmp_path):
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+def test_two_ranks_get_disjoint_micro_batches_covering_the_split_every_epoch(cirr_prepared, exported):
+    """Global batch 10 = 2 ranks x 5, 2 epochs of the 40-row split: each epoch the ranks' rows are disjoint and cover
+    the split once; a resumed stream (``start``) continues exactly where the full one was."""
     model, tokenizer, _ = exported
-    dataset = training_dataset(cirr_prepared, tokenizer, 32, vision_fingerprint=vision_fingerprint(model),
-                               actor_cpus=0.25, batch_size=10)  # global batch: 2 ranks x 5
-    trainer = TorchTrainer(
-        _collect_keys,
-        train_loop_config={"batch_size": 5, "out": str(tmp_path)},
-        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-        datasets={"train": dataset},
-        run_config=RunConfig(name="shards", storage_path=str(tmp_path / "storage")),
-    )
-    trainer.fit()
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    source = gallery_input(cirr_prepared, tokenizer, 32, vision_fingerprint=vision_fingerprint(model), epochs=2,
+                           batch_size=10)
+    ranks = [list(source.micro_batches(rank, 2, 5)) for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 8  # 4 steps per epoch on each rank
+    assert ranks[0][0]["input_ids"].dtype == np.int64 and ranks[0][0]["reference"].shape == (5, 65, 64)
     expected = {sample_key(s) for s in pq.read_table(cirr_prepared / "triplets").column("sample_id").to_pylist()}
     assert len(expected) == 40
-    keys0, keys1 = set(ranks[0]["keys"]), set(ranks[1]["keys"])
-    assert len(ranks[0]["keys"]) == len(keys0) == 20 and len(keys1) == 20
-    assert not keys0 & keys1
-    assert keys0 | keys1 == expected
-    assert ranks[0]["steps"] == ranks[1]["steps"] == 4
+    for epoch in (0, 1):
+        keys0, keys1 = ([int(k) for b in rank[epoch * 4:(epoch + 1) * 4] for k in b["sample_key"]] for rank in ranks)
+        assert len(keys0) == len(set(keys0)) == 20 and len(set(keys1)) == 20
+        assert not set(keys0) & set(keys1)
+        assert set(keys0) | set(keys1) == expected
+    resumed = list(source.micro_batches(1, 2, 5, start=5))
+    assert len(resumed) == 3
+    assert all(np.array_equal(a["sample_key"], b["sample_key"]) and np.array_equal(a["target"], b["target"])
+               for a, b in zip(resumed, ranks[1][5:]))

@@ -1,12 +1,14 @@
-"""Training input: prepared shards -> a Ray Dataset of tokenised, fixed-shape batches -> each Train worker's shard.
+"""Training input: a prepared split -> each rank's fixed-shape batches.
 
-Driver side, ``training_dataset(prepared_dir, tokenizer, max_text_length, epochs=, seed=, batch_size=)`` builds the
-Dataset handed to ``TorchTrainer(datasets={"train": ...})``. Gallery splits (CIRR, FashionIQ): ``epoch_plan`` draws
-every epoch's rows on the driver (a fresh seeded shuffle, text variant, subset negatives) and tokenises each text
-once; one actor holding the image store (uint8 pixels, or frozen-ViT features when the cache exists and
-``use_features``) gathers each batch's images. Inline splits (IPr2Pr): the shards stream once per epoch and an
-actor tokenises them. Worker side, ``iter_worker_batches(batch_size)`` iterates
-``ray.train.get_dataset_shard("train")`` with ``drop_last=True`` so every rank runs the same number of steps.
+Gallery splits (CIRR, FashionIQ): ``gallery_input(prepared_dir, tokenizer, max_text_length, epochs=, seed=,
+batch_size=)`` on the driver draws every epoch's rows (``epoch_plan``: a fresh seeded shuffle, text variant, subset
+negatives), tokenises each text once, and puts the plan, the token table and the split's image store (uint8 pixels,
+or frozen-ViT features when the cache exists and ``use_features``) in Ray's object store once; each rank maps them
+(zero-copy on its node) and gathers its own micro-batches (``GalleryInput.micro_batches``), so no actor sits between
+the store and the step and nothing is copied per batch through the object store. Inline splits (IPr2Pr, too large
+to hold): ``training_dataset`` streams the shards with Ray Data once per epoch, an actor tokenises them, and
+``iter_worker_batches(batch_size)`` iterates ``ray.train.get_dataset_shard("train")`` with ``drop_last=True`` so
+every rank runs the same number of steps.
 
 Batch columns: input_ids, attention_mask [B, L] int64; sample_key [B] int64 (stable hash of sample_id);
 reference / target: pixels uint8 [B, S, S, 3] or features float16 [B, T, W]; ``source`` says which;
@@ -19,8 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -79,23 +82,38 @@ class TripletBatcher:
         }
 
 
-class GalleryBatcher:
-    """Ray Data actor for the gallery layout (CIRR, FashionIQ): index rows -> the batch's tokens and images.
+@dataclass(frozen=True)
+class GalleryInput:
+    """A gallery split's whole training input in Ray's object store (built by ``gallery_input`` on the driver).
 
-    Holds the split's image store and the token table of every text the plan uses; a batch is gathers only.
+    ``plan``: ObjectRef of the plan columns (``epoch_plan``, ``rows`` rows: every epoch's rows in order);
+    ``tokens``: ObjectRef of the token table; ``store``: ObjectRef of the image store [N, ...]; ``source``: PIXELS or
+    FEATURES. Picklable: it travels to the Train workers in the loop config.
     """
 
-    def __init__(self, prepared_dir: str, source: str, input_ids: np.ndarray, attention_mask: np.ndarray):
-        self.input_ids, self.attention_mask = input_ids, attention_mask
-        _, self.store = load_image_store(prepared_dir, source)
+    plan: Any
+    tokens: Any
+    store: Any
+    source: str
+    rows: int
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {"input_ids": self.input_ids[batch["text_row"]], "attention_mask": self.attention_mask[batch["text_row"]],
-               "sample_key": batch["sample_key"], "reference": self.store[batch["reference_row"]],
-               "target": self.store[batch["target_row"]]}
-        if "subset_rows" in batch:
-            out["subset"] = self.store[batch["subset_rows"]]
-        return out
+    def micro_batches(self, rank: int, world_size: int, size: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """This rank's micro-batches of ``size`` rows, from micro-batch ``start`` on: micro-batch ``k`` of rank ``r``
+        is plan rows ``[(k * world_size + r) * size, ... + size)``, so the ranks' k-th micro-batches together are
+        ``world_size * size`` consecutive plan rows (one global batch when ``grad_accum`` is 1), disjoint across ranks.
+        Only whole micro-batches of every rank are yielded (the plan holds whole global batches)."""
+        import ray
+
+        plan, tokens, store = ray.get([self.plan, self.tokens, self.store])  # zero-copy views of the node's store
+        for k in range(start, self.rows // (world_size * size)):
+            rows = slice((k * world_size + rank) * size, (k * world_size + rank + 1) * size)
+            text = plan["text_row"][rows]
+            batch = {"input_ids": tokens["input_ids"][text], "attention_mask": tokens["attention_mask"][text],
+                     "sample_key": plan["sample_key"][rows], "reference": store[plan["reference_row"][rows]],
+                     "target": store[plan["target_row"][rows]]}
+            if "subset_rows" in plan:
+                batch["subset"] = store[plan["subset_rows"][rows]]
+            yield batch
 
 
 def epoch_plan(triplets, index: dict[str, int], tokenizer, max_text_length: int, epochs: int, rows_per_epoch: int,
@@ -136,24 +154,8 @@ def epoch_plan(triplets, index: dict[str, int], tokenizer, max_text_length: int,
     return plan, table
 
 
-def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, use_features: bool = True,
-                     vision_fingerprint: str | None = None, actor_cpus: float = 1.0, subset_negatives: int = 0,
-                     epochs: int = 1, seed: int = 0, batch_size: int = 32):
-    """The Ray Dataset of one prepared split for training (rows without a target are refused).
-
-    Gallery layout (CIRR, FashionIQ): one stream holding all ``epochs``, each a fresh seeded shuffle of the split
-    cut to whole global batches of ``batch_size`` (``epoch_plan``), so Ray Data starts once per stage and its
-    actor only gathers; input blocks of ``BATCHES_PER_BLOCK`` global batches, order preserved. Inline layout (IPr2Pr): one epoch per
-    iteration, streamed from the shards in file order, tokenised by the actor.
-    ``use_features``: read the frozen-ViT cache when the split has one; ``vision_fingerprint`` (of the model
-    about to train) must then match the cache's, or the cache belongs to another ViT. ``actor_cpus``: CPUs of
-    the batching actor (fractional on small machines, where whole CPUs would starve the Train workers).
-    ``subset_negatives``: K near-duplicate images per row (gallery-layout splits with ``img_set``s only).
-    """
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    manifest = read_manifest(prepared_dir)
+def _source(prepared_dir: str | Path, manifest: dict, use_features: bool, vision_fingerprint: str | None) -> str:
+    """PIXELS, or FEATURES when the split has a cache and ``use_features``; a cache of another ViT is refused."""
     cache = manifest.get("features")
     source = FEATURES if use_features and cache else PIXELS
     if source == FEATURES and vision_fingerprint and cache["fingerprint"] != vision_fingerprint:
@@ -161,18 +163,22 @@ def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, 
             f"{prepared_dir}: its feature cache was made by a vision encoder with fingerprint {cache['fingerprint']}, "
             f"the model has {vision_fingerprint}; rebuild the cache or train without it (use_features=false)"
         )
-    layout = manifest["layout"]
-    if subset_negatives and layout != "gallery":
-        raise ValueError(f"{prepared_dir}: subset negatives need near-duplicate sets (CIRR img_set); "
-                         f"{manifest['dataset']} has none")
-    actor = dict(compute=ActorPoolStrategy(size=1), num_cpus=actor_cpus, batch_format="numpy")
-    if layout != "gallery":  # inline images: stream the shards
-        rows_dir = Path(prepared_dir) / ("features" if source == FEATURES else "triplets")
-        dataset = ray.data.read_parquet(str(rows_dir), num_cpus=actor_cpus)
-        dataset.context.enable_progress_bars = False
-        return dataset.map_batches(TripletBatcher, fn_constructor_kwargs=dict(
-            tokenizer=tokenizer, max_text_length=max_text_length, source=source, seed=seed),
-            batch_size=batch_size, **actor)
+    return source
+
+
+def gallery_input(prepared_dir: str | Path, tokenizer, max_text_length: int, use_features: bool = True,
+                  vision_fingerprint: str | None = None, subset_negatives: int = 0, epochs: int = 1, seed: int = 0,
+                  batch_size: int = 32) -> GalleryInput:
+    """A gallery split's (CIRR, FashionIQ) training input for ``epochs`` epochs, each a fresh seeded shuffle cut to
+    whole global batches of ``batch_size`` (``epoch_plan``), put in the object store (rows without a target are
+    refused). ``use_features``: read the frozen-ViT cache when the split has one; ``vision_fingerprint`` (of the model
+    about to train) must then match the cache's. ``subset_negatives``: K near-duplicate images per row."""
+    import ray
+
+    manifest = read_manifest(prepared_dir)
+    if manifest["layout"] != "gallery":
+        raise ValueError(f"{prepared_dir}: {manifest['dataset']} has inline images, no gallery: use training_dataset")
+    source = _source(prepared_dir, manifest, use_features, vision_fingerprint)
     triplets = pq.read_table(Path(prepared_dir) / "triplets")
     unlabelled = triplets.column("target_id").null_count
     if unlabelled:
@@ -180,9 +186,7 @@ def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, 
     rows_per_epoch = len(triplets) // batch_size * batch_size
     if not rows_per_epoch:
         raise ValueError(f"{prepared_dir}: {len(triplets)} triplets make no global batch of {batch_size}")
-    index = {image_id: i for i, image_id in enumerate(pq.read_table(
-        Path(prepared_dir) / ("features" if source == FEATURES else "images"), columns=["image_id"]).column(
-        "image_id").to_pylist())}
+    index, store = load_image_store(prepared_dir, source)
     missing = [sample for sample, ref, tgt in zip(*(triplets.column(c).to_pylist() for c in
                                                       ("sample_id", "reference_id", "target_id")))
                if ref not in index or tgt not in index]
@@ -191,24 +195,31 @@ def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, 
                          f"(e.g. {', '.join(missing[:3])}); run `detailfusion prepare` for this split again")
     plan, tokens = epoch_plan(triplets, index, tokenizer, max_text_length, epochs, rows_per_epoch, seed,
                               subset_negatives)
-    rows = _arrow_table(plan)
-    block = batch_size * BATCHES_PER_BLOCK
-    dataset = ray.data.from_arrow([rows.slice(start, block) for start in range(0, len(rows), block)])
-    dataset.context.execution_options.preserve_order = True
+    return GalleryInput(plan=ray.put(plan), tokens=ray.put(tokens), store=ray.put(store), source=source,
+                        rows=len(plan["sample_key"]))
+
+
+def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, use_features: bool = True,
+                     vision_fingerprint: str | None = None, actor_cpus: float = 1.0, seed: int = 0,
+                     batch_size: int = 32):
+    """The Ray Dataset of an inline split (IPr2Pr) for ``TorchTrainer(datasets={"train": ...})``: one epoch per
+    iteration, streamed from the shards in file order, tokenised by one actor of ``actor_cpus`` CPUs (fractional on
+    small machines, where whole CPUs would starve the Train workers). ``use_features``/``vision_fingerprint``: as
+    in ``gallery_input``."""
+    from ray.data import ActorPoolStrategy
+
+    import ray
+
+    manifest = read_manifest(prepared_dir)
+    if manifest["layout"] == "gallery":
+        raise ValueError(f"{prepared_dir}: {manifest['dataset']} is a gallery split: use gallery_input")
+    source = _source(prepared_dir, manifest, use_features, vision_fingerprint)
+    rows_dir = Path(prepared_dir) / ("features" if source == FEATURES else "triplets")
+    dataset = ray.data.read_parquet(str(rows_dir), num_cpus=actor_cpus)
     dataset.context.enable_progress_bars = False  # the stage prints its own progress line; bars redraw every batch
-    return dataset.map_batches(GalleryBatcher, fn_constructor_kwargs=dict(
-        prepared_dir=str(prepared_dir), source=source, **tokens), batch_size=batch_size, **actor)
-
-
-BATCHES_PER_BLOCK = 8  # global batches per input block of the plan: few blocks to put, still many per epoch
-
-
-def _arrow_table(columns: dict[str, np.ndarray]):
-    """Numpy columns ([N] or [N, K]) -> a pyarrow table (2-D columns as Ray's tensor extension type)."""
-    import pyarrow as pa
-    from ray.data.extensions import ArrowTensorArray
-
-    return pa.table({name: ArrowTensorArray.from_numpy(c) if c.ndim > 1 else pa.array(c) for name, c in columns.items()})
+    return dataset.map_batches(TripletBatcher, fn_constructor_kwargs=dict(
+        tokenizer=tokenizer, max_text_length=max_text_length, source=source, seed=seed),
+        batch_size=batch_size, compute=ActorPoolStrategy(size=1), num_cpus=actor_cpus, batch_format="numpy")
 
 
 def iter_worker_batches(batch_size: int, device=None, dataset: str = "train", pin_memory: bool = False,
@@ -225,28 +236,33 @@ def iter_worker_batches(batch_size: int, device=None, dataset: str = "train", pi
                                          prefetch_batches=prefetch_batches, **kwargs))
 
 
-class FirstFetched:
-    """An iterator whose first item is fetched in a background thread from construction on: a stage's input
-    pipeline starts while its model is set up. Iterating waits for that item (and re-raises its error)."""
+class Prefetched:
+    """An iterator read ahead by a background thread from construction on: up to ``depth`` items wait in a queue,
+    so a stage's input starts while its model is set up and each batch is gathered while the previous one trains.
+    Iterating re-raises the producer's error. The producer must not run torch's parallel kernels (a second
+    OpenMP thread team beside the training thread's slows both on a small machine): numpy gathers only."""
 
-    def __init__(self, iterator: Iterator):
+    _END = object()
+
+    def __init__(self, iterator: Iterator, depth: int = 2):
+        import queue
         import threading
 
-        self._iterator, self._first, self._error = iterator, [], None
-        self._thread = threading.Thread(target=self._fetch, name="first-batch", daemon=True)
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._produce, args=(iterator,), name="input-prefetch", daemon=True)
         self._thread.start()
 
-    def _fetch(self) -> None:
+    def _produce(self, iterator: Iterator) -> None:
         try:
-            self._first.append(next(self._iterator))
-        except StopIteration:
-            pass
+            for item in iterator:
+                self._queue.put(item)
         except BaseException as error:  # noqa: BLE001 (handed to the consumer's thread)
             self._error = error
+        self._queue.put(self._END)
 
     def __iter__(self) -> Iterator:
-        self._thread.join()
+        while (item := self._queue.get()) is not self._END:
+            yield item
         if self._error is not None:
             raise self._error
-        yield from self._first
-        yield from self._iterator

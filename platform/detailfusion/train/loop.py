@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from ..config import JobConfig, from_dict
-from ..data.pipeline import FirstFetched, iter_worker_batches
+from ..data.pipeline import Prefetched, iter_worker_batches
 from ..data.transforms import normalize_pixels
-from .engine import build_engine, micro_batch_size
+from .engine import build_engine, clips_with_torch, micro_batch_size
 from .stages import STAGES, branch_loss, build_loss, freeze_for_stage
 
 CLIENT_STATE = "detailfusion_state"
@@ -65,6 +65,8 @@ class StageRecipe:
         self.engine, self.optimizer, self.scheduler = build_engine(
             self.model, self.config.train, self.config.optim, self.world_size, self.total_steps
         )
+        clip = clips_with_torch(self.config.train) and self.config.optim.grad_clip > 0
+        self.clip_params = [p for p in self.model.parameters() if p.requires_grad] if clip else []  # ZeRO-0 fp32
         self.step, self.epoch, self.skip_batches = 0, 0, 0
         self.pending_metrics: list[dict] = []  # rank 0's step rows not yet in metrics.csv
         self.validation_split = None  # data.val_prepared, loaded on rank 0 at the first validation
@@ -103,7 +105,8 @@ class StageRecipe:
     # -- train ---------------------------------------------------------------------------------------
 
     def run(self) -> None:
-        self.stream = FirstFetched(self._worker_batches())  # the input starts while the model is set up
+        # an inline split's Ray Data input starts while the model is set up; a gallery split's opens at once after it
+        self.stream = None if "gallery" in self.run_facts else self._open_stream()
         self.setup()
         try:
             self._train()
@@ -125,6 +128,8 @@ class StageRecipe:
                 self._maybe_fail()
                 parts = self._loss(batch)
                 self.engine.backward(parts["loss"])
+                if self.clip_params and self.engine.is_gradient_accumulation_boundary():
+                    torch.nn.utils.clip_grad_norm_(self.clip_params, self.config.optim.grad_clip)
                 self.engine.step()
                 seen += self.micro_batch * self.world_size
                 if not self.engine.is_gradient_accumulation_boundary():
@@ -184,19 +189,30 @@ class StageRecipe:
                   f"in {time.perf_counter() - started:.1f} s")
         return out
 
-    def _worker_batches(self):
-        return iter_worker_batches(self.micro_batch, pin_memory=self.device.type == "cuda")
+    def _open_stream(self, start: int = 0) -> Prefetched:
+        """This rank's input, read ahead in a background thread: a gallery split's micro-batches from micro-batch
+        ``start`` on (every planned epoch), or one epoch of an inline split's Ray Data shard."""
+        gallery = self.run_facts.get("gallery")
+        if gallery is None:
+            return Prefetched(iter_worker_batches(self.micro_batch, pin_memory=self.device.type == "cuda"))
+        pin = self.device.type == "cuda"
+
+        def tensors(batch: dict) -> dict:  # numpy gathers -> torch (zero-copy; pinned for a GPU's async copy)
+            out = {k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in batch.items()}
+            return {k: v.pin_memory() for k, v in out.items()} if pin else out
+
+        return Prefetched(tensors(b) for b in gallery.micro_batches(self.rank, self.world_size, self.micro_batch, start))
 
     def _batches(self):
         """One pass over the input: the stream opened at the start first, a new one after it."""
-        stream, self.stream = self.stream or self._worker_batches(), None
+        stream, self.stream = self.stream or self._open_stream(), None
         for batch in stream:
             yield self._to_device(batch)
 
     def _epochs(self, cached: list[dict] | None):
-        """(epoch, its batches) from the resumed epoch on. The input stream holds ``data_epochs`` epochs: all of
-        them (one Ray Data execution per stage; a resumed run discards the finished epochs' batches) or one (a
-        new execution per epoch). Stage 3 reshuffles its cached outputs every epoch, the same on every rank."""
+        """(epoch, its batches) from the resumed epoch on. A gallery split's stream holds every epoch from the
+        resumed one on (``data_epochs`` = epochs); an inline split streams one epoch per pass (``data_epochs`` = 1).
+        Stage 3 reshuffles its cached outputs every epoch, the same on every rank."""
         epochs, per_epoch = self.config.train.epochs, self.steps_per_epoch * self.config.train.grad_accum
         if cached is not None:
             for epoch in range(self.epoch, epochs):
@@ -206,9 +222,7 @@ class StageRecipe:
             for epoch in range(self.epoch, epochs):
                 yield epoch, self._batches()
         else:
-            stream, self.stream = iter(self.stream), None
-            for _ in itertools.islice(stream, self.epoch * per_epoch):
-                pass
+            stream = iter(self._open_stream(start=self.epoch * per_epoch))
             for epoch in range(self.epoch, epochs):
                 yield epoch, (self._to_device(batch) for batch in itertools.islice(stream, per_epoch))
 

@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import JobConfig, save_config, to_dict
-from ..data.pipeline import read_manifest, training_dataset
+from ..data.pipeline import gallery_input, read_manifest, training_dataset
 from .stages import STAGES
 
 
@@ -173,24 +173,31 @@ def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ..data.feature_cache import vision_fingerprint
-    from ..model import load_model
+    from ..model import DetailFusionConfig, load_model
+    from ..model.tokenizer import load_tokenizer
     from .loop import train_loop_per_worker
 
     called_at = called_at or time.time()
-    model, tokenizer = load_model(init_from)
     train = config.train
-    # stage 3 encodes one epoch once and reshuffles those outputs itself; a gallery split streams every epoch at once
-    data_epochs = 1 if train.stage == 3 or manifest["layout"] != "gallery" else train.epochs
-    dataset = training_dataset(
-        config.data.prepared, tokenizer, model.config.max_text_length, use_features=config.data.use_feature_cache,
-        vision_fingerprint=vision_fingerprint(model), actor_cpus=train.data_actor_cpus,
-        subset_negatives=config.loss.subset_negatives if train.stage < 3 else 0, epochs=data_epochs, seed=train.seed,
-        batch_size=train.batch_size,
-    )
-    del model
+    tokenizer, max_text_length = load_tokenizer(init_from), DetailFusionConfig.from_pretrained(init_from).max_text_length
+    fingerprint = None  # the model's ViT against the split's feature cache: the weights are loaded only to check it
+    if config.data.use_feature_cache and manifest.get("features"):
+        fingerprint = vision_fingerprint(load_model(init_from)[0])
+    source = dict(use_features=config.data.use_feature_cache, vision_fingerprint=fingerprint)
     out = stage_dir(config)
     run = {"init_from": init_from, "export_dir": str(export_dir), "stage_dir": str(out),
-           "rows": manifest["counts"]["triplets"], "data_epochs": data_epochs, "called_at": called_at}
+           "rows": manifest["counts"]["triplets"], "called_at": called_at}
+    datasets = None
+    if manifest["layout"] == "gallery":  # every epoch in one plan (stage 3 encodes one epoch once and reshuffles)
+        run["data_epochs"] = 1 if train.stage == 3 else train.epochs
+        run["gallery"] = gallery_input(
+            config.data.prepared, tokenizer, max_text_length, **source, epochs=run["data_epochs"], seed=train.seed,
+            subset_negatives=config.loss.subset_negatives if train.stage < 3 else 0, batch_size=train.batch_size)
+    else:  # inline images (IPr2Pr): Ray Data streams the shards once per epoch
+        run["data_epochs"] = 1
+        datasets = {"train": training_dataset(config.data.prepared, tokenizer, max_text_length, **source,
+                                              actor_cpus=train.data_actor_cpus, seed=train.seed,
+                                              batch_size=train.batch_size)}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": to_dict(config), "run": run},
@@ -198,7 +205,7 @@ def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir:
                                      resources_per_worker={"CPU": train.cpus_per_worker},
                                      placement_strategy=train.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
-        datasets={"train": dataset},
+        datasets=datasets,
         run_config=RunConfig(
             name=f"{config.name}-stage{train.stage}",
             storage_path=str((out / "ray").resolve()),
