@@ -16,7 +16,7 @@ run is compared with the mean of the bare runs on either side of it: a small mac
 over minutes (seen: 118-158 ms for the same bare loop in one hour), which a single baseline at the start reads as
 the platform's cost.
 
-    python benchmarks/overhead.py [--pairs 2000] [--epochs 4] [--batch 32] [--workers 2] [--bare-steps 150]
+    python benchmarks/overhead.py [--pairs 2000] [--epochs 4] [--batch 32] [--workers 2] [--bare-steps 150] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--subset", type=int, default=2, help="near-duplicate negatives per query (tiny config: 2)")
     parser.add_argument("--bare-steps", type=int, default=150)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="Ray sessions of two platform stages each, every one followed by a bare-loop run")
     parser.add_argument("--workers", type=int, default=2, help="ranks of the ZeRO-2 run (0: skip it)")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="cores for both loops")
     parser.add_argument("--keep", help="keep the data and the runs in this directory (default: a temporary one)")
@@ -159,13 +161,15 @@ def main() -> None:
 
         runs = []  # (name, result, index of the bare run before it)
         bare_run()
-        init_ray(args.num_cpus, dashboard=True)  # as the pipeline runs it (Train's cleaner polls the state API)
-        for name in ("first", "second"):
-            print(f"platform stage 2 ({name}) ...", file=sys.stderr, flush=True)
-            runs.append((f"platform stage 2, 1 worker ({name} stage)", platform_stage(
-                root / name, root / "prep", root / "init", args.epochs, args.batch, []), len(bares) - 1))
-        ray.shutdown()
-        bare_run()
+        for round_ in range(1, args.rounds + 1):
+            init_ray(args.num_cpus, dashboard=True)  # as the pipeline runs it (Train's cleaner polls the state API)
+            for name in ("first", "second"):
+                print(f"platform stage 2 ({name}, round {round_}) ...", file=sys.stderr, flush=True)
+                runs.append((f"platform stage 2, 1 worker ({name} stage, round {round_})", platform_stage(
+                    root / f"{name}{round_}", root / "prep", root / "init", args.epochs, args.batch, []),
+                    len(bares) - 1))
+            ray.shutdown()
+            bare_run()
         if args.workers > 1:
             init_ray(args.num_cpus, dashboard=True)
             print(f"platform stage 2 ({args.workers} workers, ZeRO-2) ...", file=sys.stderr, flush=True)
@@ -182,9 +186,15 @@ def main() -> None:
     print(f"{'loop':<50} {'ms/step':>8} {'median':>8} {'start s':>8} {'finish s':>7}   ratio")
     for i, bare in enumerate(bares):
         print(summary(f"bare torch loop ({i + 1}), {args.num_cpus} threads", bare, None))
+    ratios = []
     for name, result, before in runs:
-        print(summary(name, result, statistics.fmean([statistics.fmean(bares[before]["ms"]),
-                                                      statistics.fmean(bares[before + 1]["ms"])])))
+        base = statistics.fmean([statistics.fmean(bares[before]["ms"]), statistics.fmean(bares[before + 1]["ms"])])
+        print(summary(name, result, base))
+        if "1 worker" in name:
+            ratios.append(statistics.fmean(result["ms"]) / base)
+    if len(ratios) > 1:
+        print(f"1 worker, all {len(ratios)} runs: ratio mean {statistics.fmean(ratios):.2f}x, sd {statistics.stdev(ratios):.2f}, "
+              f"range {min(ratios):.2f}-{max(ratios):.2f}x")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ class TrainConfig:
     validate_every: int = 1  # epochs between validations (with data.val_prepared; the last epoch always)
     fail_at_step: int | None = None  # fault injection for tests: raise once in fail_rank at this step
     fail_rank: int = 0
-    data_actor_cpus: float = 1.0  # CPUs of the Ray Data actor that attaches images (fractional on small hosts)
+    data_actor_cpus: float = 1.0  # CPUs of the Ray Data actor tokenising an inline split (IPr2Pr; fractional on small hosts)
 
 
 @dataclass(frozen=True)
