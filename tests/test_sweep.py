@@ -130,6 +130,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(stage2, 
         time.sleep(1)
     first.send_signal(signal.SIGINT)  # Ctrl-C on the driver
     first.wait(timeout=120)
+    release_the_dead_drivers_actors(ray_local)
     done = list(out.glob("trials/*/stage2/DONE"))
     assert len(done) == 1, (tmp_path / "first.log").read_text()[-3000:]
     finished = done[0].parent
@@ -141,6 +142,30 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(stage2, 
     assert sorted(float(r["loss.gamma"]) for r in rows) == [1.0, 2.0]
     assert (done[0].stat().st_mtime_ns, (finished / "metrics.csv").read_text()) == before  # not trained again
     assert len(list(out.glob("trials/*/stage2/DONE"))) == 2 and (out / "best_model" / "config.json").is_file()
+
+
+def release_the_dead_drivers_actors(ray, wait_s: float = 90) -> None:
+    """Wait until the session's CPUs are free again after the first driver died; kill what its job left alive if
+    they are not. Known gap (seen once in a CI run, not reproduced alone): a Ctrl-C landing while the second trial's
+    Train run starts can leave that run's actors alive and holding their CPUs, and every later module's Ray Data
+    tasks then wait for ever. This test is about the resumed sweep, so it frees them and says so on stderr."""
+    from ray.util.state import list_actors
+
+    total, deadline = ray.cluster_resources().get("CPU", 0), time.monotonic() + wait_s
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(1)
+    if ray.available_resources().get("CPU", 0) >= total:
+        return
+    own_job = ray.get_runtime_context().get_job_id()
+    left = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.job_id != own_job]
+    print(f"the interrupted driver left {len(left)} actors alive: {[a.class_name for a in left]}; killing them",
+          file=sys.stderr)
+    for actor in left:  # this machine's processes (one local Ray)
+        if actor.pid:
+            os.kill(actor.pid, signal.SIGKILL)
+    deadline = time.monotonic() + wait_s
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(1)
 
 
 def test_a_sweep_without_a_validation_split_is_refused(tmp_path):
