@@ -59,6 +59,16 @@ def ray_local(tmp_path_factory):
     yield ray
 
 
+def all_cpus_free(ray, timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` until every CPU of the running Ray is available again; whether they are."""
+    import time
+
+    total, deadline = ray.cluster_resources().get("CPU", 0), time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(1)
+    return ray.available_resources().get("CPU", 0) >= total
+
+
 @pytest.fixture(scope="module", autouse=True)
 def ray_resources_returned(request):
     """After each module, the session Ray must get all its CPUs back within a minute: a run, actor pool or
@@ -66,17 +76,13 @@ def ray_resources_returned(request):
     hung 3 x 900 s that way). Fails here, naming what still holds resources, instead."""
     yield
     import sys
-    import time
 
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return
     total = ray.cluster_resources().get("CPU", 0)
-    deadline = time.monotonic() + 60
-    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
-        time.sleep(1)
-    free = ray.available_resources().get("CPU", 0)
-    if free < total:
+    if not all_cpus_free(ray, 60):
+        free = ray.available_resources().get("CPU", 0)
         from ray.util.state import list_actors, list_placement_groups
 
         actors = [f"{a.class_name} ({a.pid})" for a in list_actors(filters=[("state", "=", "ALIVE")])]

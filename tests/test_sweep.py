@@ -21,6 +21,8 @@ from detailfusion.data.synthetic import write_synthetic
 from detailfusion.model import build_model, load_model, model_fingerprint, save_model
 from detailfusion.tune import SpaceError, SweepSettings, load_space, sweep
 
+from conftest import all_cpus_free
+
 REPO = Path(__file__).resolve().parents[1]
 STAGE2 = REPO / "jobs/configs/stage2_tiny.yaml"
 
@@ -151,10 +153,7 @@ def release_the_dead_drivers_actors(ray, wait_s: float = 90) -> None:
     tasks then wait for ever. This test is about the resumed sweep, so it frees them and says so on stderr."""
     from ray.util.state import list_actors
 
-    total, deadline = ray.cluster_resources().get("CPU", 0), time.monotonic() + wait_s
-    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
-        time.sleep(1)
-    if ray.available_resources().get("CPU", 0) >= total:
+    if all_cpus_free(ray, wait_s):
         return
     own_job = ray.get_runtime_context().get_job_id()
     left = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.job_id != own_job]
@@ -163,9 +162,7 @@ def release_the_dead_drivers_actors(ray, wait_s: float = 90) -> None:
     for actor in left:  # this machine's processes (one local Ray)
         if actor.pid:
             os.kill(actor.pid, signal.SIGKILL)
-    deadline = time.monotonic() + wait_s
-    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
-        time.sleep(1)
+    all_cpus_free(ray, wait_s)
 
 
 def test_a_sweep_without_a_validation_split_is_refused(tmp_path):

@@ -206,9 +206,8 @@ def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, 
     iteration, streamed from the shards in file order, tokenised by one actor of ``actor_cpus`` CPUs (fractional on
     small machines, where whole CPUs would starve the Train workers). ``use_features``/``vision_fingerprint``: as
     in ``gallery_input``."""
-    from ray.data import ActorPoolStrategy
-
     import ray
+    from ray.data import ActorPoolStrategy
 
     manifest = read_manifest(prepared_dir)
     if manifest["layout"] == "gallery":

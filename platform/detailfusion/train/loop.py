@@ -192,10 +192,9 @@ class StageRecipe:
     def _open_stream(self, start: int = 0) -> Prefetched:
         """This rank's input, read ahead in a background thread: a gallery split's micro-batches from micro-batch
         ``start`` on (every planned epoch), or one epoch of an inline split's Ray Data shard."""
-        gallery = self.run_facts.get("gallery")
+        gallery, pin = self.run_facts.get("gallery"), self.device.type == "cuda"
         if gallery is None:
-            return Prefetched(iter_worker_batches(self.micro_batch, pin_memory=self.device.type == "cuda"))
-        pin = self.device.type == "cuda"
+            return Prefetched(iter_worker_batches(self.micro_batch, pin_memory=pin))
 
         def tensors(batch: dict) -> dict:  # numpy gathers -> torch (zero-copy; pinned for a GPU's async copy)
             out = {k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in batch.items()}

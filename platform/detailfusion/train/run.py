@@ -183,7 +183,7 @@ def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir:
     fingerprint = None  # the model's ViT against the split's feature cache: the weights are loaded only to check it
     if config.data.use_feature_cache and manifest.get("features"):
         fingerprint = vision_fingerprint(load_model(init_from)[0])
-    source = dict(use_features=config.data.use_feature_cache, vision_fingerprint=fingerprint)
+    cache = dict(use_features=config.data.use_feature_cache, vision_fingerprint=fingerprint)
     out = stage_dir(config)
     run = {"init_from": init_from, "export_dir": str(export_dir), "stage_dir": str(out),
            "rows": manifest["counts"]["triplets"], "called_at": called_at}
@@ -191,11 +191,11 @@ def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir:
     if manifest["layout"] == "gallery":  # every epoch in one plan (stage 3 encodes one epoch once and reshuffles)
         run["data_epochs"] = 1 if train.stage == 3 else train.epochs
         run["gallery"] = gallery_input(
-            config.data.prepared, tokenizer, max_text_length, **source, epochs=run["data_epochs"], seed=train.seed,
+            config.data.prepared, tokenizer, max_text_length, **cache, epochs=run["data_epochs"], seed=train.seed,
             subset_negatives=config.loss.subset_negatives if train.stage < 3 else 0, batch_size=train.batch_size)
     else:  # inline images (IPr2Pr): Ray Data streams the shards once per epoch
         run["data_epochs"] = 1
-        datasets = {"train": training_dataset(config.data.prepared, tokenizer, max_text_length, **source,
+        datasets = {"train": training_dataset(config.data.prepared, tokenizer, max_text_length, **cache,
                                               actor_cpus=train.data_actor_cpus, seed=train.seed,
                                               batch_size=train.batch_size)}
     return TorchTrainer(
