@@ -32,16 +32,16 @@ class ModelConfig:
     preset: Literal["tiny", "blip2"] = "tiny"
     pretrained: str | None = None  # blip2: local dir or hub id of a Blip2ForImageTextRetrieval checkpoint
     init_from: str | None = None  # exported model dir to start from (the previous stage's export); None: preset
-    compositor: Literal["afc", "static", "concat_linear"] = "afc"
+    compositor: Literal["afc", "static", "concat_linear"] = "afc"  # built at stage 3 (from scratch on the frozen branches)
     static_weights: tuple[float, float] = (0.5, 0.5)  # (a_gm, a_di) for the static compositor
-    compositor_layers: int = 1
-    compositor_heads: int = 4
+    compositor_layers: int | None = None  # the AFC block's depth; None: the preset's
+    compositor_heads: int | None = None  # the AFC block's heads; None: the preset's
 
 
 @dataclass(frozen=True)
 class LossConfig:
     gamma: float = 2.0  # L_joint = L_DI + gamma * L_GM
-    reference_negative: bool = True
+    reference_negative: bool = True  # false: the paper's "without L_DI" ablation, L_DI = L_GM (every hard negative off)
     hard_negative_scale: float = 1.0  # w >= 1: adds log(w) to the hard negatives' logits
     batch_reference_negatives: bool = False
     subset_negatives: int = 0  # K extra negatives per query from its near-duplicate set
@@ -66,8 +66,12 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-7
     weight_decay: float = 0.05
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max gradient L2 norm (0: no clipping)
+    clip: Literal["per_branch", "global"] = "per_branch"  # per_branch: each trained part's norm on its own (stage 2
+    #   clips GM and DI apart, so one branch's large gradient never shrinks the other's step); global: one norm
     warmup_fraction: float = 0.1  # one-cycle: share of steps spent warming up
+    div_factor: float = 25.0  # one-cycle: the first lr is lr / div_factor
+    final_div_factor: float = 1e4  # one-cycle: the last lr is lr / (div_factor * final_div_factor)
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,8 @@ class TrainConfig:
     epochs: int = 1
     batch_size: int = 128  # global batch, split over workers
     grad_accum: int = 1
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # bf16/fp16: autocast over fp32 master weights
+    export_precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # weights of the stage's save_pretrained export
     zero_stage: Literal[0, 1, 2, 3] = 2
     num_workers: int = 1
     use_gpu: bool = False
@@ -92,6 +97,7 @@ class TrainConfig:
     fail_at_step: int | None = None  # fault injection for tests: raise once in fail_rank at this step
     fail_rank: int = 0
     data_actor_cpus: float = 1.0  # CPUs of the Ray Data actor tokenising an inline split (IPr2Pr; fractional on small hosts)
+    shuffle_buffer_batches: int = 8  # inline splits: each epoch's seeded local shuffle over this many micro-batches
 
 
 @dataclass(frozen=True)

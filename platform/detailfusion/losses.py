@@ -55,14 +55,17 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def max_similarity(query: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``max_k <q_b, t_{n,k}>`` for every query/target pair: [B, D] x [N, Nq, D] -> [B, N]."""
-    return torch.einsum("bd,nkd->bnk", query, targets).amax(dim=-1)
+    """``max_k <q_b, t_{n,k}>`` for every query/target pair: [B, D] x [N, Nq, D] -> [B, N], in fp32 (also under
+    autocast: the similarity logits of every loss are fp32, METHOD.md "Precision")."""
+    with torch.autocast(query.device.type, enabled=False):
+        return torch.einsum("bd,nkd->bnk", query.float(), targets.float()).amax(dim=-1)
 
 
 def paired_similarity(query: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``max_k <q_b, t_{b,...,k}>`` for each query and its own items: [B, D] x [B, ..., Nq, D] -> [B, ...]."""
+    """``max_k <q_b, t_{b,...,k}>`` for each query and its own items: [B, D] x [B, ..., Nq, D] -> [B, ...] (fp32)."""
     flat = targets.reshape(targets.shape[0], -1, targets.shape[-2], targets.shape[-1])
-    sims = torch.einsum("bd,bskd->bsk", query, flat).amax(dim=-1)
+    with torch.autocast(query.device.type, enabled=False):
+        sims = torch.einsum("bd,bskd->bsk", query.float(), flat.float()).amax(dim=-1)
     return sims.reshape(targets.shape[:-2])
 
 
@@ -99,7 +102,8 @@ class ContrastiveLoss(_RankAware):
 class DetailLoss(ContrastiveLoss):
     """``L_DI``: InfoNCE whose negatives also include the query's own reference image (and optional extras).
 
-    reference_negative: add ``s(q_i, r_i)`` as a negative (off: the loss equals ``L_GM``, the paper's ablation).
+    reference_negative: add ``s(q_i, r_i)`` as a negative. Off: the paper's "without L_DI" ablation, the loss equals
+        ``L_GM`` exactly (no hard negative of any kind: subset negatives are ignored too).
     hard_negative_scale: ``w >= 1`` multiplies the hard negatives' exp-logits (``+log w``): own reference and
         subset negatives. Other queries' references are plain negatives.
     batch_reference_negatives: the references of every query of the (global) batch are negatives too.
@@ -130,17 +134,17 @@ class DetailLoss(ContrastiveLoss):
     ) -> dict[str, torch.Tensor]:
         """query [B, D]; targets, references [B, Nq, D]; subset_negatives [B, S, Nq, D] or None."""
         columns = [self.target_logits(query, targets, temperature)]
-        if self.reference_negative:
-            if references is None:
-                raise ValueError("L_DI with reference_negative=True needs the references' DI target features")
-            own = paired_similarity(query, references) / temperature + self.log_scale  # [B]
-            if self.batch_reference_negatives:
-                batch_refs = max_similarity(query, self._global(references)) / temperature  # [B, world * B]
-                mine = self._labels(query.shape[0], query.device)
-                batch_refs = batch_refs.scatter(1, mine[:, None], own[:, None])
-                columns.append(batch_refs)
-            else:
-                columns.append(own[:, None])
+        if not self.reference_negative:
+            return {"loss": F.cross_entropy(columns[0], self._labels(query.shape[0], query.device))}
+        if references is None:
+            raise ValueError("L_DI with reference_negative=True needs the references' DI target features")
+        own = paired_similarity(query, references) / temperature + self.log_scale  # [B]
+        if self.batch_reference_negatives:
+            batch_refs = max_similarity(query, self._global(references)) / temperature  # [B, world * B]
+            mine = self._labels(query.shape[0], query.device)
+            columns.append(batch_refs.scatter(1, mine[:, None], own[:, None]))
+        else:
+            columns.append(own[:, None])
         if subset_negatives is not None and subset_negatives.shape[1] > 0:
             columns.append(paired_similarity(query, subset_negatives) / temperature + self.log_scale)
         logits = torch.cat(columns, dim=1)

@@ -8,7 +8,7 @@ Space file grammar (``tune_spaces/*.yaml``): a mapping of dotted job-config keys
     loss.gamma: {grid: [0.5, 1.0, 2.0, 4.0]}   # every value, once per --num-samples
     optim.lr: {loguniform: [1.0e-6, 1.0e-4]}   # log-uniform between the bounds
     loss.hard_negative_scale: {uniform: [1.0, 4.0]}
-    loss.reference_negative: {choice: [true, false]}
+    loss.subset_negatives: {choice: [0, 1, 2, 3]}
 
 Output (``out/``): ``tune/`` (Ray Tune's experiment state), ``trials/<trial id>/stage<N>/`` (each trial's run),
 ``results.csv`` / ``results.md`` (one row per trial, best first), ``best_model/`` (the best finished trial's

@@ -222,15 +222,18 @@ def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, 
 
 
 def iter_worker_batches(batch_size: int, device=None, dataset: str = "train", pin_memory: bool = False,
-                        prefetch_batches: int = 2) -> Iterator[dict]:
-    """Inside ``train_loop_per_worker``: this rank's shard as torch batches of ``batch_size`` (drop_last), on the
-    worker's device (Ray Data's default), staged in pinned host memory with ``pin_memory`` (GPU workers), with
-    ``prefetch_batches`` fetched ahead of the step in Ray Data's background thread. The shard is looked up now;
-    Ray Data starts when the first batch is asked for."""
+                        prefetch_batches: int = 2, shuffle_rows: int = 0, shuffle_seed: int | None = None) -> Iterator[dict]:
+    """Inside ``train_loop_per_worker``: one epoch of this rank's shard as torch batches of ``batch_size``
+    (drop_last), on the worker's device (Ray Data's default), staged in pinned host memory with ``pin_memory`` (GPU
+    workers), with ``prefetch_batches`` fetched ahead of the step in Ray Data's background thread; ``shuffle_rows``:
+    a local shuffle buffer of that many rows, seeded by ``shuffle_seed`` (a fresh order per epoch when the caller
+    seeds by epoch). The shard is looked up now; Ray Data starts when the first batch is asked for."""
     import ray.train
 
     shard = ray.train.get_dataset_shard(dataset)
     kwargs = {"device": device} if device is not None else {}
+    if shuffle_rows:
+        kwargs.update(local_shuffle_buffer_size=shuffle_rows, local_shuffle_seed=shuffle_seed)
     return iter(shard.iter_torch_batches(batch_size=batch_size, drop_last=True, pin_memory=pin_memory,
                                          prefetch_batches=prefetch_batches, **kwargs))
 

@@ -80,20 +80,24 @@ def from_blip2(path_or_id: str, **config_overrides: Any) -> DetailFusionModel:
     return model
 
 
-def save_model(model: DetailFusionModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
-    """Export model (safetensors + config.json) and tokenizer into one directory."""
+def save_model(model: DetailFusionModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path,
+               dtype: torch.dtype | None = None) -> Path:
+    """Export model (safetensors + config.json) and tokenizer into one directory; ``dtype``: the weights' type in the
+    files (default: as the model holds them; the model itself is left unchanged)."""
     directory = Path(directory)
-    model.save_pretrained(directory)
+    state = None if dtype is None else {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.save_pretrained(directory, state_dict=state)
     tokenizer.save_pretrained(directory)
     return directory
 
 
-def load_model(directory: str | Path) -> tuple[DetailFusionModel, PreTrainedTokenizerBase]:
-    """Load what ``save_model`` wrote (no pickle: safetensors weights, JSON config)."""
+def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> tuple[DetailFusionModel, PreTrainedTokenizerBase]:
+    """Load what ``save_model`` wrote (no pickle: safetensors weights, JSON config), as ``dtype`` whatever the file
+    holds (fp32 by default: training keeps fp32 master weights; a bf16 export is upcast)."""
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory}: no config.json; not a DetailFusion model directory")
-    model = DetailFusionModel.from_pretrained(directory, use_safetensors=True)
+    model = DetailFusionModel.from_pretrained(directory, use_safetensors=True, dtype=dtype)
     return model, load_tokenizer(str(directory))
 
 

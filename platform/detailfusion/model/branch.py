@@ -60,14 +60,14 @@ class QFormerBranch(nn.Module):
             encoder_hidden_states=image_embeds,
             encoder_attention_mask=self._image_mask(image_embeds),
         ).last_hidden_state
-        feature = F.normalize(self.text_proj(hidden[:, self.num_query_tokens, :]), dim=-1)
+        feature = F.normalize(self.text_proj(hidden[:, self.num_query_tokens, :]).float(), dim=-1)  # fp32 (autocast)
         return BranchQueryOutput(feature=feature, hidden_states=hidden, attention_mask=mask)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text alone [B, L] -> normalised ``text_proj`` of its first token [B, D] (the text-only baseline)."""
         embeds = self.embeddings(input_ids=input_ids)
         hidden = self.qformer(query_embeds=embeds, query_length=0, attention_mask=attention_mask).last_hidden_state
-        return F.normalize(self.text_proj(hidden[:, 0, :]), dim=-1)
+        return F.normalize(self.text_proj(hidden[:, 0, :]).float(), dim=-1)
 
     def encode_target(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Target image tokens [B, T, W] -> normalised query-token features [B, Nq, D]."""
@@ -77,7 +77,7 @@ class QFormerBranch(nn.Module):
             encoder_hidden_states=image_embeds,
             encoder_attention_mask=self._image_mask(image_embeds),
         ).last_hidden_state
-        return F.normalize(self.vision_proj(hidden[:, : self.num_query_tokens, :]), dim=-1)
+        return F.normalize(self.vision_proj(hidden[:, : self.num_query_tokens, :]).float(), dim=-1)
 
     @staticmethod
     def _image_mask(image_embeds: torch.Tensor) -> torch.Tensor:

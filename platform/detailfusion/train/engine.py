@@ -1,11 +1,20 @@
 """DeepSpeed engine settings from our typed config: ZeRO stage, precision, clipping, accumulation; AdamW with
-METHOD.md's defaults and a one-cycle schedule (torch's, handed to DeepSpeed as the client scheduler)."""
+METHOD.md's defaults and a one-cycle schedule (torch's, handed to DeepSpeed as the client scheduler).
+
+Precision (METHOD.md): the weights and the optimizer stay fp32 (DeepSpeed's ``bf16``/``fp16`` modes would cast the
+whole model); bf16/fp16 is DeepSpeed's ``torch_autocast`` over the forward (``autocast``), with LayerNorm, the
+similarity logits and the softmax of the losses in fp32 (``keep_fp32``, losses.py).
+"""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 from ..config import OptimConfig, TrainConfig
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def micro_batch_size(train: TrainConfig, world_size: int) -> int:
@@ -19,23 +28,63 @@ def micro_batch_size(train: TrainConfig, world_size: int) -> int:
 
 
 def clips_with_torch(train: TrainConfig) -> bool:
-    """ZeRO-0 in fp32: the loop clips with torch's fused ``clip_grad_norm_`` (DeepSpeed's own clipping of this case
-    takes a norm per parameter in Python and an all-reduce even on one rank: 3-4 ms of a 120 ms tiny step).
-    Every other case keeps DeepSpeed's clipping, which its ZeRO and mixed-precision optimizers do internally."""
-    return train.zero_stage == 0 and train.precision == "fp32"
+    """ZeRO-0 (fp32 or bf16 autocast): the loop clips with torch's fused ``clip_grad_norm_``, one norm per clip group
+    (``optim.clip``). DeepSpeed's own clipping of this case takes a norm per parameter in Python and an all-reduce even
+    on one rank (3-4 ms of a 120 ms tiny step) and knows only one global norm. ZeRO-1/2/3 (gradients partitioned) and
+    fp16 (the loss scaler unscales inside DeepSpeed's step) keep DeepSpeed's global clipping."""
+    return train.zero_stage == 0 and train.precision != "fp16"
 
 
 def deepspeed_config(train: TrainConfig, optim: OptimConfig, world_size: int) -> dict:
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": micro_batch_size(train, world_size),
         "gradient_accumulation_steps": train.grad_accum,
         "gradient_clipping": 0.0 if clips_with_torch(train) else optim.grad_clip,
         "zero_optimization": {"stage": train.zero_stage},
-        "bf16": {"enabled": train.precision == "bf16"},
-        "fp16": {"enabled": train.precision == "fp16", "initial_scale_power": 12},
         "steps_per_print": 10**9,  # our own progress line replaces DeepSpeed's
         "wall_clock_breakdown": False,
     }
+    if train.precision in AUTOCAST_DTYPES:  # fp32 master weights; fp16 on ZeRO-0 also gets DeepSpeed's GradScaler
+        config["torch_autocast"] = {"enabled": True, "dtype": str(AUTOCAST_DTYPES[train.precision]).split(".")[-1]}
+    return config
+
+
+def autocast(precision: str, device: torch.device):
+    """The forward's autocast context (a no-op for fp32)."""
+    if precision not in AUTOCAST_DTYPES:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def keep_fp32(model: torch.nn.Module) -> None:
+    """LayerNorm in fp32 under autocast on every device: CUDA's autocast does it already, CPU's keeps a bf16 input in
+    bf16; an fp32 input gives an fp32 output on both (the fp32 residual stream then feeds the next bf16 matmul)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.register_forward_pre_hook(lambda _, args: tuple(a.float() for a in args))
+
+
+def clip_groups(model: torch.nn.Module, clip: str) -> list[list[torch.nn.Parameter]]:
+    """Trainable parameters in the groups clipped on their own: ``per_branch``, each branch's (GM, DI) and the rest's
+    (compositor, temperatures) apart; ``global``, all together."""
+    groups: dict[str, list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            part = name.split(".")[0]
+            groups.setdefault(part if clip == "per_branch" and part.endswith("_branch") else "rest", []).append(param)
+    return list(groups.values())
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int):
+    """METHOD.md's one-cycle schedule: cosine warm-up from ``lr / div_factor`` to ``lr`` over ``warmup_fraction`` of
+    the steps, cosine decay to ``lr / (div_factor * final_div_factor)``."""
+    total_steps = max(4, total_steps)
+    # OneCycleLR divides by its warm-up length in steps (pct_start * total - 1): keep it at least one step
+    warmup = min(0.5, max(optim.warmup_fraction, 2.0 / total_steps))
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=optim.lr, total_steps=total_steps, pct_start=warmup, anneal_strategy="cos",
+        cycle_momentum=False, div_factor=optim.div_factor, final_div_factor=optim.final_div_factor,
+    )
 
 
 def build_engine(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig, world_size: int, total_steps: int):
@@ -47,13 +96,7 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig,
         raise ValueError("no trainable parameters: the stage froze everything")
     optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
                                   weight_decay=optim.weight_decay)
-    total_steps = max(4, total_steps)
-    # OneCycleLR divides by its warm-up length in steps (pct_start * total - 1): keep it at least one step
-    warmup = min(0.5, max(optim.warmup_fraction, 2.0 / total_steps))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=optim.lr, total_steps=total_steps, pct_start=warmup,
-        anneal_strategy="cos", cycle_momentum=False,
-    )
+    scheduler = one_cycle(optimizer, optim, total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(train, optim, world_size),
         dist_init_required=False,

@@ -18,12 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import JobConfig, from_dict
 from ..data.pipeline import Prefetched, iter_worker_batches
 from ..data.transforms import normalize_pixels
-from .engine import build_engine, clips_with_torch, micro_batch_size
+from .engine import autocast, build_engine, clip_groups, clips_with_torch, keep_fp32, micro_batch_size
 from .stages import STAGES, branch_loss, build_loss, freeze_for_stage
 
 CLIENT_STATE = "detailfusion_state"
@@ -32,6 +33,18 @@ CLIENT_STATE = "detailfusion_state"
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point: ``loop_config`` = {"job": JobConfig as dict, "run": driver facts}."""
     StageRecipe(from_dict(JobConfig, loop_config["job"], source="train loop config"), loop_config["run"]).run()
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one rank's data order in one epoch (a fresh, reproducible order every epoch, METHOD.md)."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def dealt(rows: dict[str, torch.Tensor], size: int, seed: int):
+    """Cached rows {name: [N, ...]} dealt into micro-batches of ``size`` in a seeded random order (whole batches)."""
+    total = next(iter(rows.values())).shape[0]
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[: total // size * size]
+    return ({name: value[part] for name, value in rows.items()} for part in order.split(size))
 
 
 class StageRecipe:
@@ -60,13 +73,15 @@ class StageRecipe:
         torch.manual_seed(self.config.train.seed)
         self.model, self.tokenizer = load_model(self.run_facts["init_from"])
         freeze_for_stage(self.model, self.spec)
+        if self.config.train.precision != "fp32":
+            keep_fp32(self.model)
         self.loss_fn = build_loss(self.spec, self.config.loss)  # after the process group exists: knows its rank
         self.model.to(self.device)
         self.engine, self.optimizer, self.scheduler = build_engine(
             self.model, self.config.train, self.config.optim, self.world_size, self.total_steps
         )
-        clip = clips_with_torch(self.config.train) and self.config.optim.grad_clip > 0
-        self.clip_params = [p for p in self.model.parameters() if p.requires_grad] if clip else []  # ZeRO-0 fp32
+        clip = clips_with_torch(self.config.train) and self.config.optim.grad_clip > 0  # else DeepSpeed clips
+        self.clip_groups = clip_groups(self.model, self.config.optim.clip) if clip else []
         self.step, self.epoch, self.skip_batches = 0, 0, 0
         self.pending_metrics: list[dict] = []  # rank 0's step rows not yet in metrics.csv
         self.validation_split = None  # data.val_prepared, loaded on rank 0 at the first validation
@@ -106,7 +121,7 @@ class StageRecipe:
 
     def run(self) -> None:
         # an inline split's Ray Data input starts while the model is set up; a gallery split's opens at once after it
-        self.stream = None if "gallery" in self.run_facts else self._open_stream()
+        self.stream = None if "gallery" in self.run_facts else self._open_stream(epoch=self._resumed_epoch())
         self.setup()
         try:
             self._train()
@@ -126,10 +141,12 @@ class StageRecipe:
                 if index // self.config.train.grad_accum >= self.steps_per_epoch:
                     break
                 self._maybe_fail()
-                parts = self._loss(batch)
+                with autocast(self.config.train.precision, self.device):
+                    parts = self._loss(batch)
                 self.engine.backward(parts["loss"])
-                if self.clip_params and self.engine.is_gradient_accumulation_boundary():
-                    torch.nn.utils.clip_grad_norm_(self.clip_params, self.config.optim.grad_clip)
+                if self.engine.is_gradient_accumulation_boundary():
+                    for group in self.clip_groups:
+                        torch.nn.utils.clip_grad_norm_(group, self.config.optim.grad_clip)
                 self.engine.step()
                 seen += self.micro_batch * self.world_size
                 if not self.engine.is_gradient_accumulation_boundary():
@@ -189,12 +206,22 @@ class StageRecipe:
                   f"in {time.perf_counter() - started:.1f} s")
         return out
 
-    def _open_stream(self, start: int = 0) -> Prefetched:
+    def _resumed_epoch(self) -> int:
+        """The epoch the latest checkpoint resumes at (its metadata; no checkpoint download), else 0."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return int(checkpoint.get_metadata().get("epoch", 0)) if checkpoint is not None else 0
+
+    def _open_stream(self, start: int = 0, epoch: int = 0) -> Prefetched:
         """This rank's input, read ahead in a background thread: a gallery split's micro-batches from micro-batch
-        ``start`` on (every planned epoch), or one epoch of an inline split's Ray Data shard."""
+        ``start`` on (every planned epoch), or epoch ``epoch`` of an inline split's Ray Data shard (a local shuffle
+        over ``shuffle_buffer_batches`` micro-batches, seeded by train.seed, the epoch and the rank)."""
         gallery, pin = self.run_facts.get("gallery"), self.device.type == "cuda"
         if gallery is None:
-            return Prefetched(iter_worker_batches(self.micro_batch, pin_memory=pin))
+            seed = epoch_seed(self.config.train.seed, epoch, self.rank)
+            return Prefetched(iter_worker_batches(self.micro_batch, pin_memory=pin, shuffle_seed=seed,
+                                                  shuffle_rows=self.config.train.shuffle_buffer_batches * self.micro_batch))
 
         def tensors(batch: dict) -> dict:  # numpy gathers -> torch (zero-copy; pinned for a GPU's async copy)
             out = {k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in batch.items()}
@@ -202,24 +229,24 @@ class StageRecipe:
 
         return Prefetched(tensors(b) for b in gallery.micro_batches(self.rank, self.world_size, self.micro_batch, start))
 
-    def _batches(self):
-        """One pass over the input: the stream opened at the start first, a new one after it."""
-        stream, self.stream = self.stream or self._open_stream(), None
+    def _batches(self, epoch: int = 0):
+        """One pass over the input (epoch ``epoch`` of an inline split): the stream opened at the start first."""
+        stream, self.stream = self.stream or self._open_stream(epoch=epoch), None
         for batch in stream:
             yield self._to_device(batch)
 
     def _epochs(self, cached: list[dict] | None):
         """(epoch, its batches) from the resumed epoch on. A gallery split's stream holds every epoch from the
         resumed one on (``data_epochs`` = epochs); an inline split streams one epoch per pass (``data_epochs`` = 1).
-        Stage 3 reshuffles its cached outputs every epoch, the same on every rank."""
+        Stage 3 deals this rank's cached rows into new micro-batches every epoch (a fresh seeded permutation)."""
         epochs, per_epoch = self.config.train.epochs, self.steps_per_epoch * self.config.train.grad_accum
         if cached is not None:
+            rows = {key: torch.cat([batch[key] for batch in cached]) for key in cached[0]}
             for epoch in range(self.epoch, epochs):
-                order = torch.randperm(len(cached), generator=torch.Generator().manual_seed(self.config.train.seed + epoch))
-                yield epoch, (cached[i] for i in order.tolist())
+                yield epoch, dealt(rows, self.micro_batch, epoch_seed(self.config.train.seed, epoch, self.rank))
         elif self.run_facts["data_epochs"] == 1:
             for epoch in range(self.epoch, epochs):
-                yield epoch, self._batches()
+                yield epoch, self._batches(epoch)
         else:
             stream = iter(self._open_stream(start=self.epoch * per_epoch))
             for epoch in range(self.epoch, epochs):
@@ -291,7 +318,9 @@ class StageRecipe:
             if export:
                 self._export()
             metrics = {**metrics, "step": self.step, "stage": self.spec.number}
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+            checkpoint.set_metadata(state[CLIENT_STATE])  # read back before the input opens (_resumed_epoch)
+            ray.train.report(metrics, checkpoint=checkpoint)
 
     def _export(self) -> None:
         """``save_pretrained`` of the trained model for the next stage, evaluation and serving (no DeepSpeed)."""
@@ -305,7 +334,8 @@ class StageRecipe:
             model = self.engine.module
             if state is not None:
                 model.load_state_dict(state, strict=False)
-            save_model(model.to("cpu"), self.tokenizer, self.run_facts["export_dir"])
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.config.train.export_precision]
+            save_model(model.to("cpu"), self.tokenizer, self.run_facts["export_dir"], dtype=dtype)
             model.to(self.device)
             self._log(f"exported the stage {self.spec.number} model to {self.run_facts['export_dir']}")
 

@@ -58,9 +58,27 @@ def check_stage(config: JobConfig) -> dict:
                          "none: set it to 0")
     if config.data.val_prepared:
         check_validation(config, manifest)
-    if config.train.use_gpu is False and config.train.precision == "fp16":
-        raise StageError("train.precision=fp16 needs GPUs; use fp32 (or bf16) on CPU")
+    check_optimisation(config)
     return manifest
+
+
+def check_optimisation(config: JobConfig) -> None:
+    """Precision, clipping and compositor settings that cannot work together."""
+    from .engine import clips_with_torch
+
+    train, optim = config.train, config.optim
+    if not train.use_gpu and train.precision == "fp16":
+        raise StageError("train.precision=fp16 needs GPUs; use fp32 (or bf16) on CPU")
+    if train.precision == "fp16" and train.zero_stage > 0:
+        raise StageError(f"train.precision=fp16 with ZeRO-{train.zero_stage}: autocast over fp32 weights has no loss "
+                         "scaler there; use bf16, or zero_stage 0")
+    if train.stage == 2 and optim.clip == "per_branch" and optim.grad_clip > 0 and not clips_with_torch(train):
+        raise StageError(f"optim.clip=per_branch (GM and DI clipped apart) needs train.zero_stage=0 and fp32/bf16, got "
+                         f"ZeRO-{train.zero_stage} {train.precision}: DeepSpeed's own clipping takes one global norm; "
+                         "set optim.clip=global to use it")
+    weights = config.model.static_weights
+    if min(weights) < 0 or sum(weights) <= 0:
+        raise StageError(f"model.static_weights must be two non-negative numbers, not both 0: {list(weights)}")
 
 
 def check_validation(config: JobConfig, manifest: dict) -> None:
@@ -81,22 +99,52 @@ def check_validation(config: JobConfig, manifest: dict) -> None:
         raise StageError(f"train.validate_every must be >= 1 epoch, got {config.train.validate_every}")
 
 
-def initial_model(config: JobConfig, directory: Path) -> str:
-    """The exported model every rank starts from (same weights on every rank, and the cache's ViT)."""
-    from ..model import build_model, save_model
+def compositor_fields(config: JobConfig) -> dict:
+    """The ``DetailFusionConfig`` fields of the compositor the job's config names (unset ones keep the model's)."""
+    model = config.model
+    fields = {"compositor": model.compositor, "static_weights": list(model.static_weights),
+              "compositor_layers": model.compositor_layers, "compositor_heads": model.compositor_heads}
+    return {name: value for name, value in fields.items() if value is not None}
 
-    if config.model.init_from:
-        return config.model.init_from
-    if (directory / "config.json").is_file():
-        return str(directory)
+
+def initial_model(config: JobConfig, directory: Path) -> str:
+    """The exported model every rank starts from (same weights on every rank, and the cache's ViT), made once in
+    ``directory`` (reused on a rerun): stage 1 without init_from builds the preset; stage 3 puts a freshly
+    initialised compositor of the config's type and shape (seeded by train.seed) on the stage 2 branches."""
     import torch
 
+    from ..model import build_model, save_model
+
+    from ..model import model_fingerprint
+
+    if config.model.init_from and config.train.stage != 3:
+        return config.model.init_from
+    source = model_fingerprint(config.model.init_from) if config.train.stage == 3 else None  # the branches' export
+    made_from = directory / "made_from.json"
+    if (directory / "config.json").is_file() and (source is None or (made_from.is_file() and
+                                                                     json.loads(made_from.read_text()) == source)):
+        return str(directory)
     torch.manual_seed(config.train.seed)
-    overrides = {"compositor": config.model.compositor, "static_weights": list(config.model.static_weights),
-                 "compositor_layers": config.model.compositor_layers, "compositor_heads": config.model.compositor_heads}
-    model, tokenizer = build_model(config.model.preset, pretrained=config.model.pretrained, **overrides)
+    if config.train.stage == 3:
+        model, tokenizer = with_new_compositor(config.model.init_from, compositor_fields(config))
+    else:
+        model, tokenizer = build_model(config.model.preset, pretrained=config.model.pretrained,
+                                       **compositor_fields(config))
     save_model(model, tokenizer, directory)
+    made_from.write_text(json.dumps(source))
     return str(directory)
+
+
+def with_new_compositor(model_dir: str, fields: dict):
+    """(model, tokenizer) of ``model_dir`` whose compositor is rebuilt from scratch with ``fields``."""
+    from ..model import build_compositor, load_model
+
+    model, tokenizer = load_model(model_dir)
+    for name, value in fields.items():
+        setattr(model.config, name, value)
+    model.compositor = build_compositor(model.config)
+    model.compositor.apply(model._init_weights)
+    return model, tokenizer
 
 
 def absolute_paths(config: JobConfig) -> JobConfig:
@@ -166,6 +214,11 @@ def stage_cost(metrics_csv: Path, called_at: float, returned_at: float) -> dict 
             "startup_s": round(ends[0] - step_s - called_at, 2), "finish_s": round(returned_at - ends[-1], 2)}
 
 
+def subset_negatives(config: JobConfig) -> int:
+    """Near-duplicates drawn per row: none at stage 3, and none without the reference negative (L_DI = L_GM)."""
+    return config.loss.subset_negatives if config.train.stage < 3 and config.loss.reference_negative else 0
+
+
 def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir: Path, callbacks: list | None = None,
                   called_at: float | None = None):
     """The stage's ``TorchTrainer``; ``called_at``: when the stage was called (time.time(), for its start-up line)."""
@@ -192,7 +245,7 @@ def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir:
         run["data_epochs"] = 1 if train.stage == 3 else train.epochs
         run["gallery"] = gallery_input(
             config.data.prepared, tokenizer, max_text_length, **cache, epochs=run["data_epochs"], seed=train.seed,
-            subset_negatives=config.loss.subset_negatives if train.stage < 3 else 0, batch_size=train.batch_size)
+            subset_negatives=subset_negatives(config), batch_size=train.batch_size)
     else:  # inline images (IPr2Pr): Ray Data streams the shards once per epoch
         run["data_epochs"] = 1
         datasets = {"train": training_dataset(config.data.prepared, tokenizer, max_text_length, **cache,

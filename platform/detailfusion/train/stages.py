@@ -47,17 +47,19 @@ def build_loss(spec: StageSpec, config: LossConfig):
 
 
 def branch_loss(spec: StageSpec, model, loss_fn, batch: dict[str, torch.Tensor], images: str) -> dict[str, torch.Tensor]:
-    """Stages 1 and 2: encode the batch's triplets and apply the stage's loss. ``images``: "pixel_values" | "embeds"."""
+    """Stages 1 and 2: encode the batch's triplets and apply the stage's loss. ``images``: "pixel_values" | "embeds".
+    The DI branch encodes the hard negatives (reference, subset) only when its loss uses them."""
+    hard_negatives = (loss_fn if spec.number == 1 else loss_fn.detail).reference_negative
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         branches=spec.branches,
-        with_reference_targets=True,
+        with_reference_targets=hard_negatives,
         **{f"reference_{images}": batch["reference"], f"target_{images}": batch["target"]},
     )
     di = dict(query=out.query_di, targets=out.target_di, temperature=model.di_branch.temperature(),
               references=out.reference_di)
-    if "subset" in batch:  # [B, K, ...] near-duplicates -> DI target features [B, K, Nq, D]
+    if "subset" in batch and hard_negatives:  # [B, K, ...] near-duplicates -> DI target features [B, K, Nq, D]
         subset = batch["subset"].flatten(0, 1)
         embeds = model.encode_image(subset) if images == "pixel_values" else subset
         di["subset_negatives"] = model.di_branch.encode_target(embeds).unflatten(0, batch["subset"].shape[:2])

@@ -1,0 +1,210 @@
+"""The training recipe of METHOD.md, point by point, without Ray: precision (fp32 master weights under bf16 autocast,
+fp32 LayerNorm / logits, fp32 exports and loads), per-branch clipping, the one-cycle divisors, the "without L_DI"
+switch, stage 3's compositor from its own config, and seeded per-epoch data order."""
+
+import pytest
+import torch
+
+from detailfusion.config import JobConfig, load_config, with_value
+from detailfusion.losses import ContrastiveLoss, DetailLoss, max_similarity
+from detailfusion.model import build_model, load_model, save_model
+from detailfusion.train.engine import autocast, clip_groups, deepspeed_config, keep_fp32, one_cycle
+from detailfusion.train.loop import dealt, epoch_seed
+from detailfusion.train.run import StageError, check_optimisation, compositor_fields, initial_model, subset_negatives
+from detailfusion.train.stages import STAGES, branch_loss, build_loss, freeze_for_stage
+
+
+def batch(size=4, text=6, image=64, subset=2):
+    torch.manual_seed(1)
+    return {"input_ids": torch.randint(5, 500, (size, text)), "attention_mask": torch.ones(size, text, dtype=torch.long),
+            "reference": torch.randn(size, 3, image, image), "target": torch.randn(size, 3, image, image),
+            "subset": torch.randn(size, subset, 3, image, image)}
+
+
+def job(*overrides):
+    config = JobConfig()
+    for item in overrides:
+        key, value = item.split("=", 1)
+        import yaml
+
+        config = with_value(config, key, yaml.safe_load(value))
+    return config
+
+
+# -- precision -----------------------------------------------------------------------------------------
+
+
+def test_deepspeed_never_casts_the_model_and_autocasts_bf16():
+    config = job("train.precision=bf16", "train.zero_stage=2")
+    ds = deepspeed_config(config.train, config.optim, world_size=1)
+    assert "bf16" not in ds and "fp16" not in ds  # DeepSpeed's bf16 mode would cast every weight
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert "torch_autocast" not in deepspeed_config(job("train.precision=fp32").train, config.optim, 1)
+
+
+def test_bf16_autocast_keeps_fp32_weights_layernorm_and_logits():
+    model, _ = build_model("tiny")
+    spec = STAGES[2]
+    freeze_for_stage(model, spec)
+    keep_fp32(model)
+    seen = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.register_forward_hook(lambda _, __, out: seen.append(out.dtype))
+    matmul_dtypes = []
+    model.gm_branch.qformer.encoder.layer[0].attention.attention.query.register_forward_hook(
+        lambda _, __, out: matmul_dtypes.append(out.dtype))
+    loss_fn = build_loss(spec, job().loss)
+    with autocast("bf16", torch.device("cpu")):
+        parts = branch_loss(spec, model, loss_fn, batch(), "pixel_values")
+    parts["loss"].backward()
+    assert matmul_dtypes and set(matmul_dtypes) == {torch.bfloat16}  # the matmuls do run in bf16
+    assert seen and set(seen) == {torch.float32}  # every LayerNorm in fp32
+    assert all(v.dtype == torch.float32 for v in parts.values()) and torch.isfinite(parts["loss"])
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.grad.dtype for p in trained if p.grad is not None} == {torch.float32}
+
+
+def test_keep_fp32_runs_layernorm_in_fp32_even_on_a_bf16_input():
+    layers = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))  # Linear -> bf16 under autocast
+    with autocast("bf16", torch.device("cpu")):
+        assert layers(torch.randn(2, 8)).dtype == torch.bfloat16  # CPU autocast keeps LayerNorm's bf16 input in bf16
+        keep_fp32(layers)
+        assert layers(torch.randn(2, 8)).dtype == torch.float32
+
+
+def test_similarity_logits_are_fp32_under_autocast():
+    q, t = torch.randn(3, 8).to(torch.bfloat16), torch.randn(5, 2, 8).to(torch.bfloat16)
+    with autocast("bf16", torch.device("cpu")):
+        assert max_similarity(q, t).dtype == torch.float32
+
+
+def test_exports_are_fp32_unless_asked_and_loads_take_an_explicit_dtype(tmp_path):
+    model, tokenizer = build_model("tiny")
+    save_model(model, tokenizer, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the model itself is left fp32
+    save_model(model, tokenizer, tmp_path / "fp32")
+    from safetensors import safe_open
+
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        with safe_open(str(next((tmp_path / name).glob("*.safetensors"))), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {dtype}
+    loaded, _ = load_model(tmp_path / "bf16")  # default fp32: a bf16 export is upcast, never trained as bf16
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert {p.dtype for p in load_model(tmp_path / "bf16", dtype=torch.bfloat16)[0].parameters()} == {torch.bfloat16}
+
+
+# -- clipping, schedule ---------------------------------------------------------------------------------
+
+
+def test_per_branch_clipping_keeps_one_branch_from_shrinking_the_other():
+    model, _ = build_model("tiny")
+    freeze_for_stage(model, STAGES[2])
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            param.grad = torch.full_like(param, 10.0 if name.startswith("gm_branch") else 1e-4)
+    di_before = [p.grad.clone() for n, p in model.named_parameters() if n.startswith("di_branch")]
+    groups = clip_groups(model, "per_branch")
+    assert len(groups) == 2
+    for group in groups:
+        torch.nn.utils.clip_grad_norm_(group, 1.0)
+    di_after = [p.grad for n, p in model.named_parameters() if n.startswith("di_branch")]
+    assert all(torch.equal(a, b) for a, b in zip(di_before, di_after))  # DI's small gradient untouched
+    gm_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for n, p in model.named_parameters()
+                                                    if n.startswith("gm_branch")]))
+    assert gm_norm == pytest.approx(1.0, rel=1e-4)
+    (one,) = clip_groups(model, "global")
+    torch.nn.utils.clip_grad_norm_(one, 1.0)
+    assert not torch.equal(di_before[0], next(p.grad for n, p in model.named_parameters() if n.startswith("di_branch")))
+
+
+def test_stage2_per_branch_clipping_needs_zero0_and_fp16_needs_zero0():
+    check_optimisation(job("train.stage=2", "train.zero_stage=0", "train.precision=bf16"))
+    with pytest.raises(StageError, match="per_branch"):
+        check_optimisation(job("train.stage=2", "train.zero_stage=2"))
+    check_optimisation(job("train.stage=2", "train.zero_stage=2", "optim.clip=global"))
+    check_optimisation(job("train.stage=1", "train.zero_stage=2"))  # one branch: per-branch is global
+    with pytest.raises(StageError, match="loss\\s*scaler"):
+        check_optimisation(job("train.use_gpu=true", "train.precision=fp16", "train.zero_stage=2", "optim.clip=global"))
+
+
+def test_one_cycle_divisors_are_options():
+    config = job("optim.lr=1e-3", "optim.div_factor=10", "optim.final_div_factor=100")
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.optim.lr)
+    scheduler = one_cycle(optimizer, config.optim, total_steps=20)
+    rates = [scheduler.get_last_lr()[0]]
+    for _ in range(19):
+        optimizer.step()
+        scheduler.step()
+        rates.append(scheduler.get_last_lr()[0])
+    assert rates[0] == pytest.approx(1e-4)
+    assert max(rates) == pytest.approx(1e-3)
+    assert rates[-1] == pytest.approx(1e-6, rel=1e-3)
+
+
+# -- the "without L_DI" ablation --------------------------------------------------------------------------
+
+
+def test_without_reference_negative_l_di_is_exactly_l_gm_even_with_subset_negatives():
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    t, r = (torch.nn.functional.normalize(torch.randn(4, 3, 8), dim=-1) for _ in range(2))
+    subset = torch.nn.functional.normalize(torch.randn(4, 2, 3, 8), dim=-1)
+    tau = torch.tensor(0.1)
+    off = DetailLoss(reference_negative=False, hard_negative_scale=3.0, batch_reference_negatives=True)
+    assert off(q, t, tau, references=r, subset_negatives=subset)["loss"] == ContrastiveLoss()(q, t, tau)["loss"]
+    on = DetailLoss()(q, t, tau, references=r, subset_negatives=subset)["loss"]
+    assert on > ContrastiveLoss()(q, t, tau)["loss"]
+    assert subset_negatives(job("loss.subset_negatives=2", "loss.reference_negative=false")) == 0
+    assert subset_negatives(job("loss.subset_negatives=2")) == 2
+    assert subset_negatives(job("loss.subset_negatives=2", "train.stage=3")) == 0
+
+
+# -- stage 3's compositor ----------------------------------------------------------------------------------
+
+
+def test_stage3_builds_the_compositor_its_config_names(tmp_path):
+    model, tokenizer = build_model("tiny", compositor="static")
+    save_model(model, tokenizer, tmp_path / "stage2")
+    config = job("train.stage=3", f"model.init_from={tmp_path / 'stage2'}", "model.compositor=afc",
+                 "model.compositor_layers=2", "model.compositor_heads=2")
+    made, _ = load_model(initial_model(config, tmp_path / "init"))
+    assert made.config.compositor == "afc" and type(made.compositor).__name__ == "AdaptiveFeatureCompositor"
+    assert len(made.compositor.blocks.layers) == 2 and made.compositor.blocks.layers[0].self_attn.num_heads == 2
+    assert torch.equal(made.di_branch.query_tokens, model.di_branch.query_tokens)  # the branches are stage 2's
+    # unset layers/heads keep the model's own (the preset's): no silent override
+    assert compositor_fields(job()) == {"compositor": "afc", "static_weights": [0.5, 0.5]}
+    # a new stage 2 export is not hidden by the earlier init
+    other, _ = build_model("tiny", compositor="static")
+    save_model(other, tokenizer, tmp_path / "stage2")
+    again, _ = load_model(initial_model(config, tmp_path / "init"))
+    assert torch.equal(again.di_branch.query_tokens, other.di_branch.query_tokens)
+
+
+def test_the_blip2_configs_keep_method_values():
+    cirr = load_config(JobConfig, "jobs/configs/stage2_blip2_cirr.yaml")
+    fiq = load_config(JobConfig, "jobs/configs/stage2_blip2_fashioniq.yaml")
+    assert cirr.loss.subset_negatives > 0 and fiq.loss.subset_negatives == 0  # SPN on CIRR's img_set only
+    for config in (cirr, fiq):
+        assert (config.optim.betas, config.optim.eps, config.optim.weight_decay) == ((0.9, 0.98), 1e-7, 0.05)
+        assert config.train.batch_size == 128 and config.train.precision == "bf16" and config.loss.reference_negative
+        check_optimisation(config)
+    assert (cirr.loss.gamma, cirr.optim.lr, cirr.train.epochs) == (2.0, 1e-5, 50)
+    assert (fiq.optim.lr, fiq.train.epochs) == (2e-5, 30)
+
+
+# -- data order ---------------------------------------------------------------------------------------------
+
+
+def test_cached_rows_are_dealt_into_new_batches_every_epoch():
+    rows = {"x": torch.arange(40), "y": torch.arange(40) * 2}
+    size = 8
+    epochs = [list(dealt(rows, size, epoch_seed(0, e, 0))) for e in range(2)]
+    for batches in epochs:
+        assert sorted(torch.cat([b["x"] for b in batches]).tolist()) == list(range(40))
+        assert all(torch.equal(b["y"], b["x"] * 2) for b in batches)
+    assert {tuple(sorted(b["x"].tolist())) for b in epochs[0]} != {tuple(sorted(b["x"].tolist())) for b in epochs[1]}
+    again = list(dealt(rows, size, epoch_seed(0, 0, 0)))
+    assert all(torch.equal(a["x"], b["x"]) for a, b in zip(again, epochs[0]))
+    assert len({epoch_seed(s, e, r) for s in (0, 1) for e in range(3) for r in range(2)}) == 12
