@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -29,7 +30,8 @@ def stage_variant(stage: int, compositor: str) -> str:
 class ValidationSplit:
     """A labelled prepared CIRR or FashionIQ split (its triplets, gallery and decoded images), loaded once."""
 
-    def __init__(self, prepared_dir: str | Path):
+    def __init__(self, prepared_dir: str | Path, targets: dict[str, str] | None = None):
+        """``targets``: {sample_id: target image id} for a split whose targets are held apart (synthetic test1)."""
         self.path = Path(prepared_dir)
         manifest = read_manifest(self.path)
         if manifest["layout"] != "gallery":
@@ -37,6 +39,13 @@ class ValidationSplit:
                              "(give a prepared CIRR or FashionIQ split)")
         self.dataset = manifest["dataset"]
         self.triplets = pq.read_table(self.path / "triplets")
+        if targets is not None:
+            ids = self.triplets.column("sample_id").to_pylist()
+            missing = [s for s in ids if s not in targets]
+            if missing:
+                raise ValueError(f"{prepared_dir}: no target given for {len(missing)} queries, e.g. {missing[0]}")
+            column = self.triplets.schema.get_field_index("target_id")
+            self.triplets = self.triplets.set_column(column, "target_id", pa.array([targets[s] for s in ids], pa.string()))
         if self.triplets.column("target_id").null_count:
             raise ValueError(f"{prepared_dir}: split {manifest['split']!r} has no targets to validate against")
         self.gallery = pq.read_table(self.path / "gallery.parquet")
@@ -46,6 +55,16 @@ class ValidationSplit:
     @torch.no_grad()
     def metrics(self, model, tokenizer, variants: list[str], batch_size: int = 64) -> dict[str, dict[str, float]]:
         """{variant: metrics} of ``model`` (in eval mode, on its device) under the split's protocol."""
+        features, index, queries = self.encode(model, tokenizer, batch_size)
+        if self.dataset == "cirr":
+            cirr = CirrQueries(self.triplets, index)
+            return {v: cirr.metrics(variant_scores(v, queries, index)) for v in variants}
+        categories = self.gallery.select(["image_id", "category"])
+        return fashioniq_variant_metrics(self.triplets, categories, index, queries, variants)
+
+    @torch.no_grad()
+    def encode(self, model, tokenizer, batch_size: int = 64) -> tuple[QueryFeatures, GalleryIndex, dict]:
+        """The split's query features, its gallery index and {variant: queries} under ``model``."""
         device = next(model.parameters()).device
         pixels = lambda rows: torch.from_numpy(self.images[rows]).to(device)  # noqa: E731
         rows = [self.position[i] for i in self.image_ids]
@@ -58,10 +77,4 @@ class ValidationSplit:
                                 texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
         joined = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
         features = QueryFeatures(self.triplets.column("sample_id").to_pylist(), **joined)
-        compositor = model.config.compositor
-        queries = variant_queries(features, index, references, compositor)
-        if self.dataset == "cirr":
-            cirr = CirrQueries(self.triplets, index)
-            return {v: cirr.metrics(variant_scores(v, queries, index)) for v in variants}
-        categories = self.gallery.select(["image_id", "category"])
-        return fashioniq_variant_metrics(self.triplets, categories, index, queries, variants)
+        return features, index, variant_queries(features, index, references, model.config.compositor)
