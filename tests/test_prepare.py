@@ -79,7 +79,7 @@ def test_real_cirr_val_with_placeholder_images_and_damaged_files(tmp_path, share
     triplets = pq.read_table(tmp_path / "out/triplets").to_pylist()
     pixels = pq.read_table(tmp_path / "out/images")
     assert pixels.num_rows == 2293 and pixels.schema.field("pixels").type == pa.binary(64 * 64 * 3)
-    assert manifest["schema_version"] == 2 and manifest["image_size"] == 64
+    assert manifest["schema_version"] == 3 and manifest["image_size"] == 64
     kept_images = set(pixels.column("image_id").to_pylist())
     index, store = load_image_store(tmp_path / "out", "pixels")
     assert store.shape == (2293, 64, 64, 3) and store.dtype == np.uint8

@@ -122,7 +122,13 @@ def test_per_branch_clipping_keeps_one_branch_from_shrinking_the_other():
 def test_stage2_per_branch_clipping_needs_zero0_and_fp16_needs_zero0():
     check_optimisation(job("train.stage=2", "train.zero_stage=0", "train.precision=bf16"))
     with pytest.raises(StageError, match="per_branch"):
-        check_optimisation(job("train.stage=2", "train.zero_stage=2"))
+        check_optimisation(job("train.stage=2", "train.zero_stage=2", "optim.clip=per_branch"))
+    check_optimisation(job("train.stage=2", "train.zero_stage=2"))  # auto: DeepSpeed's global norm there
+    from detailfusion.train.engine import clipping
+
+    assert clipping(job("train.zero_stage=2").train, job().optim) == "global (DeepSpeed)"
+    assert clipping(job("train.zero_stage=0").train, job().optim) == "per branch (torch)"
+    assert clipping(job("train.zero_stage=0").train, job("optim.clip=global").optim) == "global (torch)"
     check_optimisation(job("train.stage=2", "train.zero_stage=2", "optim.clip=global"))
     check_optimisation(job("train.stage=1", "train.zero_stage=2"))  # one branch: per-branch is global
     with pytest.raises(StageError, match="loss\\s*scaler"):
@@ -208,3 +214,55 @@ def test_cached_rows_are_dealt_into_new_batches_every_epoch():
     again = list(dealt(rows, size, epoch_seed(0, 0, 0)))
     assert all(torch.equal(a["x"], b["x"]) for a, b in zip(again, epochs[0]))
     assert len({epoch_seed(s, e, r) for s in (0, 1) for e in range(3) for r in range(2)}) == 12
+
+
+# -- stage 0: the tiny Q-Former's image-text pre-training ------------------------------------------------
+
+
+def test_image_text_loss_is_symmetric_infonce_by_hand():
+    from detailfusion.losses import ImageTextContrastiveLoss
+
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    images = torch.tensor([[[1.0, 0.0], [0.6, 0.8]], [[0.0, 1.0], [0.8, 0.6]]])  # [B=2, Nq=2, D=2]
+    # s(t_i, I_j) = max_k <t_i, i_jk>: [[1, .8], [.8, 1]]
+    import math
+
+    ce = lambda row, label: math.log(sum(math.exp(x) for x in row)) - row[label]  # noqa: E731
+    out = ImageTextContrastiveLoss()(text, images, torch.tensor(1.0))
+    t2i = (ce([1, .8], 0) + ce([.8, 1], 1)) / 2
+    assert out["loss_t2i"].item() == pytest.approx(t2i, abs=1e-6) and out["loss_i2t"].item() == pytest.approx(t2i, abs=1e-6)
+    scores = torch.tensor([[1.0, 0.5, 0.0], [0.2, 1.0, 0.1], [0.9, 0.0, 1.0]])  # <t_i, I_j>, not symmetric
+    out = ImageTextContrastiveLoss()(torch.eye(3), scores.T[:, None, :], torch.tensor(1.0))  # I_j's one token: column j
+    rows, columns = scores.tolist(), scores.T.tolist()
+    assert out["loss_t2i"].item() == pytest.approx(sum(ce(rows[i], i) for i in range(3)) / 3, abs=1e-6)
+    assert out["loss_i2t"].item() == pytest.approx(sum(ce(columns[i], i) for i in range(3)) / 3, abs=1e-6)
+    assert out["loss_t2i"].item() != pytest.approx(out["loss_i2t"].item())
+
+
+def test_stage0_trains_the_gm_qformer_on_captions_and_exports_it_into_both_branches():
+    from detailfusion.data.pipeline import TripletBatcher
+    from detailfusion.data.schema import pixels_to_arrow
+    import numpy as np
+
+    model, tokenizer = build_model("tiny")
+    spec = STAGES[0]
+    freeze_for_stage(model, spec)
+    images = [np.full((64, 64, 3), i, dtype=np.uint8) for i in range(4)]
+    rows = {"text_variants": np.array([["edit"]] * 4, dtype=object), "sample_id": np.array([f"s{i}" for i in range(4)]),
+            "reference_caption": np.array([f"a red circle at the top {i}" for i in range(4)]),
+            "target_caption": np.array([f"a blue square at the left {i}" for i in range(4)]),
+            "reference_pixels": pixels_to_arrow(images, 64).to_numpy(zero_copy_only=False),
+            "target_pixels": pixels_to_arrow(images[::-1], 64).to_numpy(zero_copy_only=False)}
+    out = TripletBatcher(tokenizer, 32, "pixels", captions=True)(rows)
+    assert out["input_ids"].shape == out["target_input_ids"].shape == (4, 32)
+    assert not np.array_equal(out["input_ids"], out["target_input_ids"])
+    assert "target_input_ids" not in TripletBatcher(tokenizer, 32, "pixels")(rows)
+    batch = {k: torch.from_numpy(v) for k, v in out.items()}
+    from detailfusion.data.transforms import normalize_pixels
+
+    batch["reference"], batch["target"] = normalize_pixels(batch["reference"]), normalize_pixels(batch["target"])
+    parts = branch_loss(spec, model, build_loss(spec, job().loss), batch, "pixel_values")
+    parts["loss"].backward()
+    assert set(parts) == {"loss", "loss_t2i", "loss_i2t"} and torch.isfinite(parts["loss"])
+    assert all(p.grad is not None for p in model.gm_branch.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in model.di_branch.parameters())

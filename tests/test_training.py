@@ -35,7 +35,7 @@ def data(tmp_path_factory, ray_local):
 
 
 def job(stage, root, workdir, *overrides):
-    prepared = root / ("prep-ipr2pr" if stage == 1 else "prep-cirr")
+    prepared = root / ("prep-ipr2pr" if stage <= 1 else "prep-cirr")
     base = [f"workdir={workdir}", f"data.prepared={prepared}", "train.batch_size=16", "train.epochs=6",
             "train.log_every=4"]
     return load_config(JobConfig, REPO / f"jobs/configs/stage{stage}_tiny.yaml", base + list(overrides))
@@ -90,6 +90,18 @@ def test_all_stages_train_and_stage3_changes_only_the_compositor(data, tmp_path)
     assert not torch.equal(after2["compositor.head.2.weight"], after3["compositor.head.2.weight"])
     # a finished stage is reused, not retrained
     assert run_stage(job(3, data, work, f"model.init_from={stage2}", "train.epochs=12")) == stage3
+
+
+def test_stage0_pretrains_the_qformer_on_captions_and_both_branches_start_from_it(data, tmp_path):
+    stage0 = run_stage(job(0, data, tmp_path / "run", f"model.init_from={data / 'init'}"))
+    rows = losses(tmp_path / "run" / "stage0")
+    ok, figures = falls(rows)
+    assert ok, f"stage 0 image-text loss did not fall: {figures}"
+    init, after = load_file(data / "init" / "model.safetensors"), load_file(stage0 / "model.safetensors")
+    assert not torch.equal(init["gm_branch.query_tokens"], after["gm_branch.query_tokens"])
+    gm = {k[len("gm_branch."):]: v for k, v in after.items() if k.startswith("gm_branch.")}
+    assert gm and all(torch.equal(v, after[f"di_branch.{k}"]) for k, v in gm.items())  # DI starts where GM does
+    assert all(torch.equal(init[k], after[k]) for k in init if k.startswith("vision_model."))
 
 
 def test_an_interrupted_stage_resumes_when_rerun(data, tmp_path):

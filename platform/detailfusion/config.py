@@ -67,8 +67,9 @@ class OptimConfig:
     eps: float = 1e-7
     weight_decay: float = 0.05
     grad_clip: float = 1.0  # max gradient L2 norm (0: no clipping)
-    clip: Literal["per_branch", "global"] = "per_branch"  # per_branch: each trained part's norm on its own (stage 2
-    #   clips GM and DI apart, so one branch's large gradient never shrinks the other's step); global: one norm
+    clip: Literal["auto", "per_branch", "global"] = "auto"  # per_branch: each branch's norm on its own (stage 2 clips
+    #   GM and DI apart: one branch's large gradient never shrinks the other's step; needs ZeRO-0, not fp16);
+    #   global: one norm over everything; auto: per_branch where it can run, else global (DeepSpeed's)
     warmup_fraction: float = 0.1  # one-cycle: share of steps spent warming up
     div_factor: float = 25.0  # one-cycle: the first lr is lr / div_factor
     final_div_factor: float = 1e4  # one-cycle: the last lr is lr / (div_factor * final_div_factor)
@@ -76,7 +77,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    stage: Literal[1, 2, 3] = 2
+    stage: Literal[0, 1, 2, 3] = 2  # 0: Q-Former image-text pre-training (tiny preset's stand-in for BLIP-2's)
     epochs: int = 1
     batch_size: int = 128  # global batch, split over workers
     grad_accum: int = 1

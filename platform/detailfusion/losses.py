@@ -1,4 +1,5 @@
-"""Losses of METHOD.md: ``L_GM`` / ``L_C`` (in-batch InfoNCE), ``L_DI`` (with hard negatives) and ``L_joint``.
+"""Losses of METHOD.md: ``L_GM`` / ``L_C`` (in-batch InfoNCE), ``L_DI`` (with hard negatives), ``L_joint`` and
+stage 0's image-text contrastive loss (BLIP-2's ITC).
 
 Feature shapes: queries [B, D] (unit norm), targets / references [B, Nq, D] (unit norm per token), subset
 negatives [B, S, Nq, D]. Similarity ``s(q, t) = max_k <q, t_k>``; logits are ``s / tau``.
@@ -149,6 +150,18 @@ class DetailLoss(ContrastiveLoss):
             columns.append(paired_similarity(query, subset_negatives) / temperature + self.log_scale)
         logits = torch.cat(columns, dim=1)
         return {"loss": F.cross_entropy(logits.float(), self._labels(query.shape[0], query.device))}
+
+
+class ImageTextContrastiveLoss(_RankAware):
+    """BLIP-2's image-text contrastive loss (stage 0): texts [B, D] against images' query tokens [B, Nq, D] with
+    ``s = max_k <t, i_k> / tau``, InfoNCE text-to-image and image-to-text over the (global) batch, averaged."""
+
+    def forward(self, text: torch.Tensor, images: torch.Tensor, temperature: torch.Tensor) -> dict[str, torch.Tensor]:
+        labels = self._labels(text.shape[0], text.device)
+        text_to_image = max_similarity(text, self._global(images)) / temperature  # [B, world * B]
+        image_to_text = max_similarity(self._global(text), images).T / temperature  # [B, world * B]
+        loss_t2i, loss_i2t = F.cross_entropy(text_to_image, labels), F.cross_entropy(image_to_text, labels)
+        return {"loss": (loss_t2i + loss_i2t) / 2, "loss_t2i": loss_t2i, "loss_i2t": loss_i2t}
 
 
 class JointLoss(nn.Module):

@@ -3,6 +3,8 @@
 Columns: ``original_prompt, original_image{bytes,path}, edit_prompt, edited_prompt, edited_image{bytes,path}``.
 A row becomes a triplet (original image, edit prompt, edited image) whose two images travel inline, decoded
 and transformed, as uint8 [S, S, 3] stored as one binary value each (schema.py); ``sample_id`` is a content hash (the shards have no ids).
+The prompts that made the two images are kept as their captions (``reference_caption``, ``target_caption``; null
+when a shard lacks them): the image-text pairs of stage 0's Q-Former pre-training.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .images import BadImage, load_pixels
 from .schema import TRIPLET_SCHEMA, Quarantined, normalize_text, pixels_to_arrow, write_quarantine_part
 
 REQUIRED_COLUMNS = ("original_image", "edit_prompt", "edited_image")
+CAPTION_COLUMNS = ("original_prompt", "edited_prompt")  # optional: the images' captions
 
 
 def ipr2pr_files(root: Path) -> list[Path]:
@@ -39,13 +42,15 @@ def read_ipr2pr_dataset(root: Path):
     import ray
 
     files = ipr2pr_files(root)
-    dataset = ray.data.read_parquet([str(f) for f in files], columns=list(REQUIRED_COLUMNS), include_paths=True)
+    captions = [c for c in CAPTION_COLUMNS if all(c in pq.read_schema(f).names for f in files)]
+    dataset = ray.data.read_parquet([str(f) for f in files], columns=list(REQUIRED_COLUMNS) + captions,
+                                    include_paths=True)
     return dataset, files
 
 
 def to_triplets(batch: pa.Table, image_size: int, split: str, parts_dir: str) -> pa.Table:
     """Ray Data batch function: raw IPr2Pr rows -> canonical triplet columns + inline pixels."""
-    rows, references, targets, bad = [], [], [], []
+    rows, references, targets, captions, bad = [], [], [], [], []
     seen: set[str] = set()
     for raw in batch.to_pylist():
         original, edited = raw.get("original_image") or {}, raw.get("edited_image") or {}
@@ -72,6 +77,7 @@ def to_triplets(batch: pa.Table, image_size: int, split: str, parts_dir: str) ->
         ref, tgt = pixels["original_image"], pixels["edited_image"]
         references.append(ref)
         targets.append(tgt)
+        captions.append([normalize_text(raw[c]) if raw.get(c) else None for c in CAPTION_COLUMNS])
         rows.append(
             dict(sample_id=sample_id, dataset="ipr2pr", split=split, reference_id=f"{sample_id}:original",
                  target_id=f"{sample_id}:edited", text=text, text_variants=[text], subset_ids=[], category=None)
@@ -79,5 +85,7 @@ def to_triplets(batch: pa.Table, image_size: int, split: str, parts_dir: str) ->
     if bad:
         write_quarantine_part(parts_dir, (rows[0]["sample_id"] if rows else bad[0].record), bad)
     table = pa.Table.from_pylist(rows, schema=TRIPLET_SCHEMA)
+    for i, name in enumerate(("reference_caption", "target_caption")):
+        table = table.append_column(name, pa.array([c[i] for c in captions], pa.string()))
     table = table.append_column("reference_pixels", pixels_to_arrow(references, image_size))
     return table.append_column("target_pixels", pixels_to_arrow(targets, image_size))

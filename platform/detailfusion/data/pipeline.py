@@ -60,26 +60,30 @@ def load_image_store(prepared_dir: str | Path, source: str) -> tuple[dict[str, i
 
 
 class TripletBatcher:
-    """Ray Data actor for the inline layout (IPr2Pr): triplet rows with their images -> tokenised text + images."""
+    """Ray Data actor for the inline layout (IPr2Pr): triplet rows with their images -> tokenised text + images.
+    ``captions``: tokenise the images' captions instead of the edit text (stage 0): input_ids / attention_mask the
+    reference's, target_input_ids / target_attention_mask the target's."""
 
-    def __init__(self, tokenizer, max_text_length: int, source: str, seed: int = 0):
+    def __init__(self, tokenizer, max_text_length: int, source: str, seed: int = 0, captions: bool = False):
         self.tokenizer, self.max_text_length, self.source = tokenizer, max_text_length, source
-        self.rng = np.random.default_rng(seed)
+        self.rng, self.captions = np.random.default_rng(seed), captions
+
+    def _tokens(self, texts, prefix: str = "") -> dict[str, np.ndarray]:
+        tokens = self.tokenizer([str(t) for t in texts], padding="max_length", truncation=True,
+                                max_length=self.max_text_length, return_tensors="np")
+        return {f"{prefix}{k}": tokens[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        texts = [str(self.rng.choice(list(v))) for v in batch["text_variants"]]
-        tokens = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_text_length,
-                                return_tensors="np")
+        if self.captions:
+            text = {**self._tokens(batch["reference_caption"]), **self._tokens(batch["target_caption"], "target_")}
+        else:
+            text = self._tokens([self.rng.choice(list(v)) for v in batch["text_variants"]])
         suffix = "features" if self.source == FEATURES else "pixels"
         reference, target = batch[f"reference_{suffix}"], batch[f"target_{suffix}"]
         if self.source != FEATURES:  # one bytes value per image -> uint8 [B, S, S, 3]
             reference, target = pixels_from_bytes(reference), pixels_from_bytes(target)
-        return {
-            "input_ids": tokens["input_ids"].astype(np.int64),
-            "attention_mask": tokens["attention_mask"].astype(np.int64),
-            "sample_key": np.array([sample_key(s) for s in batch["sample_id"]], dtype=np.int64),
-            "reference": reference, "target": target,
-        }
+        return {**text, "sample_key": np.array([sample_key(s) for s in batch["sample_id"]], dtype=np.int64),
+                "reference": reference, "target": target}
 
 
 @dataclass(frozen=True)
@@ -201,11 +205,11 @@ def gallery_input(prepared_dir: str | Path, tokenizer, max_text_length: int, use
 
 def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, use_features: bool = True,
                      vision_fingerprint: str | None = None, actor_cpus: float = 1.0, seed: int = 0,
-                     batch_size: int = 32):
+                     batch_size: int = 32, captions: bool = False):
     """The Ray Dataset of an inline split (IPr2Pr) for ``TorchTrainer(datasets={"train": ...})``: one epoch per
     iteration, streamed from the shards in file order, tokenised by one actor of ``actor_cpus`` CPUs (fractional on
     small machines, where whole CPUs would starve the Train workers). ``use_features``/``vision_fingerprint``: as
-    in ``gallery_input``."""
+    in ``gallery_input``; ``captions``: batches of the images' captions (stage 0, ``TripletBatcher``)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -217,7 +221,7 @@ def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, 
     dataset = ray.data.read_parquet(str(rows_dir), num_cpus=actor_cpus)
     dataset.context.enable_progress_bars = False  # the stage prints its own progress line; bars redraw every batch
     return dataset.map_batches(TripletBatcher, fn_constructor_kwargs=dict(
-        tokenizer=tokenizer, max_text_length=max_text_length, source=source, seed=seed),
+        tokenizer=tokenizer, max_text_length=max_text_length, source=source, seed=seed, captions=captions),
         batch_size=batch_size, compute=ActorPoolStrategy(size=1), num_cpus=actor_cpus, batch_format="numpy")
 
 

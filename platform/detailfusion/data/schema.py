@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # 2: pixels as one fixed-size binary value per image (1: Ray tensor columns)
+SCHEMA_VERSION = 3  # 3: IPr2Pr rows keep their images' captions; 2: pixels as one fixed-size binary value per
+#   image (1: Ray tensor columns)
 PIXEL_FORMAT = "one fixed_size_binary(S*S*3) value per image: uint8 [S, S, 3] row-major (RGB)"
 
 TRIPLET_SCHEMA = pa.schema(

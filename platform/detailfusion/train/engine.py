@@ -65,14 +65,23 @@ def keep_fp32(model: torch.nn.Module) -> None:
 
 
 def clip_groups(model: torch.nn.Module, clip: str) -> list[list[torch.nn.Parameter]]:
-    """Trainable parameters in the groups clipped on their own: ``per_branch``, each branch's (GM, DI) and the rest's
-    (compositor, temperatures) apart; ``global``, all together."""
+    """Trainable parameters in the groups the loop clips on their own: ``per_branch`` (and ``auto``, where the loop
+    clips at all), each branch's (GM, DI) and the rest's (compositor, temperatures) apart; ``global``, all together."""
     groups: dict[str, list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
             part = name.split(".")[0]
-            groups.setdefault(part if clip == "per_branch" and part.endswith("_branch") else "rest", []).append(param)
+            groups.setdefault(part if clip != "global" and part.endswith("_branch") else "rest", []).append(param)
     return list(groups.values())
+
+
+def clipping(train: TrainConfig, optim: OptimConfig) -> str:
+    """What clips the gradients: "per branch (torch)", "global (torch)", "global (DeepSpeed)" or "none"."""
+    if optim.grad_clip <= 0:
+        return "none"
+    if not clips_with_torch(train):
+        return "global (DeepSpeed)"
+    return "global (torch)" if optim.clip == "global" else "per branch (torch)"
 
 
 def one_cycle(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int):

@@ -334,6 +334,8 @@ class StageRecipe:
             model = self.engine.module
             if state is not None:
                 model.load_state_dict(state, strict=False)
+            if self.spec.number == 0:  # both branches start from the pre-trained Q-Former (as from BLIP-2's)
+                model.di_branch.load_state_dict(model.gm_branch.state_dict())
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.config.train.export_precision]
             save_model(model.to("cpu"), self.tokenizer, self.run_facts["export_dir"], dtype=dtype)
             model.to(self.device)

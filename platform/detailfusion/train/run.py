@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..config import JobConfig, save_config, to_dict
 from ..data.pipeline import gallery_input, read_manifest, training_dataset
+from .engine import clipping
 from .stages import STAGES
 
 
@@ -44,6 +45,8 @@ def check_stage(config: JobConfig) -> dict:
         )
     if config.data.dataset not in ("synthetic", manifest["dataset"]):
         raise StageError(f"data.dataset={config.data.dataset!r} but {config.data.prepared} holds {manifest['dataset']}")
+    if config.train.stage == 0:
+        check_captions(config.data.prepared)
     if config.train.stage > 1:
         init = config.model.init_from
         if not init or not (Path(init) / "config.json").is_file():
@@ -75,10 +78,26 @@ def check_optimisation(config: JobConfig) -> None:
     if train.stage == 2 and optim.clip == "per_branch" and optim.grad_clip > 0 and not clips_with_torch(train):
         raise StageError(f"optim.clip=per_branch (GM and DI clipped apart) needs train.zero_stage=0 and fp32/bf16, got "
                          f"ZeRO-{train.zero_stage} {train.precision}: DeepSpeed's own clipping takes one global norm; "
-                         "set optim.clip=global to use it")
+                         "set optim.clip=global (or auto) to use it")
     weights = config.model.static_weights
     if min(weights) < 0 or sum(weights) <= 0:
         raise StageError(f"model.static_weights must be two non-negative numbers, not both 0: {list(weights)}")
+
+
+def check_captions(prepared: str) -> None:
+    """Stage 0 trains on the images' captions: every row of the prepared IPr2Pr split must have both."""
+    import pyarrow.parquet as pq
+
+    folder = Path(prepared) / "triplets"
+    names = pq.read_schema(next(folder.glob("*.parquet"))).names
+    if "reference_caption" not in names:
+        raise StageError(f"{prepared} holds no image captions (prepared before schema 3): run `detailfusion prepare` "
+                         "on the split again")
+    table = pq.read_table(folder, columns=["reference_caption", "target_caption"])
+    missing = table.column("reference_caption").null_count + table.column("target_caption").null_count
+    if missing:
+        raise StageError(f"{prepared}: {missing} image captions are missing (the shards' original_prompt / "
+                         "edited_prompt); stage 0 needs a caption for every image")
 
 
 def check_validation(config: JobConfig, manifest: dict) -> None:
@@ -181,7 +200,8 @@ def run_stage(config: JobConfig, callbacks: list | None = None) -> Path:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_INTERVAL_S))
     trainer = build_trainer(config, manifest, init_from, export_dir, callbacks, called_at)
     print(f"[stage {spec.number}] {spec.name}: {manifest['counts']['triplets']} triplets from {config.data.prepared}, "
-          f"{config.train.num_workers} worker(s), ZeRO-{config.train.zero_stage}, {config.train.precision}", flush=True)
+          f"{config.train.num_workers} worker(s), ZeRO-{config.train.zero_stage}, {config.train.precision}, clipping "
+          f"{clipping(config.train, config.optim)}", flush=True)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -250,7 +270,7 @@ def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir:
         run["data_epochs"] = 1
         datasets = {"train": training_dataset(config.data.prepared, tokenizer, max_text_length, **cache,
                                               actor_cpus=train.data_actor_cpus, seed=train.seed,
-                                              batch_size=train.batch_size)}
+                                              batch_size=train.batch_size, captions=train.stage == 0)}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": to_dict(config), "run": run},

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import LossConfig
-from ..losses import ContrastiveLoss, DetailLoss, JointLoss
+from ..losses import ContrastiveLoss, DetailLoss, ImageTextContrastiveLoss, JointLoss
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class StageSpec:
 
 
 STAGES = {
+    0: StageSpec(0, "Q-Former image-text pre-training (ITC)", ("gm_branch",), ("ipr2pr",), ("gm",)),
     1: StageSpec(1, "detail pre-training (DI, L_DI)", ("di_branch",), ("ipr2pr",), ("di",)),
     2: StageSpec(2, "joint fine-tuning (L_DI + gamma L_GM)", ("gm_branch", "di_branch"), ("cirr", "fashioniq"),
                  ("gm", "di")),
@@ -38,6 +39,8 @@ def freeze_for_stage(model, spec: StageSpec) -> None:
 
 def build_loss(spec: StageSpec, config: LossConfig):
     rank = {"gather": config.gather_across_ranks}
+    if spec.number == 0:
+        return ImageTextContrastiveLoss(**rank)
     detail = DetailLoss(config.reference_negative, config.hard_negative_scale, config.batch_reference_negatives, **rank)
     if spec.number == 1:
         return detail
@@ -47,8 +50,10 @@ def build_loss(spec: StageSpec, config: LossConfig):
 
 
 def branch_loss(spec: StageSpec, model, loss_fn, batch: dict[str, torch.Tensor], images: str) -> dict[str, torch.Tensor]:
-    """Stages 1 and 2: encode the batch's triplets and apply the stage's loss. ``images``: "pixel_values" | "embeds".
+    """Stages 0, 1 and 2: encode the batch and apply the stage's loss. ``images``: "pixel_values" | "embeds".
     The DI branch encodes the hard negatives (reference, subset) only when its loss uses them."""
+    if spec.number == 0:
+        return image_text_loss(model, loss_fn, batch, images)
     hard_negatives = (loss_fn if spec.number == 1 else loss_fn.detail).reference_negative
     out = model(
         input_ids=batch["input_ids"],
@@ -67,3 +72,14 @@ def branch_loss(spec: StageSpec, model, loss_fn, batch: dict[str, torch.Tensor],
         return loss_fn(**di)
     gm = dict(query=out.query_gm, targets=out.target_gm, temperature=model.gm_branch.temperature())
     return loss_fn(gm=gm, di=di)
+
+
+def image_text_loss(model, loss_fn, batch: dict[str, torch.Tensor], images: str) -> dict[str, torch.Tensor]:
+    """Stage 0: both images of each row with their captions (input_ids: the reference's, target_input_ids: the
+    target's) as 2B image-text pairs through the GM Q-Former (copied into DI at export, as BLIP-2 starts both)."""
+    pictures = torch.cat([batch["reference"], batch["target"]])
+    embeds = model.encode_image(pictures) if images == "pixel_values" else pictures
+    ids = torch.cat([batch["input_ids"], batch["target_input_ids"]])
+    mask = torch.cat([batch["attention_mask"], batch["target_attention_mask"]])
+    branch = model.gm_branch
+    return loss_fn(branch.encode_text(ids, mask), branch.encode_target(embeds), branch.temperature())
