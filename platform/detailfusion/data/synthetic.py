@@ -467,7 +467,7 @@ BENCHMARKS = ("near-duplicates", "detail")
 
 def write_synthetic(kind: str, out: str | Path, pairs: int = 2000, seed: int = 0, image_size: int = 128, *,
                     benchmark: str = "near-duplicates", val_pairs: int = 500, test_pairs: int = 2000,
-                    family_size: int = 16, pairs_per_set: int = 5) -> dict:
+                    family_size: int = 24, pairs_per_set: int = 5) -> dict:
     """Write synthetic pairs of dataset ``kind`` under ``out``; returns pair counts per split.
 
     benchmark "near-duplicates": ``pairs`` over all splits, each img_set alone with its near-duplicates.

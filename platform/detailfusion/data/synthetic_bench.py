@@ -32,7 +32,7 @@ class DetailLayout:
     train_pairs: int
     val_pairs: int = 500
     test_pairs: int = 2000
-    family_size: int = 16  # groups (img_sets) per family
+    family_size: int = 24  # groups (img_sets) per family
     pairs_per_set: int = 5  # queries per img_set, of its 10 forward/inverse pairs
 
     def __post_init__(self):
@@ -64,7 +64,7 @@ class FamilyFactory:
                 continue
             others = tuple(s for s in root.shapes if s != pivot)
             taken = {(s.kind, s.colour) for s in others}
-            pivots = [Shape(k, c, z, pivot.cell) for k in KINDS for c in COLOURS for z in SIZES if (k, c) not in taken]
+            pivots = [Shape(k, c, "small", pivot.cell) for k in KINDS for c in COLOURS if (k, c) not in taken]
             self.rng.shuffle(pivots)
             groups, keys = [], set()
             for shape in pivots:
@@ -80,14 +80,18 @@ class FamilyFactory:
                     return groups
 
     def _edit_pool(self, root: Scene, pivot: Shape) -> list[Edit]:
-        """One edit per type (where the root allows one) that neither touches the pivot nor takes its cell."""
+        """One edit per type (where the root allows one) that neither touches the pivot nor takes its cell. The
+        removed shape is not the resized one: "put a red circle at the top" (no size) would name two targets."""
         pool = []
         for edit_type in EDIT_TYPES:
             for _ in range(20):
                 edit = random_edit(self.rng, root, edit_type)
-                if edit is not None and edit.before != pivot and (edit.after is None or edit.after.cell != pivot.cell):
-                    pool.append(edit)
-                    break
+                if edit is None or edit.before == pivot or (edit.after is not None and edit.after.cell == pivot.cell):
+                    continue
+                if edit.type in ("remove", "resize") and any(e.before == edit.before for e in pool if e.type in ("remove", "resize")):
+                    continue
+                pool.append(edit)
+                break
         return pool
 
 
