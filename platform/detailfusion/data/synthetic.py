@@ -466,33 +466,40 @@ BENCHMARKS = ("near-duplicates", "detail")
 
 
 def write_synthetic(kind: str, out: str | Path, pairs: int = 2000, seed: int = 0, image_size: int = 128, *,
-                    benchmark: str = "near-duplicates", val_pairs: int = 500, test_pairs: int = 2000,
-                    family_size: int = 24, pairs_per_set: int = 5) -> dict:
+                    benchmark: str = "near-duplicates", val_pairs: int | None = None, test_pairs: int | None = None,
+                    family_size: int | None = None, pairs_per_set: int | None = None) -> dict:
     """Write synthetic pairs of dataset ``kind`` under ``out``; returns pair counts per split.
 
     benchmark "near-duplicates": ``pairs`` over all splits, each img_set alone with its near-duplicates.
-    benchmark "detail" (CIRR only; synthetic_bench.py): ``pairs`` train queries, ``val_pairs`` and ``test_pairs``
-    queries, img_sets in families of ``family_size`` sibling groups, ``pairs_per_set`` queries per img_set.
+    benchmark "detail" (CIRR only; synthetic_bench.DetailLayout, its defaults where None): ``pairs`` train queries,
+    ``val_pairs`` and ``test_pairs`` queries, img_sets in families of ``family_size`` sibling groups,
+    ``pairs_per_set`` queries per img_set.
     """
     from .synthetic_bench import DetailLayout, write_cirr_detail
 
+    detail = {"val_pairs": val_pairs, "test_pairs": test_pairs, "family_size": family_size,
+              "pairs_per_set": pairs_per_set}
+    detail = {name: value for name, value in detail.items() if value is not None}
     if kind not in WRITERS:
         raise ValueError(f"unknown synthetic kind {kind!r}; known: {', '.join(WRITERS)}")
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown synthetic benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
     if benchmark == "detail" and kind != "cirr":
         raise ValueError(f"the detail benchmark is written in CIRR's layout only, got kind {kind!r}")
+    if detail and benchmark != "detail":
+        given = ", ".join(f"{name}={value}" for name, value in detail.items())
+        raise ValueError(f"{given}: only for benchmark 'detail', got benchmark {benchmark!r}")
     if pairs < 3:
         raise ValueError(f"--pairs must be at least 3 (one per split), got {pairs}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    options = {"benchmark": benchmark}
     if benchmark == "detail":
-        layout = DetailLayout(pairs, val_pairs, test_pairs, family_size, pairs_per_set)
+        layout = DetailLayout(pairs, **detail)
         summary = write_cirr_detail(out, layout, seed, image_size)
-        options.update(val_pairs=val_pairs, test_pairs=test_pairs, family_size=family_size, pairs_per_set=pairs_per_set)
+        options = {"benchmark": benchmark, **{k: v for k, v in vars(layout).items() if k != "train_pairs"}}
     else:
         summary = WRITERS[kind](out, pairs, seed, image_size)
+        options = {"benchmark": benchmark}
     _write_json(out / "synthetic" / "manifest.json", {"kind": kind, "pairs": pairs, "seed": seed,
                                                        "image_size": image_size, **options, "splits": summary})
     return summary
