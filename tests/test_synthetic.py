@@ -177,6 +177,14 @@ def test_cli_writes_a_dataset_and_rejects_bad_arguments(tmp_path):
     assert bad.returncode == 2 and "--pairs must be at least 3" in bad.stderr
     wrong = subprocess.run(exe + ["--kind", "coco", "--out", str(tmp_path / "f")], capture_output=True, text=True)
     assert wrong.returncode == 2 and "invalid choice" in wrong.stderr
+    detail = subprocess.run(exe + ["--kind", "cirr", "--out", str(tmp_path / "g"), "--pairs", "10", "--benchmark",
+                                   "detail", "--val-pairs", "5", "--test-pairs", "12", "--family-size", "2"],
+                            capture_output=True, text=True, timeout=120)
+    assert detail.returncode == 0 and "train: 10, val: 5, test1: 12" in detail.stdout, detail.stderr
+    assert load(tmp_path / "g/synthetic/manifest.json")["family_size"] == 2
+    mixed = subprocess.run(exe + ["--kind", "cirr", "--out", str(tmp_path / "h"), "--test-pairs", "12"],
+                           capture_output=True, text=True, timeout=120)
+    assert mixed.returncode == 2 and "only for benchmark 'detail'" in mixed.stderr
 
 
 # -- the detail benchmark -----------------------------------------------------------------------------
