@@ -24,6 +24,13 @@ from detailfusion.data.synthetic import (
     random_scene,
     write_synthetic,
 )
+from detailfusion.data.synthetic_difficulty import (
+    cirr_recall,
+    image_only_scores,
+    load_queries,
+    oracle_scores,
+    random_scores,
+)
 
 
 def load(path):
@@ -170,3 +177,106 @@ def test_cli_writes_a_dataset_and_rejects_bad_arguments(tmp_path):
     assert bad.returncode == 2 and "--pairs must be at least 3" in bad.stderr
     wrong = subprocess.run(exe + ["--kind", "coco", "--out", str(tmp_path / "f")], capture_output=True, text=True)
     assert wrong.returncode == 2 and "invalid choice" in wrong.stderr
+    detail = subprocess.run(exe + ["--kind", "cirr", "--out", str(tmp_path / "g"), "--pairs", "10", "--benchmark",
+                                   "detail", "--val-pairs", "5", "--test-pairs", "12", "--family-size", "2"],
+                            capture_output=True, text=True, timeout=120)
+    assert detail.returncode == 0 and "train: 10, val: 5, test1: 12" in detail.stdout, detail.stderr
+    assert load(tmp_path / "g/synthetic/manifest.json")["family_size"] == 2
+    mixed = subprocess.run(exe + ["--kind", "cirr", "--out", str(tmp_path / "h"), "--test-pairs", "12"],
+                           capture_output=True, text=True, timeout=120)
+    assert mixed.returncode == 2 and "only for benchmark 'detail'" in mixed.stderr
+
+
+# -- the detail benchmark -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def detail(tmp_path_factory):
+    root = tmp_path_factory.mktemp("detail")
+    write_synthetic("cirr", root, pairs=120, seed=0, image_size=64, benchmark="detail", val_pairs=60, test_pairs=300)
+    return root
+
+
+def shapes_of(scene):
+    return {(kind, colour) for kind, colour, _, _ in scene["shapes"]}
+
+
+def test_detail_sizes_fields_and_img_sets(detail):
+    manifest = load(detail / "synthetic" / "manifest.json")
+    assert manifest["benchmark"] == "detail" and manifest["family_size"] == 24 and manifest["pairs_per_set"] == 5
+    hidden = load(detail / "synthetic" / "test1_targets.json")
+    for split, queries in (("train", 120), ("val", 60), ("test1", 300)):
+        records = load(detail / "captions" / f"cap.rc2.{split}.json")
+        images = load(detail / "image_splits" / f"split.rc2.{split}.json")
+        assert len(records) == queries and len(images) >= queries
+        assert set(load(detail / "synthetic" / f"edit_types.{split}.json")) == {str(r["pairid"]) for r in records}
+        for rec in records:
+            target = hidden[str(rec["pairid"])] if split == "test1" else rec["target_hard"]
+            fields = {"pairid", "reference", "caption", "img_set"} | (set() if split == "test1" else
+                                                                      {"target_hard", "target_soft"})
+            assert set(rec) == fields and rec["caption"].strip()
+            members = rec["img_set"]["members"]
+            assert len(members) == 6 and len(set(members)) == 6 and all(m in images for m in members)
+            assert rec["reference"] in members and target in members and rec["reference"] != target
+    assert len(load(detail / "image_splits" / "split.rc2.test1.json")) == 3 * 24 * 6  # whole families
+
+
+def test_detail_no_scene_repeats(detail):
+    keys = []
+    for split in ("train", "val", "test1"):
+        for scene in load(detail / "synthetic" / f"scenes.{split}.json").values():
+            keys.append((tuple(scene["background"]), tuple(sorted(map(tuple, scene["shapes"])))))
+    assert len(keys) == len(set(keys))
+
+
+def test_detail_targets_have_distractors_sharing_their_shapes(detail):
+    """Every other group of the target's family shares >= 2 of its shapes (kind and colour): 23 distractors."""
+    scenes = load(detail / "synthetic" / "scenes.test1.json")
+    hidden = load(detail / "synthetic" / "test1_targets.json")
+    for rec in load(detail / "captions" / "cap.rc2.test1.json"):
+        target = shapes_of(scenes[hidden[str(rec["pairid"])]])
+        outside = [n for n in scenes if n not in rec["img_set"]["members"]]
+        assert sum(len(shapes_of(scenes[n]) & target) >= 2 for n in outside) >= 23
+
+
+def test_detail_deterministic_by_seed(tmp_path):
+    roots = {name: tmp_path / name for name in ("a", "b", "c")}
+    for name, seed in (("a", 4), ("b", 4), ("c", 5)):
+        write_synthetic("cirr", roots[name], pairs=20, seed=seed, image_size=32, benchmark="detail", val_pairs=10,
+                        test_pairs=30, family_size=4)
+    a, b, c = roots.values()
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert all(digest(a / f) == digest(b / f) for f in files)
+    assert load(a / "captions/cap.rc2.test1.json") != load(c / "captions/cap.rc2.test1.json")
+    assert {digest(f) for f in (a / "test1").iterdir()} != {digest(f) for f in (c / "test1").iterdir()}
+
+
+def test_image_only_pixels_cannot_solve_detail_but_can_solve_near_duplicates(detail, cirr):
+    """Pixel cosine R@5 on test1: detail 22.3 (300 queries over 432 images, seed 0; 21.6-26.4 on 2,000 queries,
+    seeds 1-3), near-duplicates 100 (20 queries over 12 images; 78.8 on 2,000 over 1,200)."""
+    recall = {}
+    for name, root in (("detail", detail), ("near-duplicates", cirr)):
+        queries = load_queries(root, "test1")
+        recall[name] = cirr_recall(image_only_scores(root, queries), queries)
+    assert recall["detail"]["R@5"] <= 35 and recall["detail"]["Rs@1"] >= 20
+    assert recall["near-duplicates"]["R@5"] >= 60
+    random_recall = cirr_recall(random_scores(load_queries(detail, "test1")), load_queries(detail, "test1"))
+    assert random_recall["R@5"] <= 5
+
+
+def test_caption_and_scenes_solve_detail(detail):
+    queries = load_queries(detail, "test1")
+    assert cirr_recall(oracle_scores(detail, queries), queries)["R@1"] == 100.0
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(benchmark="hard"), "unknown synthetic benchmark 'hard'"),
+    (dict(test_pairs=100), "test_pairs=100: only for benchmark 'detail'"),
+    (dict(benchmark="detail", family_size=1), "family_size must be in 2..64"),
+    (dict(benchmark="detail", pairs_per_set=0), "pairs_per_set must be in 1..10"),
+    (dict(benchmark="detail", val_pairs=0), "val_pairs must be at least 1"),
+])
+def test_detail_options_are_checked(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        write_synthetic("cirr", tmp_path, pairs=10, **options)

@@ -11,8 +11,11 @@ def _synth(args: argparse.Namespace) -> int:
     from .data.synthetic import write_synthetic
 
     start = time.perf_counter()
-    print(f"writing synthetic {args.kind} ({args.pairs} pairs, seed {args.seed}) to {args.out} ...", flush=True)
-    summary = write_synthetic(args.kind, args.out, pairs=args.pairs, seed=args.seed, image_size=args.image_size)
+    print(f"writing synthetic {args.kind} ({args.benchmark}, {args.pairs} pairs, seed {args.seed}) to {args.out} ...",
+          flush=True)
+    summary = write_synthetic(args.kind, args.out, pairs=args.pairs, seed=args.seed, image_size=args.image_size,
+                              benchmark=args.benchmark, val_pairs=args.val_pairs, test_pairs=args.test_pairs,
+                              family_size=args.family_size, pairs_per_set=args.pairs_per_set)
     counts = ", ".join(f"{split}: {n}" for split, n in summary.items())
     print(f"done in {time.perf_counter() - start:.1f} s -> {counts}")
     return 0
@@ -177,9 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.add_argument("--kind", required=True, choices=["cirr", "fashioniq", "ipr2pr"])
     synth.add_argument("--out", required=True, help="output directory (the dataset root)")
-    synth.add_argument("--pairs", type=int, default=2000, help="total pairs over all splits (default 2000)")
+    synth.add_argument("--pairs", type=int, default=2000,
+                       help="total pairs over all splits; --benchmark detail: train pairs (default 2000)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int, default=128, help="rendered image side in pixels (default 128)")
+    synth.add_argument("--benchmark", default="near-duplicates", choices=["near-duplicates", "detail"],
+                       help="cirr: near-duplicates (each img_set alone, default) or detail (families of sibling "
+                            "img_sets whose images share the target's shapes, so only the text decides)")
+    synth.add_argument("--val-pairs", type=int, help="--benchmark detail: val queries (500)")
+    synth.add_argument("--test-pairs", type=int, help="--benchmark detail: test1 queries (2000)")
+    synth.add_argument("--family-size", type=int, help="--benchmark detail: img_sets per family (24)")
+    synth.add_argument("--pairs-per-set", type=int, help="--benchmark detail: queries per img_set, of its 10 (5)")
     synth.set_defaults(run=_synth)
 
     prep = commands.add_parser(

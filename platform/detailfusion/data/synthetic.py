@@ -13,7 +13,7 @@ import io
 import json
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -266,6 +266,13 @@ class Group:
     scenes: list[Scene]
     pairs: list[tuple[int, int, Edit]]
 
+    @classmethod
+    def of(cls, base: Scene, edits: list[Edit], rng: random.Random) -> "Group":
+        """``base`` and ``edit(base)`` for each edit; pairs forward and inverse, in an order shuffled by ``rng``."""
+        pairs = [(0, i + 1, e) for i, e in enumerate(edits)] + [(i + 1, 0, e.inverse()) for i, e in enumerate(edits)]
+        rng.shuffle(pairs)
+        return cls([base] + [e.apply(base) for e in edits], pairs)
+
 
 class SceneFactory:
     """Makes groups whose scenes never repeat (across all splits of one dataset)."""
@@ -291,9 +298,7 @@ class SceneFactory:
             keys = {s.key() for s in scenes}
             if len(edits) == variants and not keys & self.seen:
                 self.seen |= keys
-                pairs = [(0, i + 1, e) for i, e in enumerate(edits)] + [(i + 1, 0, e.inverse()) for i, e in enumerate(edits)]
-                self.rng.shuffle(pairs)
-                return Group(scenes, pairs)
+                return Group.of(base, edits, self.rng)
 
 
 def split_counts(total: int, fractions: dict[str, float]) -> dict[str, int]:
@@ -307,31 +312,41 @@ def split_counts(total: int, fractions: dict[str, float]) -> dict[str, int]:
 # -- writers in the real on-disk formats ---------------------------------------------------------------
 
 
+CIRR_SPLITS = ("train", "val", "test1")
+CIRR_PAIRS_PER_SET = 10  # every forward and inverse pair of a group
+
+
 def write_cirr(out: Path, pairs: int, seed: int, image_size: int = 128) -> dict[str, int]:
-    """CIRR layout: captions/cap.rc2.{train,val,test1}.json, image_splits/split.rc2.*.json, train/<n>/, dev/,
-    test1/. test1 captions carry no target (as in CIRR); its hidden targets go to synthetic/test1_targets.json."""
+    """CIRR layout of near-duplicate groups (``pairs`` over train/val/test1 as 80/10/10 %); see write_cirr_groups."""
     rng = random.Random(seed)
     factory = SceneFactory(rng)
-    per_group = 10
     counts = split_counts(pairs, {"train": 0.8, "val": 0.1, "test1": 0.1})
+    groups = {split: (factory.group() for _ in range(math.ceil(n / CIRR_PAIRS_PER_SET))) for split, n in counts.items()}
+    return write_cirr_groups(out, groups, counts, CIRR_PAIRS_PER_SET, rng, image_size)
+
+
+def write_cirr_groups(out: Path, groups: dict[str, Iterable[Group]], counts: dict[str, int], pairs_per_set: int,
+                      rng: random.Random, image_size: int) -> dict[str, int]:
+    """Write each split's groups in CIRR's layout: captions/cap.rc2.{train,val,test1}.json,
+    image_splits/split.rc2.*.json, train/<n>/, dev/, test1/; one ``img_set`` per group, its first ``pairs_per_set``
+    pairs as queries until the split has ``counts[split]`` (later groups' images are gallery only). test1 captions
+    carry no target (as in CIRR); its hidden targets go to synthetic/test1_targets.json. synthetic/ also holds
+    edit_types.<split>.json (pairid -> edit type) and scenes.<split>.json (image -> background, shapes)."""
     prefixes = {"train": "train", "val": "dev", "test1": "test1"}
-    (out / "captions").mkdir(parents=True, exist_ok=True)
-    (out / "image_splits").mkdir(parents=True, exist_ok=True)
-    (out / "synthetic").mkdir(parents=True, exist_ok=True)
     pairid, set_id, summary = 0, 0, {}
-    for split, wanted in counts.items():
-        captions, image_split, edit_types, hidden = [], {}, {}, {}
-        prefix = prefixes[split]
-        for _ in range(math.ceil(wanted / per_group)):
-            group = factory.group()
+    for split in CIRR_SPLITS:
+        wanted, prefix = counts[split], prefixes[split]
+        captions, image_split, edit_types, hidden, scenes = [], {}, {}, {}, {}
+        for group in groups[split]:
             names = [f"{prefix}-{set_id}-{i}-img{i % 2}" for i in range(len(group.scenes))]
             folder = f"train/{set_id % 100}" if split == "train" else prefix
+            (out / folder).mkdir(parents=True, exist_ok=True)
             for name, scene in zip(names, group.scenes):
-                (out / folder).mkdir(parents=True, exist_ok=True)
                 render(scene, image_size).save(out / folder / f"{name}.png")
                 image_split[name] = f"./{folder}/{name}.png"
+                scenes[name] = {"background": scene.background, "shapes": [[s.kind, s.colour, s.size, s.cell] for s in scene.shapes]}
             members = rng.sample(names, len(names))
-            for ref, tgt, edit in group.pairs:
+            for ref, tgt, edit in group.pairs[:pairs_per_set]:
                 if len(captions) == wanted:
                     break
                 record = {"pairid": pairid, "reference": names[ref], "caption": describe(edit, rng)}
@@ -356,6 +371,7 @@ def write_cirr(out: Path, pairs: int, seed: int, image_size: int = 128) -> dict[
         _write_json(out / "captions" / f"cap.rc2.{split}.json", captions)
         _write_json(out / "image_splits" / f"split.rc2.{split}.json", image_split)
         _write_json(out / "synthetic" / f"edit_types.{split}.json", edit_types)
+        _write_json(out / "synthetic" / f"scenes.{split}.json", scenes)
         if hidden:
             _write_json(out / "synthetic" / "test1_targets.json", hidden)
         summary[split] = len(captions)
@@ -446,17 +462,46 @@ def _ipr2pr_rows(factory: SceneFactory, rng: random.Random, pairs: int, image_si
 WRITERS = {"cirr": write_cirr, "fashioniq": write_fashioniq, "ipr2pr": write_ipr2pr}
 
 
-def write_synthetic(kind: str, out: str | Path, pairs: int = 2000, seed: int = 0, image_size: int = 128) -> dict:
-    """Write ``pairs`` synthetic pairs of dataset ``kind`` under ``out``; returns pair counts per split."""
+BENCHMARKS = ("near-duplicates", "detail")
+
+
+def write_synthetic(kind: str, out: str | Path, pairs: int = 2000, seed: int = 0, image_size: int = 128, *,
+                    benchmark: str = "near-duplicates", val_pairs: int | None = None, test_pairs: int | None = None,
+                    family_size: int | None = None, pairs_per_set: int | None = None) -> dict:
+    """Write synthetic pairs of dataset ``kind`` under ``out``; returns pair counts per split.
+
+    benchmark "near-duplicates": ``pairs`` over all splits, each img_set alone with its near-duplicates.
+    benchmark "detail" (CIRR only; synthetic_bench.DetailLayout, its defaults where None): ``pairs`` train queries,
+    ``val_pairs`` and ``test_pairs`` queries, img_sets in families of ``family_size`` sibling groups,
+    ``pairs_per_set`` queries per img_set.
+    """
+    from .synthetic_bench import DetailLayout, write_cirr_detail
+
+    detail = {"val_pairs": val_pairs, "test_pairs": test_pairs, "family_size": family_size,
+              "pairs_per_set": pairs_per_set}
+    detail = {name: value for name, value in detail.items() if value is not None}
     if kind not in WRITERS:
         raise ValueError(f"unknown synthetic kind {kind!r}; known: {', '.join(WRITERS)}")
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown synthetic benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
+    if benchmark == "detail" and kind != "cirr":
+        raise ValueError(f"the detail benchmark is written in CIRR's layout only, got kind {kind!r}")
+    if detail and benchmark != "detail":
+        given = ", ".join(f"{name}={value}" for name, value in detail.items())
+        raise ValueError(f"{given}: only for benchmark 'detail', got benchmark {benchmark!r}")
     if pairs < 3:
         raise ValueError(f"--pairs must be at least 3 (one per split), got {pairs}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = WRITERS[kind](out, pairs, seed, image_size)
+    if benchmark == "detail":
+        layout = DetailLayout(pairs, **detail)
+        summary = write_cirr_detail(out, layout, seed, image_size)
+        options = {"benchmark": benchmark, **{k: v for k, v in vars(layout).items() if k != "train_pairs"}}
+    else:
+        summary = WRITERS[kind](out, pairs, seed, image_size)
+        options = {"benchmark": benchmark}
     _write_json(out / "synthetic" / "manifest.json", {"kind": kind, "pairs": pairs, "seed": seed,
-                                                       "image_size": image_size, "splits": summary})
+                                                       "image_size": image_size, **options, "splits": summary})
     return summary
 
 
