@@ -87,9 +87,20 @@ def _pipeline(args: argparse.Namespace) -> int:
     from .pipeline import PipelineConfig, run_pipeline
 
     config = PipelineConfig(workdir=args.workdir, preset=args.preset, cirr_pairs=args.cirr_pairs,
-                            ipr2pr_pairs=args.ipr2pr_pairs, seed=args.seed, overrides=tuple(args.set or ()),
-                            num_cpus=args.num_cpus)
+                            test_pairs=args.test_pairs, ipr2pr_pairs=args.ipr2pr_pairs, seed=args.seed,
+                            overrides=tuple(args.set or ()), num_cpus=args.num_cpus)
     run_pipeline(config)
+    return 0
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from .ablate import AblationConfig, run_ablation
+
+    config = AblationConfig(workdir=args.workdir, preset=args.preset, seeds=args.seeds, first_seed=args.first_seed,
+                            cirr_pairs=args.cirr_pairs, test_pairs=args.test_pairs, ipr2pr_pairs=args.ipr2pr_pairs,
+                            data_seed=args.data_seed, overrides=tuple(args.set or ()), bootstrap=args.bootstrap,
+                            num_cpus=args.num_cpus)
+    run_ablation(config)
     return 0
 
 
@@ -111,7 +122,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def add_sweep_arguments(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--stage", type=int, required=True, choices=[1, 2, 3], help="the stage every trial trains")
+    command.add_argument("--stage", type=int, required=True, choices=[0, 1, 2, 3], help="the stage every trial trains")
     command.add_argument("--space", required=True, help="tune-space YAML (tune_spaces/*.yaml)")
     command.add_argument("--config", required=True, help="the stage's job config (jobs/configs/*.yaml)")
     command.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -240,16 +251,34 @@ def build_parser() -> argparse.ArgumentParser:
     idx.set_defaults(run=_index)
 
     pipe = commands.add_parser(
-        "pipeline", help="synth -> prepare -> stage 1, 2, 3 -> evaluate -> index -> report.md, reusing finished steps"
+        "pipeline", help="synth -> prepare -> stage 0, 1, 2, 3 -> evaluate -> index -> report.md, reusing finished steps"
     )
     pipe.add_argument("--preset", default="tiny", choices=["tiny"], help="model preset (the pipeline runs tiny)")
     pipe.add_argument("--workdir", required=True, help="run directory (data, prepared splits, stages, eval, report)")
-    pipe.add_argument("--cirr-pairs", type=int, default=2000, help="synthetic CIRR pairs over all splits (2000)")
+    pipe.add_argument("--cirr-pairs", type=int, default=2000, help="detail benchmark training pairs (2000)")
+    pipe.add_argument("--test-pairs", type=int, default=2000, help="detail benchmark val and test1 queries (2000)")
     pipe.add_argument("--ipr2pr-pairs", type=int, default=2000, help="synthetic IPr2Pr pairs for stage 1 (2000)")
     pipe.add_argument("--seed", type=int, default=0)
     pipe.add_argument("--set", action="append", metavar="KEY=VALUE", help="override in every stage config, e.g. train.epochs=1")
     pipe.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     pipe.set_defaults(run=_pipeline)
+
+    abl = commands.add_parser(
+        "ablate", help="the paper's ablation table on the synthetic detail benchmark: every row trained by the stage "
+                       "jobs for each seed, mean ± std and 95 %% paired bootstrap intervals -> ablation.md/.json/.png"
+    )
+    abl.add_argument("--preset", default="tiny", choices=["tiny"], help="model preset (tiny)")
+    abl.add_argument("--workdir", required=True, help="run directory (benchmark, every seed's runs, ablation.*)")
+    abl.add_argument("--seeds", type=int, default=3, help="training seeds (initialisation and data order) (3)")
+    abl.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1 (0)")
+    abl.add_argument("--cirr-pairs", type=int, default=2000, help="benchmark training pairs (2000)")
+    abl.add_argument("--test-pairs", type=int, default=2000, help="benchmark test1 queries (2000)")
+    abl.add_argument("--ipr2pr-pairs", type=int, default=2000, help="synthetic IPr2Pr pairs for stage 1 (2000)")
+    abl.add_argument("--data-seed", type=int, default=0, help="the benchmark's seed, fixed over training seeds (0)")
+    abl.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples per interval (2000)")
+    abl.add_argument("--set", action="append", metavar="KEY=VALUE", help="override in every stage config, e.g. train.epochs=1")
+    abl.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    abl.set_defaults(run=_ablate)
 
     sw = commands.add_parser(
         "sweep", help="Ray Tune sweep of one stage over a tune space, trials scored on validation recall (ASHA)"

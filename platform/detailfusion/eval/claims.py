@@ -64,9 +64,10 @@ def _adapts(outcomes: dict[str, list[Outcomes]], edit_types: list[str] | None, r
 
 
 def check_claims(outcomes: dict[str, list[Outcomes]], edit_types: list[str] | None = None,
-                 resamples: int = 2000) -> dict[str, dict]:
-    """{claim: {measured, holds, rule, difference, interval_95, means, ...}} (see the module's decision rules)."""
-    main = lambda variant: (MAIN, variant)  # noqa: E731
+                 resamples: int = 2000, compositor: str = "afc") -> dict[str, dict]:
+    """{claim: {measured, holds, rule, difference, interval_95, means, ...}} (see the module's decision rules);
+    ``compositor``: the main model's compositor variant (the paper's AFC)."""
+    main = lambda variant: (MAIN, compositor if variant == "afc" else variant)  # noqa: E731
     return {
         "di_above_gm_on_rs1": _compare(outcomes, "di_above_gm_on_rs1", "DI-only Rs@1 > GM-only Rs@1", ">",
                                        main("di"), main("gm"), "Rs@1", resamples),

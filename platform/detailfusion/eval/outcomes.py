@@ -58,3 +58,29 @@ def cirr_outcomes(prepared_dir: str | Path, model, tokenizer, variants: list[str
         values[variant] = per_query(target_ranks(scores, cirr.targets, cirr.is_reference),
                                     target_ranks(scores, cirr.targets, ~cirr.subset | cirr.is_reference))
     return Outcomes(features.sample_ids, values, features.weights.numpy())
+
+
+def model_outcomes(path: str | Path, model_dir: str | Path, prepared: str | Path, targets: dict[str, str] | None,
+                   variants: list[str]) -> Outcomes:
+    """``cirr_outcomes`` of an exported model, saved to ``path`` (npz) and reused when made by the same model
+    (fingerprint) for these variants."""
+    import time
+
+    from ..model import load_model, model_fingerprint
+
+    path, fingerprint = Path(path), model_fingerprint(model_dir)
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as saved:
+            if str(saved["fingerprint"]) == fingerprint and set(variants) <= {str(v) for v in saved["variants"]}:
+                values = {v: {m: saved[f"{v}/{m}"] for m in METRICS} for v in variants}
+                return Outcomes([str(s) for s in saved["sample_ids"]], values, saved["weights"])
+    started = time.perf_counter()
+    model, tokenizer = load_model(model_dir)
+    found = cirr_outcomes(prepared, model.eval(), tokenizer, variants, targets)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, fingerprint=fingerprint, variants=np.array(variants), sample_ids=np.array(found.sample_ids),
+             weights=found.weights, **{f"{v}/{m}": x for v, ms in found.values.items() for m, x in ms.items()})
+    means = found.means()
+    print(f"scored {len(found.sample_ids)} queries of {Path(prepared).name} in {time.perf_counter() - started:.1f} s: "
+          + ", ".join(f"{v} Avg {means[v]['Avg']:.1f} Rs@1 {means[v]['Rs@1']:.1f}" for v in variants), flush=True)
+    return found

@@ -1,0 +1,60 @@
+"""The synthetic detail benchmark the ablation (and the pipeline) measure on: written once per seed and size,
+prepared for the tiny preset, with test1's hidden targets and every query's edit type at hand.
+
+``prepare_benchmark(out, ...)`` writes ``out/data/{cirr,ipr2pr}`` and ``out/prep/<kind>-<split>`` and returns
+{"<kind>-<split>": prepared split dirs, "root": the CIRR-format dataset, "manifest": its synthetic/manifest.json};
+finished data and prepared splits are reused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+BENCHMARK = "detail"  # synthetic.write_synthetic's layout with distractors that share objects, colours and layouts
+
+
+def _written(out: Path, kind: str, options: dict) -> Path:
+    from .synthetic import write_synthetic
+
+    manifest = out / "synthetic" / "manifest.json"
+    if manifest.is_file():
+        made = json.loads(manifest.read_text())
+        if all(made.get(k) == v for k, v in options.items()):
+            print(f"synth: reusing {out} ({kind}, {options})", flush=True)
+            return out
+    summary = write_synthetic(kind, out, **options)
+    print(f"synth: {kind} -> {out}: " + ", ".join(f"{s} {n}" for s, n in summary.items()), flush=True)
+    return out
+
+
+def cirr_options(cirr_pairs: int, test_pairs: int, seed: int) -> dict:
+    """write_synthetic's options of the benchmark's CIRR part (val as large as test1: the pipeline validates on it)."""
+    return {"pairs": cirr_pairs, "seed": seed, "benchmark": BENCHMARK, "val_pairs": test_pairs, "test_pairs": test_pairs}
+
+
+def prepare_benchmark(out: str | Path, cirr_pairs: int = 2000, test_pairs: int = 2000, ipr2pr_pairs: int = 2000,
+                      seed: int = 0, splits: tuple[str, ...] = ("train", "test1"), preset: str = "tiny",
+                      num_cpus: int | None = None) -> dict:
+    from ..config import PrepareConfig
+    from .prepare import prepare
+
+    out = Path(out)
+    cirr = _written(out / "data" / "cirr", "cirr", cirr_options(cirr_pairs, test_pairs, seed))
+    ipr2pr = _written(out / "data" / "ipr2pr", "ipr2pr", {"pairs": ipr2pr_pairs, "seed": seed})
+    found = {"root": cirr, "manifest": json.loads((cirr / "synthetic" / "manifest.json").read_text())}
+    for kind, root, split in [("ipr2pr", ipr2pr, "train")] + [("cirr", cirr, s) for s in splits]:
+        name = f"{kind}-{split}"
+        prepare(PrepareConfig(dataset=kind, root=str(root), split=split, out=str(out / "prep" / name), preset=preset,
+                              num_cpus=num_cpus))
+        found[name] = out / "prep" / name
+    return found
+
+
+def labelled_test1(data: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """({sample_id: hidden target image}, {sample_id: edit type}) of the benchmark's test1 queries."""
+    root = Path(data["root"])
+    targets = json.loads((root / "synthetic" / "test1_targets.json").read_text())
+    kinds = json.loads((root / "synthetic" / "edit_types.test1.json").read_text())
+    return ({f"cirr/test1/{pairid}": name for pairid, name in targets.items()},
+            {f"cirr/test1/{pairid}": kind for pairid, kind in kinds.items()})
