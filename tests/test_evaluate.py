@@ -81,17 +81,22 @@ def test_index_refuses_another_model(tmp_path):
         GalleryIndex.load(tmp_path / "index", "bbbb")
 
 
-def test_faiss_search_equals_exact_search():
+@pytest.mark.parametrize("rule", ["branch_max", "joint_max"])
+def test_faiss_search_equals_exact_search(rule, tmp_path):
     faiss = pytest.importorskip("faiss", reason="faiss-cpu is in the test extra")
     del faiss
     generator = torch.Generator().manual_seed(0)
     embeddings = torch.nn.functional.normalize(torch.randn(300, 8, 16, generator=generator), dim=-1)
-    index = GalleryIndex(embeddings, [str(n) for n in range(300)], "x")
+    index = GalleryIndex(embeddings, [str(n) for n in range(300)], "x", fusion_score=rule)
     queries = torch.nn.functional.normalize(torch.randn(40, 16, generator=generator), dim=-1)
     exact_scores, exact = index.search(queries, 10)
     faiss_scores, approx = index.search_faiss(queries, 10)
     assert torch.equal(exact, approx)
     assert torch.allclose(exact_scores, faiss_scores, atol=1e-5)
+    # the rule decides the ranking, and travels with the saved index
+    other = GalleryIndex(embeddings, index.image_ids, "x", fusion_score="joint_max" if rule == "branch_max" else "branch_max")
+    assert not torch.equal(other.search(queries, 10)[1], exact)
+    assert GalleryIndex.load(index.save(tmp_path / "index")).fusion_score == rule
 
 
 def placeholder_images(root, split_file):

@@ -16,6 +16,7 @@ from detailfusion.model import (
     save_model,
 )
 from detailfusion.losses import max_similarity
+from detailfusion.model.fusion import fused_scores
 
 B = 4
 
@@ -73,11 +74,26 @@ def test_branches_have_separate_weights_and_text_changes_the_query(tiny):
     assert torch.allclose(a.target_di, b.target_di)  # target path ignores text
 
 
-def test_unified_score_is_the_weighted_blend_of_branch_scores(tiny):
-    """<u, t> = (sqrt(a_g) <q_g,t_g> + sqrt(a_d) <q_d,t_d>) / sqrt 2 per token (METHOD.md), for every rule."""
+def test_branch_max_score_is_the_weighted_sum_of_each_branch_max_sim(tiny):
+    """METHOD.md's default: s(k) = a_g max_j <q_g, t_g,k,j> + a_d max_j <q_d, t_d,k,j>, each branch its own max."""
     model, tokenizer = tiny
     with torch.no_grad():
         out = model(**batch(tokenizer), compose=True)
+    a = out.fusion_weights
+    expected = (a[:, :1] * max_similarity(out.query_gm, out.target_gm)
+                + a[:, 1:] * max_similarity(out.query_di, out.target_di))
+    assert model.config.fusion_score == "branch_max"
+    assert torch.allclose(fused_scores(out.unified_query, out.gallery, "branch_max"), expected, atol=1e-5)
+    # an untrained AFC starts as static (.5, .5) fusion
+    assert torch.allclose(a, torch.full_like(a, 0.5))
+
+
+def test_joint_max_score_blends_token_by_token():
+    """The ablation's rule: <u, t> = (sqrt(a_g) <q_g,t_g> + sqrt(a_d) <q_d,t_d>) / sqrt 2 per token, one max."""
+    torch.manual_seed(0)
+    model, tokenizer = build_model("tiny", fusion_score="joint_max")
+    with torch.no_grad():
+        out = model.eval()(**batch(tokenizer), compose=True)
         unified = torch.einsum("bd,nkd->bnk", out.unified_query, out.gallery)
         a = out.fusion_weights
         expected = (
@@ -85,19 +101,21 @@ def test_unified_score_is_the_weighted_blend_of_branch_scores(tiny):
             + a[:, 1, None, None].sqrt() * torch.einsum("bd,nkd->bnk", out.query_di, out.target_di)
         ) / math.sqrt(2)
     assert torch.allclose(unified, expected, atol=1e-5)
-    # an untrained AFC starts as static (.5, .5) fusion
-    assert torch.allclose(a, torch.full_like(a, 0.5))
+    assert torch.allclose(fused_scores(out.unified_query, out.gallery, "joint_max"), expected.amax(-1), atol=1e-5)
+    with pytest.raises(ValueError, match="unknown fusion_score 'best_max'; known: branch_max, joint_max"):
+        build_model("tiny", fusion_score="best_max")
 
 
+@pytest.mark.parametrize("rule", ["branch_max", "joint_max"])
 @pytest.mark.parametrize("weights, branch", [((1.0, 0.0), "gm"), ((0.0, 1.0), "di")])
-def test_static_single_branch_weights_rank_like_that_branch(weights, branch):
+def test_static_single_branch_weights_rank_like_that_branch(weights, branch, rule):
     torch.manual_seed(0)
-    model, tokenizer = build_model("tiny", compositor="static", static_weights=list(weights))
+    model, tokenizer = build_model("tiny", compositor="static", static_weights=list(weights), fusion_score=rule)
     with torch.no_grad():
         out = model.eval()(**batch(tokenizer), compose=True)
-    unified = max_similarity(out.unified_query, out.gallery)
+    unified = fused_scores(out.unified_query, out.gallery, rule)
     single = max_similarity(out[f"query_{branch}"], out[f"target_{branch}"])
-    assert torch.allclose(unified, single / math.sqrt(2), atol=1e-5)
+    assert torch.allclose(unified, single if rule == "branch_max" else single / math.sqrt(2), atol=1e-5)
 
 
 def test_afc_weights_depend_on_the_query_once_trained():
@@ -118,6 +136,9 @@ def test_concat_linear_starts_as_static_fusion():
     static = torch.cat([out.query_gm, out.query_di], dim=-1) / math.sqrt(2)
     assert out.fusion_weights is None
     assert torch.allclose(out.unified_query, static, atol=1e-6)
+    # ... which under branch_max scores (s_gm + s_di) / 2, the static blend's score
+    halves = (max_similarity(out.query_gm, out.target_gm) + max_similarity(out.query_di, out.target_di)) / 2
+    assert torch.allclose(fused_scores(out.unified_query, out.gallery, "branch_max"), halves, atol=1e-5)
 
 
 def test_save_and_load_round_trip_gives_the_same_outputs(tiny, tmp_path):

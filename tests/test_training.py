@@ -37,7 +37,7 @@ def data(tmp_path_factory, ray_local):
 def job(stage, root, workdir, *overrides):
     prepared = root / ("prep-ipr2pr" if stage <= 1 else "prep-cirr")
     base = [f"workdir={workdir}", f"data.prepared={prepared}", "train.batch_size=16", "train.epochs=6",
-            "train.log_every=4"]
+            "train.log_every=4", *(["data.holdout_fraction=0"] if stage >= 2 else [])]  # 64 rows: all for each stage
     return load_config(JobConfig, REPO / f"jobs/configs/stage{stage}_tiny.yaml", base + list(overrides))
 
 

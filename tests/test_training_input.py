@@ -12,7 +12,7 @@ import torch
 
 from detailfusion.config import PrepareConfig
 from detailfusion.data.feature_cache import vision_fingerprint
-from detailfusion.data.pipeline import gallery_input, load_image_store, sample_key, training_dataset
+from detailfusion.data.pipeline import gallery_input, holdout_mask, load_image_store, sample_key, training_dataset
 from detailfusion.data.prepare import prepare
 from detailfusion.data.schema import pixels_from_bytes
 from detailfusion.data.synthetic import write_synthetic
@@ -145,3 +145,21 @@ def test_two_ranks_get_disjoint_micro_batches_covering_the_split_every_epoch(cir
     assert len(resumed) == 3
     assert all(np.array_equal(a["sample_key"], b["sample_key"]) and np.array_equal(a["target"], b["target"])
                for a, b in zip(resumed, ranks[1][5:]))
+
+
+def test_holdout_rows_are_stable_disjoint_and_complete(cirr_prepared, exported):
+    """data.holdout_fraction: stage 2 gathers only the rows outside the held-out share, stage 3 only those inside;
+    the share is fixed by the sample ids (the same in every stage, seed and run)."""
+    _, tokenizer, _ = exported
+    ids = pq.read_table(cirr_prepared / "triplets").column("sample_id").to_pylist()  # 40 rows
+    held = holdout_mask(ids, 0.5)
+    assert 0 < held.sum() < len(ids) and np.array_equal(held, holdout_mask(list(ids), 0.5))
+    keys = {}
+    for part in ("fit", "holdout"):
+        stream = gallery_input(cirr_prepared, tokenizer, 32, use_features=False, batch_size=2, seed=3,
+                               holdout=(part, 0.5))
+        keys[part] = {int(k) for b in stream.micro_batches(0, 1, 2) for k in b["sample_key"]}
+        assert stream.epoch_rows == len(keys[part])  # whole batches of 2
+    assert not keys["fit"] & keys["holdout"]
+    assert keys["holdout"] <= {sample_key(s) for s, h in zip(ids, held) if h}
+    assert len(keys["holdout"]) == held.sum() // 2 * 2 and len(keys["fit"]) == (~held).sum() // 2 * 2

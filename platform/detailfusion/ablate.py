@@ -65,7 +65,7 @@ class AblationConfig:
     preset: str = "tiny"
     seeds: int = 3
     first_seed: int = 0
-    cirr_pairs: int = 2000  # training pairs of the benchmark
+    cirr_pairs: int = 2500  # training pairs of the benchmark
     test_pairs: int = 2000  # test1 queries (its gallery holds at least as many images)
     ipr2pr_pairs: int = 2000  # stage 1
     data_seed: int = 0  # the benchmark's seed, the same for every training seed

@@ -36,6 +36,8 @@ class ModelConfig:
     static_weights: tuple[float, float] = (0.5, 0.5)  # (a_gm, a_di) for the static compositor
     compositor_layers: int | None = None  # the AFC block's depth; None: the preset's
     compositor_heads: int | None = None  # the AFC block's heads; None: the preset's
+    fusion_score: Literal["branch_max", "joint_max"] | None = None  # METHOD.md's fusion score; None: the model's
+    #   (branch_max, the default, for a preset); set with the compositor at stage 3
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class DataConfig:
     prepared: str | None = None  # output dir of `detailfusion prepare` for the training split
     val_prepared: str | None = None  # a prepared labelled CIRR/FashionIQ split: validation recall every epoch
     use_feature_cache: bool = True  # train on cached frozen-ViT features when the prepared split has them
+    holdout_fraction: float = 0.0  # [ours] a stable share of a CIRR/FashionIQ training split (by sample id) that
+    #   stages 1-2 never see and stage 3 trains on alone: the compositor learns on queries the branches did not fit
     train_split: str = "train"
     val_split: str = "val"
     categories: tuple[str, ...] = ("dress", "shirt", "toptee")  # FashionIQ only

@@ -1,9 +1,11 @@
 """The gallery index: one unified embedding per image (METHOD.md ``t = [t_gm ; t_di] / sqrt 2``, [Nq, 2D]) with
-its image name and the fingerprint of the model that made it; exact top-k search in torch, FAISS optional.
+its image name and the fingerprint and fusion score of the model that made it; exact top-k search in torch, FAISS
+optional.
 
-Every fusion rule searches the same index: a unified query ``u`` [2D] scores image k as ``max_j <u, t_k,j>``.
+Every blend of the branches searches the same index: a unified query ``u`` [2D] scores image k by the model's
+fusion score (``model/fusion.py``: ``branch_max``, one max per branch half, or ``joint_max``, one max over both).
 On disk (``save``/``load``): ``embeddings.safetensors`` (tensor ``embeddings`` [N, Nq, 2D] float32),
-``images.parquet`` (image_id, location), ``index.json`` (model fingerprint, shapes, source).
+``images.parquet`` (image_id, location), ``index.json`` (model fingerprint, fusion score, shapes, source).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .eval.metrics import top_k
+from .model.fusion import check_rule, fused_scores
 
 EMBEDDINGS_FILE, IMAGES_FILE, META_FILE = "embeddings.safetensors", "images.parquet", "index.json"
 
@@ -31,20 +34,21 @@ class GalleryIndex:
     locations: list[str | None] = field(default_factory=list)  # where each image came from (for thumbnails)
     source: dict = field(default_factory=dict)  # dataset, split, prepared dir
     thumbnails: list[bytes | None] = field(default_factory=list)  # JPEG at the model's resolution (serving)
+    fusion_score: str = "branch_max"  # the model's rule (model/fusion.py)
 
     def __post_init__(self):
         if self.embeddings.ndim != 3 or self.embeddings.shape[0] != len(self.image_ids):
             raise ValueError(f"embeddings {tuple(self.embeddings.shape)} do not match {len(self.image_ids)} image ids")
+        check_rule(self.fusion_score)
         self.position = {name: i for i, name in enumerate(self.image_ids)}
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
     def scores(self, queries: torch.Tensor, rows: torch.Tensor | None = None, chunk: int = 256) -> torch.Tensor:
-        """Unified queries [Q, 2D] -> scores [Q, N] (``max_j <u, t_k,j>``), or [Q, len(rows)] for a gallery subset."""
+        """Unified queries [Q, 2D] -> scores [Q, N] by the fusion score, or [Q, len(rows)] for a gallery subset."""
         gallery = self.embeddings if rows is None else self.embeddings[rows]
-        gallery = gallery.to(queries.dtype)
-        parts = [torch.einsum("qd,nkd->qnk", q, gallery).amax(dim=-1) for q in queries.split(chunk)]
+        parts = [fused_scores(q, gallery, self.fusion_score) for q in queries.split(chunk)]
         return torch.cat(parts) if parts else queries.new_zeros(0, gallery.shape[0])
 
     def search(self, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,17 +58,32 @@ class GalleryIndex:
         return scores.gather(1, indices), indices
 
     def search_faiss(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same top-k from a FAISS flat inner-product index over every token vector.
+        """The same top-k as ``search`` from FAISS flat inner-product indexes over the token vectors; exact.
 
-        Exact, not approximate: any token scoring above the k-th image's best token belongs to one of the k-1
-        better images, so the best ``k * Nq`` token hits hold the top k images; deduplicated in order of hits.
+        joint_max: any token scoring above the k-th image's best token belongs to one of the k-1 better images, so the
+        best ``k * Nq`` token hits hold the top k images (deduplicated in order of hits). branch_max (a sum of one max
+        per half): the best ``m`` token hits of each half give candidate images, rescored exactly; an image that is
+        no candidate scores at most ``a + b`` (the m-th hit of each half), so the candidates' top k is the answer once
+        its k-th score reaches ``a + b``; otherwise ``m`` doubles (at worst every token: exact scoring).
         """
+        if self.fusion_score == "joint_max":
+            return self._joint_faiss(queries, k)
+        return self._branch_faiss(queries, k)
+
+    def _flat(self, columns: slice):
         import faiss
         import numpy as np
 
+        vectors = self.embeddings[..., columns]
+        flat = faiss.IndexFlatIP(vectors.shape[2])
+        flat.add(np.ascontiguousarray(vectors.reshape(-1, vectors.shape[2]).float().numpy()))
+        return flat
+
+    def _joint_faiss(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import numpy as np
+
         tokens = self.embeddings.shape[1]
-        flat = faiss.IndexFlatIP(self.embeddings.shape[2])
-        flat.add(np.ascontiguousarray(self.embeddings.reshape(-1, self.embeddings.shape[2]).float().numpy()))
+        flat = self._flat(slice(None))
         hit_scores, hits = flat.search(np.ascontiguousarray(queries.float().numpy()), min(k * tokens, flat.ntotal))
         best_scores, best = torch.empty(len(queries), k), torch.empty(len(queries), k, dtype=torch.long)
         for q in range(len(queries)):
@@ -72,6 +91,29 @@ class GalleryIndex:
             _, first = np.unique(images, return_index=True)
             order = first[np.argsort(first, kind="stable")][:k]
             best[q], best_scores[q] = torch.from_numpy(images[order]), torch.from_numpy(hit_scores[q][order])
+        return best_scores, best
+
+    def _branch_faiss(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import numpy as np
+
+        tokens, half = self.embeddings.shape[1], self.embeddings.shape[2] // 2
+        halves = [(self._flat(part), np.ascontiguousarray(queries[:, part].float().numpy()))
+                  for part in (slice(None, half), slice(half, None))]
+        best_scores, best = torch.empty(len(queries), k), torch.empty(len(queries), k, dtype=torch.long)
+        total = len(self) * tokens
+        for q in range(len(queries)):
+            hits = k * tokens
+            while True:
+                found = [flat.search(vectors[q:q + 1], min(hits, total)) for flat, vectors in halves]
+                candidates = np.unique(np.concatenate([ids[0] // tokens for _, ids in found]))
+                rows = torch.from_numpy(candidates)
+                exact = self.scores(queries[q:q + 1], rows=rows)[0]
+                order = top_k(exact[None], min(k, len(rows)))[0]
+                bound = sum(float(scores[0, -1]) for scores, _ in found)  # what a non-candidate can reach at most
+                if hits >= total or (len(order) == k and float(exact[order[-1]]) > bound):
+                    break
+                hits *= 2
+            best[q], best_scores[q] = rows[order], exact[order]
         return best_scores, best
 
     def check_model(self, fingerprint: str, where: str = "index") -> None:
@@ -96,7 +138,7 @@ class GalleryIndex:
         table = pa.table({"image_id": self.image_ids, "location": locations,
                           "thumbnail": pa.array(thumbnails, type=pa.binary())})
         pq.write_table(table, directory / IMAGES_FILE)
-        meta = {"model_fingerprint": self.model_fingerprint, "images": len(self),
+        meta = {"model_fingerprint": self.model_fingerprint, "fusion_score": self.fusion_score, "images": len(self),
                 "shape": list(self.embeddings.shape), "source": self.source}
         (directory / META_FILE).write_text(json.dumps(meta, indent=1))  # last: its presence marks a whole index
         return directory
@@ -120,6 +162,7 @@ class GalleryIndex:
             locations=table.column("location").to_pylist(),
             source=meta.get("source", {}),
             thumbnails=table.column("thumbnail").to_pylist() if "thumbnail" in table.column_names else [],
+            fusion_score=meta.get("fusion_score", "branch_max"),  # an index from before the key: METHOD.md's default
         )
         if model_fingerprint is not None:
             index.check_model(model_fingerprint, where=f"index {directory}")

@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from .model.fusion import check_rule, fused_scores
+
 
 def gather_features(features: torch.Tensor, rank: int, world_size: int, with_grad: bool = True) -> torch.Tensor:
     """Concatenate ``features`` [B, ...] of all ranks along dim 0 -> [world_size * B, ...] (equal B on every rank).
@@ -98,6 +100,18 @@ class ContrastiveLoss(_RankAware):
     def forward(self, query: torch.Tensor, targets: torch.Tensor, temperature: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.target_logits(query, targets, temperature)
         return {"loss": F.cross_entropy(logits.float(), self._labels(query.shape[0], query.device))}
+
+
+class FusedContrastiveLoss(ContrastiveLoss):
+    """``L_C`` (stage 3): InfoNCE of unified queries [B, 2D] over the batch's gallery embeddings [B, Nq, 2D] scored by
+    the model's fusion score (``model/fusion.py``: ``branch_max`` or ``joint_max``)."""
+
+    def __init__(self, fusion_score: str = "branch_max", **rank_settings):
+        super().__init__(**rank_settings)
+        self.fusion_score = check_rule(fusion_score)
+
+    def target_logits(self, query: torch.Tensor, targets: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        return fused_scores(query, self._global(targets), self.fusion_score) / temperature
 
 
 class DetailLoss(ContrastiveLoss):

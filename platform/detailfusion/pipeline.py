@@ -23,7 +23,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 class PipelineConfig:
     workdir: str
     preset: str = "tiny"
-    cirr_pairs: int = 2000  # the detail benchmark's training pairs
+    cirr_pairs: int = 2500  # the detail benchmark's training pairs
     test_pairs: int = 2000  # its val and test1 queries (each gallery holds at least as many images)
     ipr2pr_pairs: int = 2000
     seed: int = 0

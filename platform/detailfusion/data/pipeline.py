@@ -100,6 +100,7 @@ class GalleryInput:
     store: Any
     source: str
     rows: int
+    epoch_rows: int  # rows of one epoch (whole global batches)
 
     def micro_batches(self, rank: int, world_size: int, size: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """This rank's micro-batches of ``size`` rows, from micro-batch ``start`` on: micro-batch ``k`` of rank ``r``
@@ -170,13 +171,20 @@ def _source(prepared_dir: str | Path, manifest: dict, use_features: bool, vision
     return source
 
 
+def holdout_mask(sample_ids: list[str], fraction: float) -> np.ndarray:
+    """[N] bool, True for the rows held out: a stable ``fraction`` of the split by a hash of each sample id (the same
+    rows in every stage, run and seed)."""
+    return np.array([sample_key(s) % 10_000 < fraction * 10_000 for s in sample_ids], dtype=bool)
+
+
 def gallery_input(prepared_dir: str | Path, tokenizer, max_text_length: int, use_features: bool = True,
                   vision_fingerprint: str | None = None, subset_negatives: int = 0, epochs: int = 1, seed: int = 0,
-                  batch_size: int = 32) -> GalleryInput:
+                  batch_size: int = 32, holdout: tuple[str, float] | None = None) -> GalleryInput:
     """A gallery split's (CIRR, FashionIQ) training input for ``epochs`` epochs, each a fresh seeded shuffle cut to
     whole global batches of ``batch_size`` (``epoch_plan``), put in the object store (rows without a target are
     refused). ``use_features``: read the frozen-ViT cache when the split has one; ``vision_fingerprint`` (of the model
-    about to train) must then match the cache's. ``subset_negatives``: K near-duplicate images per row."""
+    about to train) must then match the cache's. ``subset_negatives``: K near-duplicate images per row.
+    ``holdout``: ("fit" | "holdout", fraction): only the rows outside / inside ``holdout_mask(fraction)``."""
     import ray
 
     manifest = read_manifest(prepared_dir)
@@ -184,6 +192,9 @@ def gallery_input(prepared_dir: str | Path, tokenizer, max_text_length: int, use
         raise ValueError(f"{prepared_dir}: {manifest['dataset']} has inline images, no gallery: use training_dataset")
     source = _source(prepared_dir, manifest, use_features, vision_fingerprint)
     triplets = pq.read_table(Path(prepared_dir) / "triplets")
+    if holdout is not None and holdout[1] > 0:
+        held = holdout_mask(triplets.column("sample_id").to_pylist(), holdout[1])
+        triplets = triplets.filter(held if holdout[0] == "holdout" else ~held)
     unlabelled = triplets.column("target_id").null_count
     if unlabelled:
         raise ValueError(f"{prepared_dir}: {unlabelled} triplets have no target (a test split?); cannot train on it")
@@ -200,7 +211,7 @@ def gallery_input(prepared_dir: str | Path, tokenizer, max_text_length: int, use
     plan, tokens = epoch_plan(triplets, index, tokenizer, max_text_length, epochs, rows_per_epoch, seed,
                               subset_negatives)
     return GalleryInput(plan=ray.put(plan), tokens=ray.put(tokens), store=ray.put(store), source=source,
-                        rows=len(plan["sample_key"]))
+                        rows=len(plan["sample_key"]), epoch_rows=rows_per_epoch)
 
 
 def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, use_features: bool = True,

@@ -164,8 +164,11 @@ def encode_gallery(prepared_dir: str | Path, model_dir: str | Path, fingerprint:
     row = {str(name): i for i, name in enumerate(encoded["image_id"])}
     nodes, counts = np.unique(encoded["node_ip"].astype(str), return_counts=True)
     order = [row[name] for name in ids]
+    from ..model import DetailFusionConfig
+
     return GalleryIndex(
         embeddings=torch.from_numpy(encoded["embedding"][order]), image_ids=ids, model_fingerprint=fingerprint,
+        fusion_score=DetailFusionConfig.from_pretrained(str(model_dir)).fusion_score,
         locations=[location[name] for name in ids], thumbnails=[bytes(encoded["thumbnail"][i]) for i in order],
         source={"dataset": manifest["dataset"], "split": manifest["split"], "prepared": str(prepared_dir),
                 "source": manifest["source"], "config_hash": manifest["config_hash"],

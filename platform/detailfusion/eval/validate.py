@@ -71,7 +71,8 @@ class ValidationSplit:
         rows = [self.position[i] for i in self.image_ids]
         embeddings = torch.cat([gallery_embeddings(model, pixels(rows[i:i + batch_size])).float().cpu()
                                 for i in range(0, len(rows), batch_size)])
-        index = GalleryIndex(embeddings, self.image_ids, model_fingerprint="in-training")
+        index = GalleryIndex(embeddings, self.image_ids, model_fingerprint="in-training",
+                             fusion_score=model.config.fusion_score)
         references = self.triplets.column("reference_id").to_pylist()
         texts = [str(t) for t in self.triplets.column("text").to_pylist()]
         parts = [query_features(model, tokenizer, pixels([self.position[r] for r in references[i:i + batch_size]]),

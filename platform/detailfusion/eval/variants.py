@@ -12,7 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from ..index import GalleryIndex
-from ..model.compositor import blend
+from ..model.fusion import fused_query
 from .encode import QueryFeatures
 
 FIXED_WEIGHTS = {"gm": (1.0, 0.0), "di": (0.0, 1.0), "static": (0.5, 0.5)}
@@ -30,7 +30,7 @@ def variant_queries(features: QueryFeatures, index: GalleryIndex, reference_ids:
     queries = {}
     for name, weights in FIXED_WEIGHTS.items():
         w = torch.tensor(weights).expand(len(features.sample_ids), -1)
-        queries[name] = blend(features.q_gm, features.q_di, w)
+        queries[name] = fused_query(features.q_gm, features.q_di, w, index.fusion_score)
     if compositor not in FIXED_WEIGHTS:
         queries[compositor] = features.unified
     missing = [r for r in reference_ids if r not in index.position]

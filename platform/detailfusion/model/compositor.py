@@ -1,8 +1,9 @@
 """Fusion rules of the two branches' queries, behind a registry (``afc``, ``static``, ``concat_linear``).
 
 Every rule maps the GM and DI query outputs to a unified query ``u`` [B, 2D] that is searched against the
-one gallery embedding per image ``t = [t_gm ; t_di] / sqrt 2`` [N, Nq, 2D] (METHOD.md, AFC). Rules that blend
-the branches also return their coefficients ``(a_gm, a_di)`` [B, 2].
+one gallery embedding per image ``t = [t_gm ; t_di] / sqrt 2`` [N, Nq, 2D] under the model's fusion score
+(``fusion.py``: ``branch_max`` or ``joint_max``). Rules that blend the branches also return their coefficients
+``(a_gm, a_di)`` [B, 2].
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch.nn import functional as F
 
 from .branch import BranchQueryOutput
 from .configuration import DetailFusionConfig
+from .fusion import fused_query
 
 _COMPOSITORS: dict[str, type[nn.Module]] = {}
 
@@ -48,12 +50,6 @@ class CompositorOutput:
     weights: torch.Tensor | None
 
 
-def blend(gm: torch.Tensor, di: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``[sqrt(a_gm) q_gm ; sqrt(a_di) q_di]`` for features [B, D] and weights [B, 2] summing to 1."""
-    root = weights.clamp(min=0).sqrt()
-    return torch.cat([root[:, :1] * gm, root[:, 1:] * di], dim=-1)
-
-
 @register_compositor("static")
 class StaticCompositor(nn.Module):
     """Fixed weights for every query: (1, 0) GM-only, (0, 1) DI-only, (.5, .5) static fusion."""
@@ -62,10 +58,11 @@ class StaticCompositor(nn.Module):
         super().__init__()
         weights = torch.tensor(config.static_weights, dtype=torch.float32)
         self.register_buffer("weights", weights / weights.sum(), persistent=False)
+        self.rule = config.fusion_score
 
     def forward(self, gm: BranchQueryOutput, di: BranchQueryOutput) -> CompositorOutput:
         weights = self.weights.to(gm.feature.dtype).expand(gm.feature.shape[0], -1)
-        return CompositorOutput(query=blend(gm.feature, di.feature, weights), weights=weights)
+        return CompositorOutput(query=fused_query(gm.feature, di.feature, weights, self.rule), weights=weights)
 
 
 @register_compositor("afc")
@@ -86,6 +83,7 @@ class AdaptiveFeatureCompositor(nn.Module):
         )
         self.blocks = nn.TransformerDecoder(layer, config.compositor_layers, norm=nn.LayerNorm(hidden))
         self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 2))
+        self.rule = config.fusion_score
 
     def forward(self, gm: BranchQueryOutput, di: BranchQueryOutput) -> CompositorOutput:
         memory = torch.cat([self.project_gm(gm.hidden_states), self.project_di(di.hidden_states)], dim=1)
@@ -93,7 +91,7 @@ class AdaptiveFeatureCompositor(nn.Module):
         token = self.token.expand(memory.shape[0], -1, -1)
         pooled = self.blocks(token, memory, memory_key_padding_mask=padding)[:, 0]
         weights = self.head(pooled).float().softmax(dim=-1).to(gm.feature.dtype)
-        return CompositorOutput(query=blend(gm.feature, di.feature, weights), weights=weights)
+        return CompositorOutput(query=fused_query(gm.feature, di.feature, weights, self.rule), weights=weights)
 
 
 @register_compositor("concat_linear")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from transformers import Blip2QFormerConfig, Blip2VisionConfig, PreTrainedConfig
 
+from .fusion import check_rule
+
 
 class DetailFusionConfig(PreTrainedConfig):
     r"""
@@ -17,6 +19,8 @@ class DetailFusionConfig(PreTrainedConfig):
     compositor: name in the compositor registry (``afc``, ``static``, ``concat_linear``).
     compositor_hidden_size / compositor_layers / compositor_heads: the AFC block's shape.
     static_weights: (a_gm, a_di) of the ``static`` compositor; (1, 0) is GM-only, (0, 1) DI-only.
+    fusion_score: how the unified query scores a gallery image (``fusion.py``): ``branch_max`` (METHOD.md's default,
+        also for configs written before the key existed) or ``joint_max``.
     backbone_source: where the branch weights came from (hub id or path), for reproducibility reports.
     """
 
@@ -34,6 +38,7 @@ class DetailFusionConfig(PreTrainedConfig):
     compositor_layers: int = 1
     compositor_heads: int = 4
     static_weights: list[float] | tuple[float, float] = (0.5, 0.5)
+    fusion_score: str = "branch_max"
     backbone_source: str | None = None
     initializer_range: float = 0.02
 
@@ -42,5 +47,6 @@ class DetailFusionConfig(PreTrainedConfig):
         self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
         self.qformer_config.use_qformer_text_input = True
         self.static_weights = [float(w) for w in self.static_weights]
+        check_rule(self.fusion_score)
         if len(self.static_weights) != 2 or min(self.static_weights) < 0 or sum(self.static_weights) <= 0:
             raise ValueError(f"static_weights must be two non-negative numbers, not both 0: {self.static_weights}")

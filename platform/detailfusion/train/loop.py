@@ -75,7 +75,8 @@ class StageRecipe:
         freeze_for_stage(self.model, self.spec)
         if self.config.train.precision != "fp32":
             keep_fp32(self.model)
-        self.loss_fn = build_loss(self.spec, self.config.loss)  # after the process group exists: knows its rank
+        # after the process group exists: knows its rank
+        self.loss_fn = build_loss(self.spec, self.config.loss, self.model.config.fusion_score)
         self.model.to(self.device)
         self.engine, self.optimizer, self.scheduler = build_engine(
             self.model, self.config.train, self.config.optim, self.world_size, self.total_steps

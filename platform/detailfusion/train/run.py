@@ -59,6 +59,8 @@ def check_stage(config: JobConfig) -> dict:
     if config.loss.subset_negatives and manifest["layout"] != "gallery":
         raise StageError(f"loss.subset_negatives needs near-duplicate sets (CIRR img_set); {manifest['dataset']} has "
                          "none: set it to 0")
+    if not 0 <= config.data.holdout_fraction < 1:
+        raise StageError(f"data.holdout_fraction must be in [0, 1), got {config.data.holdout_fraction}")
     if config.data.val_prepared:
         check_validation(config, manifest)
     check_optimisation(config)
@@ -122,7 +124,8 @@ def compositor_fields(config: JobConfig) -> dict:
     """The ``DetailFusionConfig`` fields of the compositor the job's config names (unset ones keep the model's)."""
     model = config.model
     fields = {"compositor": model.compositor, "static_weights": list(model.static_weights),
-              "compositor_layers": model.compositor_layers, "compositor_heads": model.compositor_heads}
+              "compositor_layers": model.compositor_layers, "compositor_heads": model.compositor_heads,
+              "fusion_score": model.fusion_score}
     return {name: value for name, value in fields.items() if value is not None}
 
 
@@ -265,7 +268,9 @@ def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir:
         run["data_epochs"] = 1 if train.stage == 3 else train.epochs
         run["gallery"] = gallery_input(
             config.data.prepared, tokenizer, max_text_length, **cache, epochs=run["data_epochs"], seed=train.seed,
-            subset_negatives=subset_negatives(config), batch_size=train.batch_size)
+            subset_negatives=subset_negatives(config), batch_size=train.batch_size,
+            holdout=("holdout" if train.stage == 3 else "fit", config.data.holdout_fraction))
+        run["rows"] = run["gallery"].epoch_rows
     else:  # inline images (IPr2Pr): Ray Data streams the shards once per epoch
         run["data_epochs"] = 1
         datasets = {"train": training_dataset(config.data.prepared, tokenizer, max_text_length, **cache,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import LossConfig
-from ..losses import ContrastiveLoss, DetailLoss, ImageTextContrastiveLoss, JointLoss
+from ..losses import ContrastiveLoss, DetailLoss, FusedContrastiveLoss, ImageTextContrastiveLoss, JointLoss
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,8 @@ def freeze_for_stage(model, spec: StageSpec) -> None:
         getattr(model, name).requires_grad_(True)
 
 
-def build_loss(spec: StageSpec, config: LossConfig):
+def build_loss(spec: StageSpec, config: LossConfig, fusion_score: str = "branch_max"):
+    """The stage's loss; ``fusion_score``: the model's rule, which stage 3's ``L_C`` scores with."""
     rank = {"gather": config.gather_across_ranks}
     if spec.number == 0:
         return ImageTextContrastiveLoss(**rank)
@@ -46,7 +47,7 @@ def build_loss(spec: StageSpec, config: LossConfig):
         return detail
     if spec.number == 2:
         return JointLoss(detail, ContrastiveLoss(**rank), gamma=config.gamma)
-    return ContrastiveLoss(**rank)
+    return FusedContrastiveLoss(fusion_score, **rank)
 
 
 def branch_loss(spec: StageSpec, model, loss_fn, batch: dict[str, torch.Tensor], images: str) -> dict[str, torch.Tensor]:
