@@ -159,6 +159,29 @@ def test_save_and_load_round_trip_gives_the_same_outputs(tiny, tmp_path):
         load_model(tmp_path / "nothing")
 
 
+def test_fusion_score_survives_save_and_load_and_old_configs_read_as_branch_max(tiny, tmp_path):
+    """The rule travels in config.json; a config.json written before the key existed loads as METHOD.md's default."""
+    import copy
+    import json
+
+    model, tokenizer = tiny
+    joint = copy.deepcopy(model)
+    joint.config.fusion_score = "joint_max"
+    save_model(joint, tokenizer, tmp_path / "joint")
+    assert json.loads((tmp_path / "joint" / "config.json").read_text())["fusion_score"] == "joint_max"
+    assert load_model(tmp_path / "joint")[0].config.fusion_score == "joint_max"
+    save_model(model, tokenizer, tmp_path / "old")
+    config_file = tmp_path / "old" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["fusion_score"]
+    config_file.write_text(json.dumps(config))
+    assert load_model(tmp_path / "old")[0].config.fusion_score == "branch_max"
+    config["fusion_score"] = "token_max"
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unknown fusion_score 'token_max'"):
+        load_model(tmp_path / "old")
+
+
 def tiny_blip2_checkpoint(path):
     config = Blip2Config(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
