@@ -124,8 +124,12 @@ def test_two_ranks_see_the_global_batch_only_with_the_gather(tmp_path, gather):
     x = {k: v.clone().requires_grad_(True) for k, v in _global_batch().items()}
     full = _all_losses(x, gather=True)  # one process: nothing to gather
     full.backward()
-    results = mp.Manager().dict()
-    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), results, gather), nprocs=2, join=True)
+    # a spawned (not forked) manager, shut down here: forking this process once a test module has started the
+    # session's Ray driver left its next Ray call (the module guard's) hanging past any timeout (CI, 2026-12-03)
+    with mp.get_context("spawn").Manager() as manager:
+        shared = manager.dict()
+        mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), shared, gather), nprocs=2, join=True)
+        results = dict(shared)
     mean_loss = (results[0][0] + results[1][0]) / 2
     # each rank's gradient on its shard is world_size x the global-batch gradient (ranks then average)
     grads = {k: torch.cat([results[0][1][k], results[1][1][k]]) / 2 for k in x}
