@@ -65,7 +65,8 @@ def ray_cli(cluster, *args, timeout=900):
 
 def stage2_entry(data: Path, workdir: Path, *overrides: str) -> list[str]:
     sets = [f"workdir={workdir}", f"data.prepared={data / 'prep'}", f"model.init_from={data / 'init'}",
-            "train.num_workers=2", "train.placement_strategy=STRICT_SPREAD", "train.zero_stage=2", *overrides]
+            "train.num_workers=2", "train.placement_strategy=STRICT_SPREAD", "train.zero_stage=2",
+            "data.holdout_fraction=0", *overrides]  # every prepared row trains: the step arithmetic below counts them
     return [sys.executable, "jobs/stage2_joint.py", "--config", "jobs/configs/stage2_tiny.yaml",
             *[arg for item in sets for arg in ("--set", item)]]
 

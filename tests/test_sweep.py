@@ -76,7 +76,8 @@ def stage2(tmp_path_factory, ray_local):
     prepare(PrepareConfig(dataset="cirr", root=str(root / "raw"), split="train", out=str(root / "prep"),
                           cache_vision_features=True, model=str(root / "init")))
     overrides = [f"workdir={root}", f"data.prepared={root / 'prep'}", f"model.init_from={root / 'init'}",
-                 f"data.val_prepared={root / 'prep'}", "train.log_every=100"]
+                 f"data.val_prepared={root / 'prep'}", "train.log_every=100",
+                 "data.holdout_fraction=0"]  # trials train on every row of the split they validate on
     return root, overrides
 
 
