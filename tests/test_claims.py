@@ -75,6 +75,9 @@ def test_claims_hold_when_true_fail_when_false_and_say_what_was_not_measured():
     good = check_claims({"main": outcomes_with(0.3, 0.6)}, resamples=300)
     assert good["di_above_gm_on_rs1"]["holds"] and good["di_above_gm_on_rs1"]["interval_95"][0] > 0
     assert good["afc_above_static"]["holds"]
+    per_seed = good["di_above_gm_on_rs1"]["per_seed"]  # each seed's own difference; their mean is the estimate
+    assert len(per_seed) == 2 and all(d > 0 for d in per_seed)
+    assert np.mean(per_seed) == pytest.approx(good["di_above_gm_on_rs1"]["difference"], abs=0.01)
     assert not good["reference_negative_helps_di"]["measured"] and good["reference_negative_helps_di"]["holds"] is None
     bad = check_claims({"main": outcomes_with(0.6, 0.3)}, resamples=300)
     assert not bad["di_above_gm_on_rs1"]["holds"] and bad["di_above_gm_on_rs1"]["difference"] < 0

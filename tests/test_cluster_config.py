@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from detailfusion.config import EvalConfig, JobConfig, PrepareConfig, ServeConfig, load_config
+from detailfusion.config import EvalConfig, JobConfig, ServeConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster.yaml"
@@ -49,4 +49,3 @@ def test_serving_and_encoding_fit_a_single_gpu_type(cluster):
     assert sum(t.get("max_workers", 0) for t in single) >= serve.max_replicas
     for config in (load_config(EvalConfig, p) for p in (REPO / "jobs/configs").glob("eval_*.yaml")):
         assert config.cpus_per_actor <= max(t["resources"]["CPU"] for t in gpu_types(cluster).values())
-    assert load_config(PrepareConfig, REPO / "jobs/configs/prepare_cirr_val.yaml")

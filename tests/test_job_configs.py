@@ -12,8 +12,9 @@ CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_loads(path):
-    if path.name.startswith("prepare"):
-        load_config(PrepareConfig, path)
+    if path.name.startswith("prepare"):  # prepare_<dataset>_<split>.yaml
+        config = load_config(PrepareConfig, path)
+        assert f"prepare_{config.dataset}_{config.split}.yaml" == path.name
         return
     if path.name.startswith("eval"):
         assert load_config(EvalConfig, path).dataset in path.name

@@ -8,8 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from conftest import missing_prerequisite
 from detailfusion import local_cluster
 from detailfusion.cli import main
+
+
+def namespaces_or_skip() -> None:
+    try:
+        local_cluster.check_supported()
+    except local_cluster.NamespacesUnavailable as exc:
+        missing_prerequisite(str(exc))
 
 
 def test_without_root_it_says_so_in_one_line(monkeypatch):
@@ -32,10 +40,7 @@ def test_cli_reports_the_reason_and_fails(monkeypatch, tmp_path, capsys):
 
 
 def test_a_directory_too_long_for_ray_sockets_is_refused_before_anything_is_made(tmp_path):
-    try:
-        local_cluster.check_supported()
-    except local_cluster.NamespacesUnavailable as exc:
-        pytest.skip(str(exc))
+    namespaces_or_skip()
     deep = tmp_path / ("x" * 60)
     with pytest.raises(local_cluster.LocalClusterError, match="too long"):
         local_cluster.up(deep)
@@ -61,10 +66,7 @@ def test_host_commands_carry_the_token_and_interface(tmp_path):
 
 
 def test_a_failed_up_removes_what_it_made():
-    try:
-        local_cluster.check_supported()
-    except local_cluster.NamespacesUnavailable as exc:
-        pytest.skip(str(exc))
+    namespaces_or_skip()
     directory = tempfile.mkdtemp(prefix="dfbad", dir="/tmp")
     with pytest.raises(local_cluster.LocalClusterError, match="ray start on host0"):
         local_cluster.up(directory, hosts=2, cpus_per_host=-1, subnet="10.78.0")  # Ray refuses negative CPUs

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, missing_prerequisite, registered_checkpoint_step
 from detailfusion import local_cluster
 from detailfusion.config import EvalConfig, PrepareConfig
 from detailfusion.data.prepare import prepare
@@ -37,9 +37,7 @@ def cluster():
     try:
         local_cluster.check_supported()
     except local_cluster.NamespacesUnavailable as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the multi-host tests: {exc}")
-        pytest.skip(str(exc))
+        missing_prerequisite(str(exc))
     directory = tempfile.mkdtemp(prefix="dfmh", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
     made = local_cluster.up(directory, hosts=2, cpus_per_host=2)
     yield made
@@ -158,14 +156,6 @@ def test_stage_survives_losing_a_host(cluster, data, tmp_path):
     assert after == list(range(int(resumed.group(1)) + 1, total + 1)), steps
 
 
-def registered_checkpoint_step(snapshot: Path) -> int | None:
-    try:
-        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
-    except (OSError, ValueError):
-        return None
-    return latest["metrics"]["step"] if latest else None
-
-
 def replicas(cluster) -> list[dict]:
     """RUNNING replicas of the model deployment, from the head's Serve REST API."""
     request = urllib.request.Request(f"{cluster.dashboard_url}/api/serve/applications/",
@@ -225,8 +215,11 @@ def test_serving_scales_to_the_other_host_and_back(cluster, data, stage2_model, 
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        time.sleep(2)
-        assert len(timeline[-1][1]) == 1, timeline  # starts with one replica
+        sampled = time.monotonic() + 60  # the watcher's first sample, however long the state API takes to answer
+        while not timeline:
+            assert time.monotonic() < sampled and watcher.is_alive(), "no replica sample in 60 s"
+            time.sleep(0.2)
+        assert len(timeline[0][1]) == 1, timeline  # starts with one replica
 
         # Serve's replicas and handles push load metrics every 10 s: the load lasts long enough for a few pushes
         bodies = [{"reference_id": image_ids[i % len(image_ids)], "text": f"make it red {i}", "top_k": 5}
@@ -258,10 +251,13 @@ def test_serving_scales_to_the_other_host_and_back(cluster, data, stage2_model, 
     assert timeline[-1][0] > load_ended and len(timeline[-1][1]) == 1
 
 
-def test_down_leaves_nothing_behind(cluster):
+def test_down_leaves_nothing_behind_with_a_host_already_dead(cluster):
+    """Host 1's processes are killed first (a crashed host); down still removes both hosts, live head included."""
     directory = cluster.directory
+    assert local_cluster.stop_host(cluster, 1) > 0
     removed = local_cluster.down(directory, quiet=True)
-    assert any("namespace" in item for item in removed)
+    assert any(f"{cluster.hosts[1].netns} (0 processes)" in item for item in removed), removed
+    assert any(cluster.hosts[0].netns in item for item in removed)
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     assert not any(h.netns in namespaces for h in cluster.hosts)

@@ -199,3 +199,24 @@ def test_missing_root_and_wrong_columns_are_clear_errors(tmp_path):
     pq.write_table(pa.table({"edit_prompt": ["x"]}), tmp_path / "p/data/train-0.parquet")
     with pytest.raises(ValueError, match="missing IPr2Pr column\\(s\\) original_image, edited_image"):
         prepare(PrepareConfig(dataset="ipr2pr", root=str(tmp_path / "p"), split="train", out=str(tmp_path / "o")))
+
+
+def test_ipr2pr_streams_several_shards_and_drops_a_row_repeated_in_another_shard(tmp_path, capsys):
+    from detailfusion.data.synthetic import write_ipr2pr
+
+    root = tmp_path / "raw"
+    write_ipr2pr(root, pairs=45, seed=0, image_size=32, rows_per_shard=15)
+    shards = sorted((root / "data").glob("*.parquet"))
+    assert len(shards) == 3
+    first, last = pq.read_table(shards[0]).to_pylist(), pq.read_table(shards[2]).to_pylist()
+    last[-1] = dict(first[0])  # the last shard repeats the first shard's first row
+    last[3]["edit_prompt"] = ""  # and has a bad row of its own
+    pq.write_table(pa.Table.from_pylist(last, schema=pq.read_schema(shards[2])), shards[2])
+    manifest = prepare(PrepareConfig(dataset="ipr2pr", root=str(root), split="train", out=str(tmp_path / "out"),
+                                     max_bad_fraction=0.1, batch_size=8))
+    assert "streaming 3 IPr2Pr parquet shard(s)" in capsys.readouterr().out
+    ids = pq.read_table(tmp_path / "out/triplets", columns=["sample_id"]).column("sample_id").to_pylist()
+    assert manifest["counts"] == {"records_read": 45, "triplets": 43, "quarantined_records": 2}
+    assert len(ids) == len(set(ids)) == 43
+    reasons = {q["reason"].split(" ")[0]: q["source"] for q in read_quarantine(tmp_path / "out")}
+    assert reasons["empty"].endswith(shards[2].name) and reasons["duplicate"].startswith("triplets/")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from detailfusion.cli import build_parser
-from detailfusion.config import JobConfig, PrepareConfig, ServeConfig, apply_override, from_dict, load_config
+from detailfusion.config import JobConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE_SCRIPTS = {"jobs/stage1_pretrain_detail.py": 1, "jobs/stage2_joint.py": 2, "jobs/stage3_compositor.py": 3}
@@ -22,26 +22,16 @@ def runbook_commands() -> list[str]:
 
 
 def dry_run(argv: list[str]) -> None:
-    """Parse like the console script, then build the typed config the command would run with."""
-    from detailfusion import cli
-    from detailfusion.tune import load_space
+    """Parse like the console script, then build the typed config the command would run with (the CLI's own
+    mapping, ``cli.command_config``); a sweep's settings and space are checked as ``sweep`` checks them."""
+    from detailfusion import cli, tune
 
     args = build_parser().parse_args(argv)
-    fields = lambda cls: {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__ and v is not None}  # noqa: E731
-    if args.command == "prepare":
-        config = from_dict(PrepareConfig, {**fields(PrepareConfig), "categories": ("dress", "shirt", "toptee")})
-        for item in args.set or []:
-            apply_override(config, item)
-    elif args.command in ("evaluate", "index"):
-        cli._eval_config(args)
+    if args.command in ("prepare", "evaluate", "index", "serve"):
+        cli.command_config(args)
     elif args.command == "sweep":
-        config = load_config(JobConfig, REPO / args.config, args.set or [])
-        assert config.train.stage == args.stage
-        load_space(REPO / args.space, config)
-    elif args.command == "serve":
-        config = from_dict(ServeConfig, fields(ServeConfig))
-        for item in args.set or []:
-            apply_override(config, item)
+        config, settings = cli.command_config(args)
+        tune.check_settings(config, settings)
 
 
 def test_the_runbook_has_every_step():
@@ -53,7 +43,8 @@ def test_the_runbook_has_every_step():
 
 
 @pytest.mark.parametrize("command", runbook_commands(), ids=lambda c: c[:60])
-def test_runbook_command_is_accepted(command):
+def test_runbook_command_is_accepted(command, monkeypatch):
+    monkeypatch.chdir(REPO)  # the runbook's paths are relative to the checkout
     argv = shlex.split(command.replace('"$(which python)"', "python"))
     if argv[0] == "detailfusion":
         dry_run(argv[1:])

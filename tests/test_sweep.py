@@ -1,6 +1,6 @@
 """Ray Tune sweeps: space files checked at start; a real ASHA sweep of the tiny stage 2 (every trial a Ray Train
 run, scored on validation recall) with its results table and best model; an interrupted sweep resumed without
-rerunning its finished trial."""
+rerunning its finished trial, continuing the unfinished one from its checkpoint."""
 
 import csv
 import json
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from detailfusion.config import ConfigError, JobConfig, load_config
 from detailfusion.config import PrepareConfig
@@ -21,7 +22,7 @@ from detailfusion.data.synthetic import write_synthetic
 from detailfusion.model import build_model, load_model, model_fingerprint, save_model
 from detailfusion.tune import SpaceError, SweepSettings, load_space, sweep
 
-from conftest import all_cpus_free
+from conftest import all_cpus_free, registered_checkpoint_step
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE2 = REPO / "jobs/configs/stage2_tiny.yaml"
@@ -115,36 +116,59 @@ def test_asha_sweep_stops_the_weak_trials_and_exports_the_best(stage2, tmp_path)
 
 
 @pytest.mark.slow
-def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(stage2, tmp_path, ray_local):
+def test_an_interrupted_sweep_keeps_finished_trials_and_continues_the_unfinished_one(stage2, tmp_path, ray_local):
+    """Two trials, one at a time: 1 epoch and 4 epochs. Ctrl-C on the driver once the 4-epoch trial's first
+    checkpoint is registered (3 epochs still to go: the Ctrl-C cannot land after it ended); the rerun keeps what
+    finished as it is and continues the 4-epoch trial from that checkpoint: each of its steps ran once."""
     root, overrides = stage2
-    space = write_space(tmp_path / "gamma.yaml", "loss.gamma: {grid: [2.0, 1.0]}\n")
+    space = write_space(tmp_path / "epochs.yaml", "train.epochs: {grid: [1, 4]}\n")
     out = tmp_path / "sweep"
     args = ["sweep", "--stage", "2", "--space", str(space), "--config", str(STAGE2), "--out", str(out),
-            "--scheduler", "fifo", *[a for o in [*overrides, "train.epochs=1"] for a in ("--set", o)]]
+            "--scheduler", "fifo", *[a for o in overrides for a in ("--set", o)]]
     # the first run is its own driver process on the session's Ray (as under `ray job submit`), then Ctrl-C
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen([sys.executable, "-m", "detailfusion.cli", *args], cwd=REPO, env=env,
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
-    while len(list(out.glob("trials/*/stage2"))) < 2:  # the second trial started: the first is recorded finished
+    while (long := long_trial_with_a_checkpoint(out)) is None:
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
-        time.sleep(1)
+        time.sleep(0.25)
+    long_dir, checkpoint_step = long
     first.send_signal(signal.SIGINT)  # Ctrl-C on the driver
     first.wait(timeout=120)
     release_the_dead_drivers_actors(ray_local)
-    done = list(out.glob("trials/*/stage2/DONE"))
-    assert len(done) == 1, (tmp_path / "first.log").read_text()[-3000:]
-    finished = done[0].parent
-    before = (done[0].stat().st_mtime_ns, (finished / "metrics.csv").read_text())
+    assert not (long_dir / "DONE").is_file(), (tmp_path / "first.log").read_text()[-3000:]
+    done = sorted(out.glob("trials/*/stage2/DONE"))  # the 1-epoch trial, when Tune ran it first
+    before = {d: (d.stat().st_mtime_ns, (d.parent / "metrics.csv").read_text()) for d in done}
 
-    config = load_config(JobConfig, STAGE2, [*overrides, "train.epochs=1"])
+    config = load_config(JobConfig, STAGE2, overrides)
     rows = sweep(config, SweepSettings(stage=2, space=str(space), out=str(out), scheduler="fifo"))
     assert sorted(r["status"] for r in rows) == ["FINISHED", "FINISHED"]
-    assert sorted(float(r["loss.gamma"]) for r in rows) == [1.0, 2.0]
-    assert (done[0].stat().st_mtime_ns, (finished / "metrics.csv").read_text()) == before  # not trained again
+    assert sorted(int(r["train.epochs"]) for r in rows) == [1, 4]
+    assert {d: (d.stat().st_mtime_ns, (d.parent / "metrics.csv").read_text()) for d in done} == before  # not again
     assert len(list(out.glob("trials/*/stage2/DONE"))) == 2 and (out / "best_model" / "config.json").is_file()
+    steps = [int(r["step"]) for r in read_rows(long_dir / "metrics.csv")]
+    total = json.loads((long_dir / "DONE").read_text())["metrics"]["step"]
+    # continued, not restarted: step 1 ran once; from the last row of the step after the checkpoint (the interrupted
+    # run may have gone past it before it died), every remaining step once
+    assert steps.count(1) == 1, steps
+    resumed = steps[len(steps) - 1 - steps[::-1].index(checkpoint_step + 1):]
+    assert resumed == list(range(checkpoint_step + 1, total + 1)), (checkpoint_step, steps)
+
+
+def long_trial_with_a_checkpoint(out: Path) -> tuple[Path, int] | None:
+    """(stage dir, step) of the 4-epoch trial once Ray Train has registered a checkpoint of it; else None."""
+    for config_file in out.glob("trials/*/stage2/config.yaml"):
+        stage_dir = config_file.parent
+        if yaml.safe_load(config_file.read_text())["train"]["epochs"] != 4:
+            continue
+        for snapshot in stage_dir.glob("ray/*/checkpoint_manager_snapshot.json"):
+            step = registered_checkpoint_step(snapshot)
+            if step:
+                return stage_dir, step
+    return None
 
 
 def release_the_dead_drivers_actors(ray, wait_s: float = 90) -> None:

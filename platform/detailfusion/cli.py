@@ -21,43 +21,50 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare(args: argparse.Namespace) -> int:
-    from .config import PrepareConfig, from_dict, apply_override
-    from .data.prepare import prepare
+def _typed_config(cls, args: argparse.Namespace):
+    """The ``cls`` config of a flag-style command: its flags by field name, then each ``--set key=value``."""
+    from .config import apply_override, from_dict
 
-    fields = {k: v for k, v in vars(args).items() if k in PrepareConfig.__dataclass_fields__ and v is not None}
+    fields = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__ and v is not None}
     if "categories" in fields:
         fields["categories"] = tuple(fields["categories"])
-    config = from_dict(PrepareConfig, fields, source="detailfusion prepare")
-    for item in args.set or []:
-        config = apply_override(config, item)
-    prepare(config)
-    return 0
-
-
-def _eval_config(args: argparse.Namespace):
-    from .config import EvalConfig, apply_override, from_dict
-
-    fields = {k: v for k, v in vars(args).items() if k in EvalConfig.__dataclass_fields__ and v is not None}
-    if "categories" in fields:
-        fields["categories"] = tuple(fields["categories"])
-    config = from_dict(EvalConfig, fields, source=f"detailfusion {args.command}")
+    config = from_dict(cls, fields, source=f"detailfusion {args.command}")
     for item in args.set or []:
         config = apply_override(config, item)
     return config
 
 
+def command_config(args: argparse.Namespace):
+    """The typed config a parsed command runs with, nothing started: PrepareConfig (prepare), EvalConfig
+    (evaluate, index), ServeConfig (serve), (JobConfig, SweepSettings) (sweep). Raises ValueError on a bad value."""
+    from .config import EvalConfig, PrepareConfig, ServeConfig
+
+    if args.command == "sweep":
+        return _sweep_config(args)
+    classes = {"prepare": PrepareConfig, "evaluate": EvalConfig, "index": EvalConfig, "serve": ServeConfig}
+    if args.command not in classes:
+        raise ValueError(f"detailfusion {args.command} has no typed config")
+    return _typed_config(classes[args.command], args)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from .data.prepare import prepare
+
+    prepare(command_config(args))
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from .eval.evaluate import evaluate
 
-    evaluate(_eval_config(args))
+    evaluate(command_config(args))
     return 0
 
 
 def _index(args: argparse.Namespace) -> int:
     from .eval.evaluate import build_index
 
-    build_index(_eval_config(args))
+    build_index(command_config(args))
     return 0
 
 
@@ -104,11 +111,11 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep(args: argparse.Namespace) -> int:
+def _sweep_config(args: argparse.Namespace):
     from pathlib import Path
 
     from .config import JobConfig, load_config
-    from .tune import SweepSettings, sweep
+    from .tune import SweepSettings
 
     config = load_config(JobConfig, args.config, args.set or [])
     out = args.out or str(Path(config.workdir) / "sweeps" / f"{Path(args.space).stem}-stage{args.stage}")
@@ -117,7 +124,13 @@ def _sweep(args: argparse.Namespace) -> int:
                              grace_period=args.grace_period, reduction_factor=args.reduction_factor,
                              max_concurrent_trials=args.max_concurrent_trials, trial_cpus=args.trial_cpus,
                              num_cpus=args.num_cpus)
-    rows = sweep(config, settings)
+    return config, settings
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .tune import sweep
+
+    rows = sweep(*command_config(args))
     return 0 if any(r["status"] == "FINISHED" for r in rows) else 1
 
 
@@ -143,14 +156,9 @@ def add_sweep_arguments(command: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .config import ServeConfig, apply_override, from_dict
     from .serving.run import serve_forever
 
-    fields = {k: v for k, v in vars(args).items() if k in ServeConfig.__dataclass_fields__ and v is not None}
-    config = from_dict(ServeConfig, fields, source="detailfusion serve")
-    for item in args.set or []:
-        config = apply_override(config, item)
-    serve_forever(config)
+    serve_forever(command_config(args))
     return 0
 
 

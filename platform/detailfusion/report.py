@@ -44,6 +44,8 @@ def claim_lines(claims: dict[str, dict]) -> list[str]:
         if "difference" in claim:
             low, high = claim["interval_95"]
             numbers = f"difference {claim['difference']:+.2f}, 95 % interval [{low:+.2f}, {high:+.2f}]; means {claim['means']}"
+            if len(claim.get("per_seed", ())) > 1:
+                numbers += "; per seed " + ", ".join(f"{d:+.2f}" for d in claim["per_seed"])
         else:
             numbers = f"std a_di {claim['std_a_di']:.4f} (interval {claim['interval_95']}), mean {claim['mean_a_di']:.3f}"
             if "p_value" in claim:

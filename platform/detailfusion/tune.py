@@ -142,14 +142,8 @@ def run_trial(params: dict[str, Any], base: dict, val_prepared: str, trials_dir:
 # -- the sweep --------------------------------------------------------------------------------------------
 
 
-def sweep(base: JobConfig, settings: SweepSettings) -> list[dict]:
-    """Run (or resume) the sweep; returns the results rows, best first, and writes the table and best model."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from .ray_setup import init_ray
-    from .train.run import absolute_paths, check_stage
-
+def check_settings(base: JobConfig, settings: SweepSettings) -> dict[str, tuple[str, list]]:
+    """The sweep's space (``load_space``) once the settings agree with the stage config; nothing touches data."""
     if base.train.stage != settings.stage:
         raise ConfigError(f"--stage {settings.stage} but the config says train.stage={base.train.stage}")
     if not base.data.val_prepared:
@@ -159,8 +153,19 @@ def sweep(base: JobConfig, settings: SweepSettings) -> list[dict]:
         raise ConfigError(f"--scheduler must be asha or fifo, got {settings.scheduler!r}")
     if settings.mode not in ("max", "min"):
         raise ConfigError(f"--mode must be max or min, got {settings.mode!r}")
+    return load_space(settings.space, base)
+
+
+def sweep(base: JobConfig, settings: SweepSettings) -> list[dict]:
+    """Run (or resume) the sweep; returns the results rows, best first, and writes the table and best model."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from .ray_setup import init_ray
+    from .train.run import absolute_paths, check_stage
+
     base = absolute_paths(base)
-    space = load_space(settings.space, base)
+    space = check_settings(base, settings)
     check_stage(trial_config(base, {k: args[0] for k, (_, args) in space.items()}, base.workdir, base.data.val_prepared))
     out = Path(settings.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -234,11 +234,32 @@ def _prepare_ipr2pr(root: Path, out: Path, config: PrepareConfig, image_size: in
             batch_format="pyarrow",
         ).write_parquet(str(out / "triplets"), compression=PARQUET_COMPRESSION)
     )
-    bad = _collect_parts(parts)
+    bad = _collect_parts(parts) + _drop_repeated_rows(out / "triplets")
     shutil.rmtree(parts, ignore_errors=True)
     kept = sum(pq.read_metadata(p).num_rows for p in (out / "triplets").glob("*.parquet"))
     counts = {"records_read": kept + len(bad), "triplets": kept, "quarantined_records": len(bad)}
     return counts, bad, []
+
+
+def _drop_repeated_rows(triplets: Path) -> list[Quarantined]:
+    """Rows repeated across batches or shards (each batch drops its own repeats): the first in file order is kept,
+    the files holding a later copy are rewritten without it. Reads only the sample_id column of the rest."""
+    seen: set[str] = set()
+    bad = []
+    for path in sorted(triplets.glob("*.parquet")):
+        ids = pq.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist()
+        repeated = []
+        for i, sample_id in enumerate(ids):
+            if sample_id in seen:
+                repeated.append(i)
+            seen.add(sample_id)
+        if repeated:
+            table = pq.read_table(path)
+            pq.write_table(table.take(sorted(set(range(len(ids))) - set(repeated))), path,
+                           compression=PARQUET_COMPRESSION)
+            bad += [Quarantined(f"{triplets.name}/{path.name}", ids[i], f"duplicate row {ids[i]} (another batch or "
+                                "shard holds it)") for i in repeated]
+    return bad
 
 
 # -- quarantine ------------------------------------------------------------------------------------------

@@ -37,8 +37,10 @@ def _compare(outcomes, name, rule, kind, a, b, metric, resamples):
     estimate, low, high = bootstrap_interval(statistic, values, resamples)
     holds = low > 0 if kind == ">" else (estimate >= 0 and high >= 0)
     means = {k: round(float(v.mean()), 2) for k, v in values.items()}
+    # the same statistic seed by seed: the interval is over queries, so this shows whether seeds agree on the sign
+    per_seed = [round(statistic({k: v[s:s + 1] for k, v in values.items()}), 2) for s in range(len(values[keys[0]]))]
     return {"measured": True, "rule": rule, "holds": bool(holds), "metric": metric, "difference": round(estimate, 2),
-            "interval_95": [round(low, 2), round(high, 2)], "means": means}
+            "interval_95": [round(low, 2), round(high, 2)], "means": means, "per_seed": per_seed}
 
 
 def _adapts(outcomes: dict[str, list[Outcomes]], edit_types: list[str] | None, resamples: int) -> dict:

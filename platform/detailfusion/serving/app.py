@@ -3,7 +3,8 @@ model deployment (``Retriever``) that holds the exported model and its gallery i
 
 HTTP (all errors are ``{"error": {"code", "message"}}`` with a 4xx status; the server keeps serving):
 - ``POST /search``: a reference image (multipart ``image`` file, or base64 ``image`` in JSON, or a gallery
-  ``reference_id``) + ``text`` + ``top_k`` -> ``{"results": [{"image_id", "score"}], "weights": {"gm", "di"}}``.
+  ``reference_id``, left out of its own results) + ``text`` + ``top_k`` -> ``{"results": [{"image_id", "score"}],
+  "weights": {"gm", "di"}}``.
 - ``GET /healthz``, ``GET /gallery?offset=&limit=``, ``GET /thumbnails/{image_id}`` (JPEG from the index),
   ``GET /`` the search page.
 
@@ -67,19 +68,21 @@ class Retriever:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def search_batch(self, queries: list[dict]) -> list[dict]:
-        """queries: {pixels uint8 [S, S, 3], text, top_k} each -> {results, weights, batch_size}."""
+        """queries: {pixels uint8 [S, S, 3], text, top_k, exclude (an image id left out, or None)} each ->
+        {results, weights, batch_size}."""
         from ..eval.encode import query_features
 
         pixels = torch.from_numpy(np.stack([q["pixels"] for q in queries])).to(self.device)
         features = query_features(self.model, self.tokenizer, pixels, [q["text"] for q in queries])
-        k = max(q["top_k"] for q in queries)
+        k = min(len(self.index), max(q["top_k"] + (q.get("exclude") is not None) for q in queries))
         scores, rows = self.index.search(features["unified"], k)
         out = []
         for q, score_row, index_row, weights in zip(queries, scores.tolist(), rows.tolist(), features["weights"].tolist()):
             if any(w != w for w in weights):  # NaN: a compositor without per-query weights (static)
                 weights = self.static_weights
-            results = [{"image_id": self.index.image_ids[i], "score": round(s, 6)}
-                       for s, i in zip(score_row[:q["top_k"]], index_row[:q["top_k"]])]
+            ranked = [(s, self.index.image_ids[i]) for s, i in zip(score_row, index_row)]
+            results = [{"image_id": image_id, "score": round(s, 6)}
+                       for s, image_id in ranked if image_id != q.get("exclude")][:q["top_k"]]
             out.append({"results": results, "weights": {"gm": weights[0], "di": weights[1]},
                         "batch_size": len(queries)})
         return out
@@ -130,7 +133,9 @@ class Frontend:
         try:
             query = await self._query(request)
             pixels = query.pixels if query.pixels is not None else self._reference_pixels(query.reference_id)
-            result = await self.retriever.search.remote({"pixels": pixels, "text": query.text, "top_k": query.top_k})
+            # a gallery reference is left out of its own results, as the CIRR protocol removes it
+            result = await self.retriever.search.remote({"pixels": pixels, "text": query.text, "top_k": query.top_k,
+                                                         "exclude": query.reference_id})
             return JSONResponse(result)
         except RequestError as exc:
             return error(exc)

@@ -72,6 +72,11 @@ def check_optimisation(config: JobConfig) -> None:
     from .engine import clips_with_torch
 
     train, optim = config.train, config.optim
+    if train.zero_stage == 3:  # found by the ZeRO-3 test: parameters read outside forward are empty partitions
+        raise StageError("train.zero_stage=3 is not supported yet: the stage losses read branch parameters outside "
+                         "the model's forward (temperatures, L_DI's subset negatives, stage 0's and stage 3's "
+                         "encoders), where ZeRO-3 leaves them partitioned (empty); use zero_stage 2 (sharded "
+                         "optimizer state and gradients)")
     if not train.use_gpu and train.precision == "fp16":
         raise StageError("train.precision=fp16 needs GPUs; use fp32 (or bf16) on CPU")
     if train.precision == "fp16" and train.zero_stage > 0:
