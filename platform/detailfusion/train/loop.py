@@ -327,14 +327,8 @@ class StageRecipe:
         """``save_pretrained`` of the trained model for the next stage, evaluation and serving (no DeepSpeed)."""
         from ..model import save_model
 
-        if self.config.train.zero_stage == 3:  # parameters are partitioned: gather them (collective)
-            state = self.engine._zero3_consolidated_16bit_state_dict()
-        else:
-            state = None
-        if self.rank == 0:  # one writer; not a collective call
+        if self.rank == 0:  # one writer (ZeRO <= 2 keeps whole parameters on every rank; ZeRO-3 is refused at check)
             model = self.engine.module
-            if state is not None:
-                model.load_state_dict(state, strict=False)
             if self.spec.number == 0:  # both branches start from the pre-trained Q-Former (as from BLIP-2's)
                 model.di_branch.load_state_dict(model.gm_branch.state_dict())
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.config.train.export_precision]

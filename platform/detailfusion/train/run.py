@@ -119,8 +119,6 @@ def check_validation(config: JobConfig, manifest: dict) -> None:
         raise StageError(f"{where} holds {val['image_size']} px images, the training split {manifest['image_size']} px")
     if pq.read_table(Path(config.data.val_prepared) / "triplets", columns=["target_id"]).column("target_id").null_count:
         raise StageError(f"{where} (split {val['split']!r}) has no targets to validate against")
-    if config.train.zero_stage == 3:
-        raise StageError("validation runs on rank 0 with the whole model: use train.zero_stage <= 2 with data.val_prepared")
     if config.train.validate_every < 1:
         raise StageError(f"train.validate_every must be >= 1 epoch, got {config.train.validate_every}")
 
