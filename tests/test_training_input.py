@@ -12,7 +12,7 @@ import torch
 
 from detailfusion.config import PrepareConfig
 from detailfusion.data.feature_cache import vision_fingerprint
-from detailfusion.data.pipeline import gallery_input, holdout_mask, load_image_store, sample_key, training_dataset
+from detailfusion.data.pipeline import gallery_input, inline_input, holdout_mask, load_image_store, sample_key, training_dataset
 from detailfusion.data.prepare import prepare
 from detailfusion.data.schema import pixels_from_bytes
 from detailfusion.data.synthetic import write_synthetic
@@ -72,6 +72,37 @@ def test_ipr2pr_inline_cache_and_training_rows(tmp_path, exported):
     assert torch.allclose(torch.from_numpy(rows["target"][:1]).float(), online, atol=5e-3, rtol=2e-3)
     pixels = training_dataset(tmp_path / "out", tokenizer, 32, use_features=False).take_batch(2)
     assert pixels["reference"].shape == (2, 64, 64, 3) and pixels["reference"].dtype == np.uint8
+
+    # the same split held whole (inline_input): each row's own images, edit text or (stage 0) both captions
+    def decode(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    for use_features, captions in ((True, False), (False, True)):
+        held = inline_input(tmp_path / "out", tokenizer, 32, use_features=use_features, epochs=2, batch_size=8,
+                            vision_fingerprint=vision_fingerprint(model), captions=captions)
+        assert held.epoch_rows == 16 and held.rows == 32
+        batches = list(held.micro_batches(0, 1, 8))
+        assert len(batches) == 4
+        keys = [[int(k) for k in b["sample_key"]] for b in batches]
+        assert len(set(keys[0] + keys[1])) == 16 and keys[:2] != keys[2:]  # distinct rows; epoch 2 reshuffled
+        for batch in batches:
+            for i, key in enumerate(batch["sample_key"]):
+                row = by_key[int(key)]
+                expected = pixels_from_bytes([row["reference_pixels"], row["target_pixels"]])
+                if use_features:  # the cache's features of those very images
+                    with torch.no_grad():
+                        expected = model.encode_image(normalize_pixels(torch.from_numpy(expected))).numpy()
+                    got = np.stack([batch["reference"][i], batch["target"][i]]).astype(np.float32)
+                    assert np.allclose(got, expected, atol=5e-3, rtol=2e-3)
+                else:
+                    assert np.array_equal(batch["reference"][i], expected[0])
+                    assert np.array_equal(batch["target"][i], expected[1])
+                if captions:
+                    assert decode(batch["input_ids"][i]) == decode(tokenizer(row["reference_caption"], truncation=True, max_length=32)["input_ids"])
+                    assert decode(batch["target_input_ids"][i]) == decode(tokenizer(row["target_caption"], truncation=True, max_length=32)["input_ids"])
+                else:
+                    assert decode(batch["input_ids"][i]) in {decode(tokenizer(t, truncation=True, max_length=32)["input_ids"])
+                                                          for t in row["text_variants"]}
 
 
 def test_training_rows_are_tokenised_and_refuse_a_foreign_cache(cirr_prepared, exported):

@@ -57,6 +57,8 @@ class DataConfig:
     prepared: str | None = None  # output dir of `detailfusion prepare` for the training split
     val_prepared: str | None = None  # a prepared labelled CIRR/FashionIQ split: validation recall every epoch
     use_feature_cache: bool = True  # train on cached frozen-ViT features when the prepared split has them
+    in_memory_max_mb: float = 1024.0  # an inline split (IPr2Pr) up to this size on disk is held whole in the object
+    #   store like a gallery split (a fresh permutation every epoch, no Ray Data start-up); larger ones stream
     holdout_fraction: float = 0.0  # [ours] a stable share of a CIRR/FashionIQ training split (by sample id) that
     #   stages 1-2 never see and stage 3 trains on alone: the compositor learns on queries the branches did not fit
     train_split: str = "train"

@@ -5,10 +5,11 @@ batch_size=)`` on the driver draws every epoch's rows (``epoch_plan``: a fresh s
 negatives), tokenises each text once, and puts the plan, the token table and the split's image store (uint8 pixels,
 or frozen-ViT features when the cache exists and ``use_features``) in Ray's object store once; each rank maps them
 (zero-copy on its node) and gathers its own micro-batches (``GalleryInput.micro_batches``), so no actor sits between
-the store and the step and nothing is copied per batch through the object store. Inline splits (IPr2Pr, too large
-to hold): ``training_dataset`` streams the shards with Ray Data once per epoch, an actor tokenises them, and
-``iter_worker_batches(batch_size)`` iterates ``ray.train.get_dataset_shard("train")`` with ``drop_last=True`` so
-every rank runs the same number of steps.
+the store and the step and nothing is copied per batch through the object store. Inline splits (IPr2Pr: each row
+holds its two images) small enough to hold (``inline_input``) go the same way, their reference and target images
+forming the store. Larger inline splits: ``training_dataset`` streams the shards with Ray Data once per epoch, an
+actor tokenises them, and ``iter_worker_batches(batch_size)`` iterates ``ray.train.get_dataset_shard("train")``
+with ``drop_last=True`` so every rank runs the same number of steps.
 
 Batch columns: input_ids, attention_mask [B, L] int64; sample_key [B] int64 (stable hash of sample_id);
 reference / target: pixels uint8 [B, S, S, 3] or features float16 [B, T, W]; ``source`` says which;
@@ -118,6 +119,10 @@ class GalleryInput:
                      "target": store[plan["target_row"][rows]]}
             if "subset_rows" in plan:
                 batch["subset"] = store[plan["subset_rows"][rows]]
+            if "target_text_row" in plan:  # stage 0 on an inline split: the target image's caption
+                target_text = plan["target_text_row"][rows]
+                batch["target_input_ids"] = tokens["input_ids"][target_text]
+                batch["target_attention_mask"] = tokens["attention_mask"][target_text]
             yield batch
 
 
@@ -210,6 +215,54 @@ def gallery_input(prepared_dir: str | Path, tokenizer, max_text_length: int, use
                          f"(e.g. {', '.join(missing[:3])}); run `detailfusion prepare` for this split again")
     plan, tokens = epoch_plan(triplets, index, tokenizer, max_text_length, epochs, rows_per_epoch, seed,
                               subset_negatives)
+    return GalleryInput(plan=ray.put(plan), tokens=ray.put(tokens), store=ray.put(store), source=source,
+                        rows=len(plan["sample_key"]), epoch_rows=rows_per_epoch)
+
+
+def inline_bytes(prepared_dir: str | Path, use_features: bool = True) -> int:
+    """On-disk size of the rows an inline split trains on (its triplets, or its feature cache when used), bytes."""
+    manifest = read_manifest(prepared_dir)
+    folder = "features" if use_features and manifest.get("features") else "triplets"
+    return sum(f.stat().st_size for f in (Path(prepared_dir) / folder).rglob("*.parquet"))
+
+
+def inline_input(prepared_dir: str | Path, tokenizer, max_text_length: int, use_features: bool = True,
+                 vision_fingerprint: str | None = None, epochs: int = 1, seed: int = 0, batch_size: int = 32,
+                 captions: bool = False) -> GalleryInput:
+    """A small inline split (IPr2Pr) held whole like a gallery split: the image store is every row's reference
+    image then every row's target image ([2N, ...]), and ``epoch_plan`` draws each epoch's fresh seeded order and
+    text variant. ``captions`` (stage 0): the reference's caption is the text, and the plan's ``target_text_row``
+    points at the target's (batches then carry target_input_ids / target_attention_mask). Arguments as in
+    ``gallery_input``; holding it costs about the split's size on disk (``inline_bytes``) in the object store."""
+    import pyarrow as pa
+    import ray
+
+    manifest = read_manifest(prepared_dir)
+    if manifest["layout"] == "gallery":
+        raise ValueError(f"{prepared_dir}: {manifest['dataset']} is a gallery split: use gallery_input")
+    source = _source(prepared_dir, manifest, use_features, vision_fingerprint)
+    table = pq.read_table(Path(prepared_dir) / ("features" if source == FEATURES else "triplets"))
+    rows = len(table)
+    rows_per_epoch = rows // batch_size * batch_size
+    if not rows_per_epoch:
+        raise ValueError(f"{prepared_dir}: {rows} rows make no global batch of {batch_size}")
+    if source == FEATURES:
+        images = [np.asarray(table.column(f"{side}_features").combine_chunks().to_numpy()) for side in ("reference", "target")]
+    else:
+        images = [pixels_from_bytes(table.column(f"{side}_pixels")) for side in ("reference", "target")]
+    store = np.concatenate(images)
+    texts = ([[c] for c in table.column("reference_caption").to_pylist()] if captions
+             else table.column("text_variants").to_pylist())
+    rows_as_triplets = pa.table({"sample_id": table.column("sample_id"), "text_variants": texts,
+                                 "reference_id": [f"r{i}" for i in range(rows)],
+                                 "target_id": [f"t{i}" for i in range(rows)]})
+    index = {**{f"r{i}": i for i in range(rows)}, **{f"t{i}": rows + i for i in range(rows)}}
+    plan, tokens = epoch_plan(rows_as_triplets, index, tokenizer, max_text_length, epochs, rows_per_epoch, seed)
+    if captions:
+        target = tokenizer([str(c) for c in table.column("target_caption").to_pylist()], padding="max_length",
+                           truncation=True, max_length=max_text_length, return_tensors="np")
+        plan["target_text_row"] = len(tokens["input_ids"]) + plan["reference_row"]  # row i's target caption
+        tokens = {k: np.concatenate([tokens[k], target[k].astype(np.int64)]) for k in tokens}
     return GalleryInput(plan=ray.put(plan), tokens=ray.put(tokens), store=ray.put(store), source=source,
                         rows=len(plan["sample_key"]), epoch_rows=rows_per_epoch)
 

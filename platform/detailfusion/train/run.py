@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import JobConfig, save_config, to_dict
-from ..data.pipeline import gallery_input, read_manifest, training_dataset
+from ..data.pipeline import gallery_input, inline_bytes, inline_input, read_manifest, training_dataset
 from .engine import clipping
 from .stages import STAGES
 
@@ -205,8 +205,9 @@ def run_stage(config: JobConfig, callbacks: list | None = None) -> Path:
     # finish from 3.3-4.8 s to 1.0-1.5 s. Read from the driver's environment and passed on to the controller.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_INTERVAL_S))
     trainer = build_trainer(config, manifest, init_from, export_dir, callbacks, called_at)
-    print(f"[stage {spec.number}] {spec.name}: {manifest['counts']['triplets']} triplets from {config.data.prepared}, "
-          f"{config.train.num_workers} worker(s), ZeRO-{config.train.zero_stage}, {config.train.precision}, clipping "
+    held = "streamed by Ray Data" if trainer.datasets else "held in the object store"
+    print(f"[stage {spec.number}] {spec.name}: {manifest['counts']['triplets']} triplets from {config.data.prepared} "
+          f"({held}), {config.train.num_workers} worker(s), ZeRO-{config.train.zero_stage}, {config.train.precision}, clipping "
           f"{clipping(config.train, config.optim)}", flush=True)
     result = trainer.fit()
     if result.error is not None:
@@ -274,7 +275,12 @@ def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir:
             subset_negatives=subset_negatives(config), batch_size=train.batch_size,
             holdout=("holdout" if train.stage == 3 else "fit", config.data.holdout_fraction))
         run["rows"] = run["gallery"].epoch_rows
-    else:  # inline images (IPr2Pr): Ray Data streams the shards once per epoch
+    elif inline_bytes(config.data.prepared, config.data.use_feature_cache) <= config.data.in_memory_max_mb * 2**20:
+        run["data_epochs"] = train.epochs  # a small inline split (IPr2Pr) held like a gallery split
+        run["gallery"] = inline_input(config.data.prepared, tokenizer, max_text_length, **cache, epochs=train.epochs,
+                                      seed=train.seed, batch_size=train.batch_size, captions=train.stage == 0)
+        run["rows"] = run["gallery"].epoch_rows
+    else:  # a large inline split: Ray Data streams the shards once per epoch
         run["data_epochs"] = 1
         datasets = {"train": training_dataset(config.data.prepared, tokenizer, max_text_length, **cache,
                                               actor_cpus=train.data_actor_cpus, seed=train.seed,
