@@ -96,8 +96,20 @@ def one_cycle(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps:
     )
 
 
+def use_environment_extension_cache() -> str:
+    """Point torch's JIT-extension cache (DeepSpeed's CPU communication op) into this Python environment
+    (``<sys.prefix>/torch_extensions``) unless TORCH_EXTENSIONS_DIR is set: two environments on one machine (two
+    checkouts, a CI clone) otherwise share ``~/.cache/torch_extensions`` and each rebuilds the other's op in its first
+    stage (36.8 s seen). ``scripts/setup.sh`` builds the op there once. Returns the directory."""
+    import os
+    import sys
+
+    return os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+
 def build_engine(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig, world_size: int, total_steps: int):
     """(engine, optimizer, scheduler) over the parameters that require gradients."""
+    use_environment_extension_cache()
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
