@@ -109,13 +109,38 @@ def platform_stage(workdir: Path, prepared: Path, init: Path, epochs: int, batch
     return {"ms": ms[WARMUP_STEPS:], "startup_s": cost["startup_s"], "finish_s": cost["finish_s"]}
 
 
+def cpu_jiffies() -> list[int] | None:
+    """The machine's CPU time counters (/proc/stat: user nice system idle iowait irq softirq steal), or None."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_share(before: list[int] | None, after: list[int] | None) -> float | None:
+    """Per cent of the machine's CPU time the hypervisor gave to other guests between two ``cpu_jiffies``: a
+    virtual machine's slow days show here (a busy neighbour), not in this benchmark's own figures."""
+    if not before or not after:
+        return None
+    spent = [b - a for a, b in zip(before, after)]
+    return 100 * spent[7] / max(1, sum(spent))
+
+
+def measured(run, *args) -> dict:
+    """``run(*args)`` with the steal share of its wall time added as ``steal``."""
+    before = cpu_jiffies()
+    result = run(*args)
+    return {**result, "steal": steal_share(before, cpu_jiffies())}
+
+
 WARMUP_STEPS = 10  # steps left out of the steady state (the first batches, allocator warm-up)
 
 
 def summary(name: str, result: dict, baseline: float | None) -> str:
     steady = statistics.fmean(result["ms"])
+    steal = "" if result.get("steal") is None else f"{result['steal']:.1f}"
     line = (f"{name:<50} {steady:8.1f} {statistics.median(result['ms']):8.1f} {result['startup_s']:8.1f} "
-            f"{result.get('finish_s', 0.0):7.1f}")
+            f"{result.get('finish_s', 0.0):7.1f} {steal:>7}")
     return line + (f"   {steady / baseline:5.2f}x" if baseline else "   (baseline)")
 
 
@@ -155,8 +180,8 @@ def main() -> None:
 
         def bare_run() -> None:  # with no Ray on the machine
             print(f"bare loop ({len(bares) + 1}) ...", file=sys.stderr, flush=True)
-            result = bare_loop(root / "init", root / "prep", args.batch, args.bare_steps, args.subset, 1.0, 1e-3,
-                               args.num_cpus)
+            result = measured(bare_loop, root / "init", root / "prep", args.batch, args.bare_steps, args.subset, 1.0,
+                              1e-3, args.num_cpus)
             bares.append({**result, "ms": result["ms"][WARMUP_STEPS:]})
 
         runs = []  # (name, result, index of the bare run before it)
@@ -165,25 +190,26 @@ def main() -> None:
             init_ray(args.num_cpus, dashboard=True)  # as the pipeline runs it (Train's cleaner polls the state API)
             for name in ("first", "second"):
                 print(f"platform stage 2 ({name}, round {round_}) ...", file=sys.stderr, flush=True)
-                runs.append((f"platform stage 2, 1 worker ({name} stage, round {round_})", platform_stage(
-                    root / f"{name}{round_}", root / "prep", root / "init", args.epochs, args.batch, []),
+                runs.append((f"platform stage 2, 1 worker ({name} stage, round {round_})", measured(
+                    platform_stage, root / f"{name}{round_}", root / "prep", root / "init", args.epochs, args.batch, []),
                     len(bares) - 1))
             ray.shutdown()
             bare_run()
         if args.workers > 1:
             init_ray(args.num_cpus, dashboard=True)
             print(f"platform stage 2 ({args.workers} workers, ZeRO-2) ...", file=sys.stderr, flush=True)
-            runs.append((f"platform stage 2, {args.workers} workers ZeRO-2 (first)", platform_stage(
-                root / "zero2", root / "prep", root / "init", args.epochs, args.batch,
+            runs.append((f"platform stage 2, {args.workers} workers ZeRO-2 (first)", measured(
+                platform_stage, root / "zero2", root / "prep", root / "init", args.epochs, args.batch,
                 [f"train.num_workers={args.workers}", "train.zero_stage=2", "train.cpus_per_worker=0.5",
                  f"train.threads_per_worker={max(1, args.num_cpus // args.workers)}"]), len(bares) - 1))
             ray.shutdown()
             bare_run()
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores ({args.num_cpus} used), torch {torch.__version__}, "
+    print(f"\nmachine: {platform.machine()} ({torch.backends.cpu.get_cpu_capability()} kernels), {os.cpu_count()} cores "
+          f"({args.num_cpus} used), torch {torch.__version__}, "
           f"ray {ray.__version__}; tiny stage 2, batch {args.batch}, {args.subset} subset negatives, pixels, AdamW")
     print("bare loop runs (ms/step, in order): " + ", ".join(f"{statistics.fmean(b['ms']):.1f}" for b in bares)
           + " -- each platform run is compared with the mean of the bare runs just before and after it")
-    print(f"{'loop':<50} {'ms/step':>8} {'median':>8} {'start s':>8} {'finish s':>7}   ratio")
+    print(f"{'loop':<50} {'ms/step':>8} {'median':>8} {'start s':>8} {'finish s':>7} {'steal %':>7}   ratio")
     for i, bare in enumerate(bares):
         print(summary(f"bare torch loop ({i + 1}), {args.num_cpus} threads", bare, None))
     ratios = []
