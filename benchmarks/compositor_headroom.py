@@ -91,13 +91,17 @@ def report(name: str, found: dict, chosen: float | None, kinds: np.ndarray | Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, type=Path, help="a tiny pipeline workdir (data/, prep/, stage3/)")
-    parser.add_argument("--model", type=Path, help="the model to study (default: RUN/stage3/model)")
+    parser.add_argument("--run", required=True, type=Path,
+                        help="a tiny pipeline workdir (data/, prep/, stage3/), or an ablation's benchmark/ directory")
+    parser.add_argument("--model", type=Path, help="the model to study (default: RUN/stage3/model; for an ablation "
+                                                   "e.g. runs/ablate/seed0/main/stage3/model)")
     args = parser.parse_args()
     from detailfusion.data.benchmark import labelled_test1
 
     model_dir = args.model or args.run / "stage3" / "model"
-    chosen = report("val", weight_outcomes(args.run, model_dir, "val"), None, None)
+    chosen = None  # the ablation's benchmark prepares no val split: then test1 alone, no val-chosen constant
+    if (args.run / "prep" / "cirr-val").is_dir():
+        chosen = report("val", weight_outcomes(args.run, model_dir, "val"), None, None)
     test1 = weight_outcomes(args.run, model_dir, "test1")
     kinds = labelled_test1({"root": args.run / "data" / "cirr"})[1]
     report("test1", test1, chosen, np.array([kinds[s] for s in test1["ids"]]))
