@@ -87,7 +87,7 @@ def cache_vision_features(out: Path, manifest: dict, config: PrepareConfig) -> d
             fn_constructor_kwargs=dict(model_ref=model_ref, columns=columns, use_gpu=config.use_gpu),
             batch_size=config.batch_size,
             batch_format="pyarrow",
-            concurrency=config.encoder_actors,
+            compute=ray.data.ActorPoolStrategy(size=config.encoder_actors),  # `concurrency` is deprecated (Ray 2.51)
             num_gpus=1 if config.use_gpu else 0,
         )
         .write_parquet(str(out / "features"))

@@ -121,9 +121,10 @@ class QueryFeatures:
 def _pool_kwargs(options: EncodeOptions) -> dict:
     from ray.data import ActorPoolStrategy
 
+    # actors over as many nodes as the cluster has: Ray Data places them with its context's scheduling strategy,
+    # "SPREAD" by default (DataContext.scheduling_strategy; passing it here is ray_remote_args, deprecated in 2.60)
     return dict(compute=ActorPoolStrategy(size=options.actors), num_cpus=options.cpus_per_actor,
-                num_gpus=1 if options.use_gpu else 0, batch_size=options.batch_size, batch_format="numpy",
-                scheduling_strategy="SPREAD")  # actors over as many nodes as the cluster has
+                num_gpus=1 if options.use_gpu else 0, batch_size=options.batch_size, batch_format="numpy")
 
 
 def _over_the_pool(dataset, options: EncodeOptions):

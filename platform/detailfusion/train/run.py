@@ -204,6 +204,9 @@ def run_stage(config: JobConfig, callbacks: list | None = None) -> Path:
     # Train's controller notices a finished worker group at its next poll: 2 s by default, 0.5 s cut a tiny stage's
     # finish from 3.3-4.8 s to 1.0-1.5 s. Read from the driver's environment and passed on to the controller.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_INTERVAL_S))
+    # Train's print patch sends a worker's print to its logger *and*, since Ray has replaced the worker's stdout, to
+    # stdout as well: every progress line reached the driver twice. Off: printed once (passed on like the above).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = build_trainer(config, manifest, init_from, export_dir, callbacks, called_at)
     held = "streamed by Ray Data" if trainer.datasets else "held in the object store"
     print(f"[stage {spec.number}] {spec.name}: {manifest['counts']['triplets']} triplets from {config.data.prepared} "
