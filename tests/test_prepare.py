@@ -219,4 +219,9 @@ def test_ipr2pr_streams_several_shards_and_drops_a_row_repeated_in_another_shard
     assert manifest["counts"] == {"records_read": 45, "triplets": 43, "quarantined_records": 2}
     assert len(ids) == len(set(ids)) == 43
     reasons = {q["reason"].split(" ")[0]: q["source"] for q in read_quarantine(tmp_path / "out")}
-    assert reasons["empty"].endswith(shards[2].name) and reasons["duplicate"].startswith("triplets/")
+    assert reasons["empty"].endswith(shards[2].name)
+    # the repeat is dropped where it is first seen: in one map batch when Ray Data bundles both copies' blocks
+    # together (the source is a shard holding a copy), else after the write (the triplets file); Ray Data's
+    # bundling of small blocks varies from run to run (a clean-clone CI run saw the first, others the second)
+    duplicate = reasons["duplicate"]
+    assert duplicate.startswith("triplets/") or duplicate.endswith((shards[0].name, shards[2].name)), duplicate
