@@ -22,9 +22,9 @@ import torch
 GRID = np.round(np.linspace(0.0, 1.0, 11), 2)
 
 
-def weight_outcomes(run: Path, model_dir: Path, split: str) -> dict:
-    """{"grid": {a_di: per-query values}, "model": per-query values, "a_di": [Q], "ids": [Q]} on one split."""
-    from detailfusion.data.benchmark import labelled_test1
+def weight_outcomes(run: Path, model_dir: Path, split: str, targets: dict[str, str] | None = None) -> dict:
+    """{"grid": {a_di: per-query values}, "model": per-query values, "a_di": [Q], "ids": [Q]} on one split;
+    ``targets``: the hidden targets of a split whose annotations hold none (test1)."""
     from detailfusion.eval.metrics import target_ranks
     from detailfusion.eval.outcomes import per_query
     from detailfusion.eval.protocols import CirrQueries
@@ -34,7 +34,6 @@ def weight_outcomes(run: Path, model_dir: Path, split: str) -> dict:
 
     model, tokenizer = load_model(model_dir)
     model.eval()
-    targets = labelled_test1({"root": run / "data" / "cirr"})[0] if split == "test1" else None
     data = ValidationSplit(run / "prep" / f"cirr-{split}", targets)
     with torch.no_grad():
         features, index, _ = data.encode(model, tokenizer)
@@ -102,8 +101,8 @@ def main() -> None:
     chosen = None  # the ablation's benchmark prepares no val split: then test1 alone, no val-chosen constant
     if (args.run / "prep" / "cirr-val").is_dir():
         chosen = report("val", weight_outcomes(args.run, model_dir, "val"), None, None)
-    test1 = weight_outcomes(args.run, model_dir, "test1")
-    kinds = labelled_test1({"root": args.run / "data" / "cirr"})[1]
+    targets, kinds = labelled_test1({"root": args.run / "data" / "cirr"})
+    test1 = weight_outcomes(args.run, model_dir, "test1", targets)
     report("test1", test1, chosen, np.array([kinds[s] for s in test1["ids"]]))
 
 

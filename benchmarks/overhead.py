@@ -1,5 +1,5 @@
 """The platform's own cost: a bare torch training loop against the platform's stage 2 (Ray Train worker +
-DeepSpeed + Ray Data input) on the same model, batch, loss and cores, in one run.
+DeepSpeed + the split's input held in the object store) on the same model, batch, loss and cores, in one run.
 
 Both train the tiny model's stage 2 (L_DI with the reference and ``--subset`` near-duplicate negatives +
 gamma L_GM, pixels, no feature cache) with AdamW, one-cycle schedule and gradient clipping, batch ``--batch``,
@@ -9,8 +9,9 @@ images, normalise) and uses every core; the platform runs ``run_stage`` with the
 Printed per loop: ms per step (steady state: the mean step-to-step wall time after the first 10 steps, so
 epoch-end checkpoints and the input pipeline's work beside the steps are included), their median, start-up
 seconds (the call until the first step began), the finish (last step to the call's return: checkpoint, export,
-shut-down) and the ratio to the bare loop. The platform's stage runs twice on one Ray session: the second
-start-up is what a pipeline's later stages pay. Then the same stage with ``--workers`` ranks and ZeRO-2.
+shut-down), the hypervisor's steal share of the machine's CPU time during the run (a slow host shows here when
+its neighbours take the CPU) and the ratio to the bare loop; the header names torch's CPU kernels (AVX2/AVX512).
+The platform's stage runs twice on one Ray session: the second start-up is what a pipeline's later stages pay. Then the same stage with ``--workers`` ranks and ZeRO-2.
 The bare loop runs before, between and after the platform's runs (with no Ray on the machine), and each platform
 run is compared with the mean of the bare runs on either side of it: a small machine's speed drifts by 10-20 %
 over minutes (seen: 118-158 ms for the same bare loop in one hour), which a single baseline at the start reads as
