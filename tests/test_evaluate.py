@@ -1,6 +1,6 @@
 """evaluate / score-cirr / index end to end on Ray (untrained tiny model): the protocol's invariants on the REAL
 CIRR val annotations with placeholder images, submissions scored back equal to the metrics, FashionIQ galleries,
-the index's reuse and model check, and clear errors."""
+unlabelled CIRR test1 / FashionIQ test answering every query, the index's reuse and model check, clear errors."""
 
 import json
 import shutil
@@ -15,7 +15,9 @@ from detailfusion.cli import main
 from detailfusion.config import EvalConfig
 from detailfusion.data.synthetic import write_synthetic
 from detailfusion.eval.evaluate import evaluate
-from detailfusion.eval.submission import check_submission, load_submission, score_cirr
+from detailfusion.data.prepare import read_quarantine
+from detailfusion.eval.fashioniq_predictions import check_predictions, predictions
+from detailfusion.eval.submission import SubmissionError, check_submission, load_submission, score_cirr
 from detailfusion.index import GalleryIndex, IndexMismatch
 from detailfusion.eval.validate import ValidationSplit
 from detailfusion.model import load_model, model_fingerprint, save_model
@@ -62,16 +64,59 @@ def test_cirr_val_submissions_score_back_to_the_metrics(ray_local, tmp_path, cir
     assert {v: pytest.approx(m) for v, m in in_training.items()} == {v: result["variants"][v] for v in in_training}
 
 
-def test_cirr_test1_writes_valid_submissions_and_reuses_the_index(ray_local, tmp_path, cirr_root, model_dir, capsys):
-    result, out = run_eval(ray_local, tmp_path, cirr_root, "test1", model_dir)
-    assert "variants" not in result
-    annotations = json.loads((cirr_root / "captions/cap.rc2.test1.json").read_text())
-    for metric in ("recall", "recall_subset"):
-        data = load_submission(out / f"cirr_test1_{metric}.json")
-        check_submission(data, metric, annotations, gallery_size=result["counts"]["gallery"])
-    capsys.readouterr()
-    run_eval(ray_local, tmp_path, cirr_root, "test1", model_dir)
+def test_cirr_test1_answers_every_pairid_even_blank_captions_and_reuses_the_index(ray_local, tmp_path, cirr_root,
+                                                                                   model_dir, capsys):
+    root = tmp_path / "cirr"
+    shutil.copytree(cirr_root, root)
+    path = root / "captions/cap.rc2.test1.json"
+    annotations = json.loads(path.read_text())
+    annotations[0]["caption"], annotations[1]["caption"] = "", "  ?! "  # blank, and blank once normalised
+    path.write_text(json.dumps(annotations))
+    result, out = run_eval(ray_local, tmp_path, root, "test1", model_dir)
+    assert "variants" not in result and result["counts"]["queries"] == len(annotations)
+    warnings = json.loads((out / "prepared/manifest.json").read_text())["warnings"]
+    assert sum("empty caption" in w for w in warnings) == 2 and str(annotations[0]["pairid"]) in warnings[0]
+    files = {metric: out / f"cirr_test1_{metric}.json" for metric in ("recall", "recall_subset")}
+    for metric, file in files.items():
+        check_submission(load_submission(file), metric, annotations, gallery_size=result["counts"]["gallery"])
+    # the score-cirr command's own format check accepts them (test1 has no targets to score)
+    assert main(["score-cirr", "--annotations", str(path), "--recall", str(files["recall"]), "--recall-subset",
+                 str(files["recall_subset"]), "--gallery-size", str(result["counts"]["gallery"])]) == 0
+    assert f"answer all {len(annotations)} pairids" in capsys.readouterr().out
+    run_eval(ray_local, tmp_path, root, "test1", model_dir)
     assert "index: reusing" in capsys.readouterr().out
+
+
+def test_fashioniq_test_predicts_every_query_and_quarantines_only_the_broken_image(ray_local, tmp_path, model_dir):
+    root = tmp_path / "fiq"
+    write_synthetic("fashioniq", root, pairs=240, seed=1, image_size=64)
+    records = {c: json.loads((root / f"captions/cap.{c}.test.json").read_text()) for c in ("dress", "shirt", "toptee")}
+    assert not any("target" in r for rs in records.values() for r in rs)  # unlabelled, as FashionIQ's test split
+    records["dress"][0]["captions"] = ["", " "]  # both blank: answered from the candidate alone
+    records["shirt"][1]["captions"][0] = ""       # one blank: the other kept
+    for category, rs in records.items():
+        (root / f"captions/cap.{category}.test.json").write_text(json.dumps(rs))
+    hidden = json.loads((root / "synthetic/fashioniq_test_targets.json").read_text())
+    broken = hidden["toptee"][2]  # a gallery image no query starts from
+    (root / f"images/{broken}.png").write_bytes(b"not a png")
+    result, out = run_eval(ray_local, tmp_path, root, "test", model_dir, dataset="fashioniq",
+                           max_bad_fraction=0.05)  # 1 of 72 records (48 images, 24 queries)
+    assert "variants" not in result and result["counts"]["queries"] == sum(map(len, records.values()))
+    quarantined = read_quarantine(out / "prepared")
+    assert [q["record"] for q in quarantined] == [broken]
+    galleries = {c: set(json.loads((root / f"image_splits/split.{c}.test.json").read_text())) - {broken}
+                 for c in records}
+    for category, rs in records.items():
+        predicted = json.loads((out / f"fashioniq_test_{category}.json").read_text())
+        check_predictions(predicted, rs, galleries[category])  # every record, in order, a full ranking
+        assert [p["candidate"] for p in predicted] == [r["candidate"] for r in rs]
+        assert all(len(p["ranking"]) == min(50, len(galleries[category])) for p in predicted)
+        assert set(result["predictions"]) == {"gm", "di", "static", "afc", "image_only", "text_only", "random"}
+    # predictions that leave a query unanswered (as a quarantined candidate would) fail the check, naming it
+    predicted = json.loads((out / "fashioniq_test_dress.json").read_text())
+    rankings = {i: p["ranking"] for i, p in enumerate(predicted) if i != 3}
+    with pytest.raises(SubmissionError, match=r"1 caption record\(s\) unanswered.*#3"):
+        check_predictions(predictions(records["dress"], rankings), records["dress"], galleries["dress"])
 
 
 def test_index_refuses_another_model(tmp_path):

@@ -172,6 +172,60 @@ def test_bad_input_is_a_4xx_and_the_server_keeps_serving(server, trained, name):
     assert good.status_code == 200 and good.json()["results"][0]["image_id"] == trained["query"]["target_id"]
 
 
+def test_the_openapi_schema_declares_search_and_every_example_and_error_holds(server, trained):
+    from jsonschema import Draft202012Validator
+    from openapi_spec_validator import validate
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    spec = requests.get(f"{server}/openapi.json", timeout=30).json()
+    validate(spec)  # a valid OpenAPI 3.1 document
+    registry = Registry().with_resource("urn:api", Resource.from_contents(spec, default_specification=DRAFT202012))
+
+    def check(instance, schema):  # validates against a schema of the document ($refs resolved in it)
+        Draft202012Validator(schema, registry=registry).validate(instance)
+
+    def resolved(schema):
+        return {"$ref": "urn:api" + schema["$ref"]} if "$ref" in schema else schema
+
+    search = spec["paths"]["/search"]["post"]
+    bodies = search["requestBody"]["content"]
+    assert set(bodies) == {"multipart/form-data", "application/json"}
+    assert bodies["multipart/form-data"]["schema"]["properties"]["image"]["anyOf"][0]["format"] == "binary"
+    success = resolved(search["responses"]["200"]["content"]["application/json"]["schema"])
+    sent = 0
+    for kind, body in bodies.items():  # one request per declared example, answered as the 200 schema says
+        for name, example in body["examples"].items():
+            check(example["value"], body["schema"])
+            if kind == "application/json":
+                response = requests.post(f"{server}/search", json=example["value"], timeout=60)
+            else:
+                image = base64.b64decode(bodies["application/json"]["examples"]["base64"]["value"]["image"])
+                response = requests.post(f"{server}/search", files={"image": ("example.png", image, "image/png")},
+                                         data={k: str(v) for k, v in example["value"].items()}, timeout=60)
+            assert response.status_code == 200, (kind, name, response.text)
+            check(response.json(), success)
+            assert len(response.json()["results"]) == example["value"].get("top_k", 10)
+            sent += 1
+    assert sent == 3
+    # every error status is declared with the error model, its example fits it, and a request provoking it gets it
+    provoke = {400: BAD["not_an_image"], 404: BAD["unknown_reference"], 413: BAD["body_over_limit"],
+               415: BAD["wrong_content_type"], 422: BAD["top_k_zero"]}
+    declared = {int(status): answer for status, answer in search["responses"].items() if status != "200"}
+    assert set(declared) == set(provoke) | {500}
+    for status, answer in declared.items():
+        schema = resolved(answer["content"]["application/json"]["schema"])
+        assert schema == {"$ref": "urn:api#/components/schemas/ErrorResponse"}
+        check(answer["content"]["application/json"]["example"], schema)
+        if status in provoke:
+            build, expected_status, _ = provoke[status]
+            response = requests.post(f"{server}/search", timeout=60, **build(trained))
+            assert response.status_code == status == expected_status
+            check(response.json(), schema)
+    docs = requests.get(f"{server}/docs", timeout=30)
+    assert docs.status_code == 200 and "/openapi.json" in docs.text and "swagger-ui" in docs.text
+
+
 def test_health_gallery_thumbnails_and_page(server, trained):
     assert requests.get(f"{server}/healthz", timeout=30).json() == {"status": "ok", "gallery": trained["gallery"],
                                                                     "image_size": 64}

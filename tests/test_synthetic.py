@@ -102,11 +102,15 @@ def test_deterministic_by_seed(tmp_path):
 def test_fashioniq_root_has_the_real_layout(tmp_path):
     write_synthetic("fashioniq", tmp_path, pairs=60, seed=0, image_size=48)
     total = 0
+    hidden = load(tmp_path / "synthetic" / "fashioniq_test_targets.json")  # test names no target, as FashionIQ's
     for category in ("dress", "shirt", "toptee"):
         for split in ("train", "val", "test"):
             captions = load(tmp_path / "captions" / f"cap.{category}.{split}.json")
             names = set(load(tmp_path / "image_splits" / f"split.{category}.{split}.json"))
             total += len(captions)
+            if split == "test":
+                assert len(hidden[category]) == len(captions) and not any("target" in rec for rec in captions)
+                captions = [{**rec, "target": target} for rec, target in zip(captions, hidden[category])]
             for rec in captions:
                 assert set(rec) == {"candidate", "target", "captions"}
                 assert len(rec["captions"]) == 2 and all(c.strip() for c in rec["captions"])

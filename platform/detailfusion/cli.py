@@ -74,14 +74,19 @@ def _score_cirr(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .data.reading import ReadResult, load_json
-    from .eval.submission import load_submission, score_cirr
+    from .eval.submission import check_cirr, load_submission, score_cirr
 
     read = ReadResult()
     annotations = load_json(Path(args.annotations), list, read)
     if annotations is None:
         raise ValueError(f"--annotations {read.bad[0].source}: {read.bad[0].reason} ({read.bad[0].record})")
-    metrics = score_cirr(annotations, load_submission(args.recall), load_submission(args.recall_subset),
-                         gallery_size=args.gallery_size)
+    recall, subset = load_submission(args.recall), load_submission(args.recall_subset)
+    if not any(isinstance(a, dict) and a.get("target_hard") for a in annotations):  # test1: the format check alone
+        check_cirr(annotations, recall, subset, gallery_size=args.gallery_size)
+        print(f"format check passed: both files answer all {len(annotations)} pairids of {args.annotations}; it holds "
+              "no targets (test1), so the scores come from the CIRR evaluation server")
+        return 0
+    metrics = score_cirr(annotations, recall, subset, gallery_size=args.gallery_size)
     text = json.dumps(metrics, indent=1)
     print(text)
     if args.out:
@@ -165,7 +170,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _eval_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--dataset", required=True, choices=["cirr", "fashioniq"])
     command.add_argument("--root", help="dataset root in its original layout (prepared for the model's resolution)")
-    command.add_argument("--split", required=True, help="cirr: val|test1|train; fashioniq: val|train")
+    command.add_argument("--split", required=True, help="cirr: val|test1|train; fashioniq: val|test|train")
     command.add_argument("--checkpoint", required=True, help="exported model directory (save_pretrained)")
     command.add_argument("--prepared", help="an already prepared split to use instead of --root")
     command.add_argument("--categories", nargs="+", help="FashionIQ categories (default: dress shirt toptee)")
@@ -243,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(run=_evaluate)
 
     score = commands.add_parser(
-        "score-cirr", help="score CIRR submission files against labelled annotations, as the CIRR server does"
+        "score-cirr", help="score CIRR submission files against labelled annotations, as the CIRR server does (unlabelled "
+        "test1 annotations: its format check only)"
     )
     score.add_argument("--annotations", required=True, help="labelled captions, e.g. captions/cap.rc2.val.json")
     score.add_argument("--recall", required=True, help="submission file with metric 'recall' (top 50)")

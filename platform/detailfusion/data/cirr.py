@@ -2,6 +2,10 @@
 
 Produces canonical triplet and gallery rows (``schema.py``); records that cannot be used go to quarantine with
 their file, pairid/index and reason. test1 has no targets (``target_id`` is None).
+
+A query with a blank caption teaches nothing, so train quarantines it; in val and test1 it is a question the
+protocol (and the test server) expects an answer to, so it is kept with empty text (the reference image alone)
+and listed in ``warnings``.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ def read_cirr(root: str | Path, split: str) -> ReadResult:
         problem = require_fields(rec, fields)
         if problem is None and rec["pairid"] in seen:
             problem = f"duplicate pairid {rec['pairid']}"
-        if problem is None and not normalize_text(str(rec["caption"])):
+        if problem is None and split == "train" and not normalize_text(str(rec["caption"])):
             problem = "empty caption"
         if problem is None:
             members = rec["img_set"].get("members") if isinstance(rec["img_set"], dict) else None
@@ -53,7 +57,10 @@ def read_cirr(root: str | Path, split: str) -> ReadResult:
             result.bad.append(Quarantined(str(caption_file), where, problem))
             continue
         seen.add(rec["pairid"])
-        text = normalize_text(rec["caption"])
+        text = normalize_text(str(rec["caption"]))
+        if not text:
+            result.warnings.append(f"{caption_file} pairid {rec['pairid']}: empty caption, answered from the reference "
+                                   "image alone")
         result.triplets.append(
             dict(
                 sample_id=f"cirr/{split}/{rec['pairid']}",

@@ -380,14 +380,16 @@ def write_cirr_groups(out: Path, groups: dict[str, Iterable[Group]], counts: dic
 
 def write_fashioniq(out: Path, pairs: int, seed: int, image_size: int = 128) -> dict[str, int]:
     """FashionIQ layout: captions/cap.{dress,shirt,toptee}.{split}.json with two captions per pair (one edit
-    each: the target is two edits away from the candidate), image_splits/split.{cat}.{split}.json, images/."""
+    each: the target is two edits away from the candidate), image_splits/split.{cat}.{split}.json, images/. test
+    captions name no target (as FashionIQ's); their hidden targets go to synthetic/fashioniq_test_targets.json
+    ({category: [target per caption record]})."""
     rng = random.Random(seed)
     (out / "captions").mkdir(parents=True, exist_ok=True)
     (out / "image_splits").mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
     used_names: set[str] = set()
     seen: set = set()
-    summary = {}
+    summary, hidden = {}, {}
     per_category = split_counts(pairs, dict.fromkeys(FASHIONIQ_CATEGORIES, 1 / 3))
     for category, (kinds, background) in FASHIONIQ_CATEGORIES.items():
         for split, wanted in split_counts(per_category[category], {"train": 0.8, "val": 0.1, "test": 0.1}).items():
@@ -409,13 +411,17 @@ def write_fashioniq(out: Path, pairs: int, seed: int, image_size: int = 128) -> 
                 for name, scene in zip(pair_names, (base, target)):
                     render(scene, image_size).save(out / "images" / f"{name}.png")
                 names += pair_names
-                captions.append(
-                    {"target": pair_names[1], "candidate": pair_names[0],
-                     "captions": [describe(steps[0], rng), describe(second, rng)]}
-                )
+                record = {"target": pair_names[1], "candidate": pair_names[0],
+                          "captions": [describe(steps[0], rng), describe(second, rng)]}
+                if split == "test":
+                    hidden.setdefault(category, []).append(record.pop("target"))
+                captions.append(record)
             _write_json(out / "captions" / f"cap.{category}.{split}.json", captions)
             _write_json(out / "image_splits" / f"split.{category}.{split}.json", names)
             summary[f"{category}.{split}"] = len(captions)
+    if hidden:
+        (out / "synthetic").mkdir(exist_ok=True)
+        _write_json(out / "synthetic" / "fashioniq_test_targets.json", hidden)
     return summary
 
 

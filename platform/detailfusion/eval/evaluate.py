@@ -4,7 +4,10 @@ the gallery once (the index) and the queries, score every ablation variant under
 ``out/`` of ``evaluate``: ``metrics.json`` (labelled splits: per-variant metrics; always: protocol, tie rule,
 counts, model fingerprint, AFC weight summary), ``fusion_weights.csv`` (per query a_gm, a_di, edit type on
 synthetic data), CIRR: ``cirr_<split>_recall.json`` / ``cirr_<split>_recall_subset.json`` (the server's format,
-main variant) and ``submissions/<variant>/`` the same for every variant, ``prepared/`` and ``index/``.
+main variant) and ``submissions/<variant>/`` the same for every variant; FashionIQ without targets (test):
+``fashioniq_<split>_<category>.json`` predictions (``fashioniq_predictions.py``, main variant) and
+``submissions/<variant>/`` the same; ``prepared/`` and ``index/``. Rankings are checked against the split's caption
+files before they are written: every query of the annotations must be answered.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from ..index import GalleryIndex
 from .encode import EncodeOptions, encode_gallery, encode_queries
 from .metrics import TIE_RULE
 from .protocols import CIRR_PROTOCOL, FASHIONIQ_PROTOCOL, CirrQueries, fashioniq_variant_metrics
-from .submission import FILE_NAMES, submission
+from .fashioniq_predictions import check_predictions, predictions, write_predictions
+from .protocols import fashioniq_rankings
+from .submission import FILE_NAMES, check_submission, submission
 from .variants import variant_names, variant_queries, variant_scores
 
 
@@ -103,8 +108,7 @@ def evaluate(config: EvalConfig) -> dict:
     index = gallery_index(config, prepared, fingerprint, Path(config.index) if config.index else out / "index")
     triplets = pq.read_table(prepared / "triplets")
     labelled = triplets.column("target_id").null_count == 0
-    if not labelled and config.dataset != "cirr":
-        raise ValueError(f"{config.dataset} split {config.split!r} has no targets and no submission format")
+    annotations = caption_records(prepared, config.dataset)  # read (and refused if unreadable) before the encoding
     print(f"evaluate: encoding {triplets.num_rows} queries", flush=True)
     features = encode_queries(prepared, config.checkpoint, triplets, _options(config))
     compositor = model_config.get("compositor", "afc")
@@ -125,11 +129,20 @@ def evaluate(config: EvalConfig) -> dict:
             scores = variant_scores(variant, queries, index, seed=config.seed)
             if labelled:
                 result["variants"][variant] = cirr.metrics(scores)
-            result["submissions"][variant] = _write_rankings(out, config.split, variant, *cirr.rankings(scores, index.image_ids),
+            recall, subset = cirr.rankings(scores, index.image_ids)
+            for metric, rankings in (("recall", recall), ("recall_subset", subset)):
+                check_submission(submission(metric, rankings), metric, annotations[None],
+                                 f"{variant} {metric} rankings of {config.split}", gallery_size=len(index))
+            result["submissions"][variant] = _write_rankings(out, config.split, variant, recall, subset,
                                                              main=variant == compositor)
     else:
         gallery = pq.read_table(prepared / "gallery.parquet", columns=["image_id", "category"])
-        result["variants"] = fashioniq_variant_metrics(triplets, gallery, index, queries, variants, config.seed)
+        if labelled:
+            result["variants"] = fashioniq_variant_metrics(triplets, gallery, index, queries, variants, config.seed)
+        else:
+            result["predictions"] = {variant: _write_fashioniq_predictions(
+                out, config.split, variant, fashioniq_rankings(triplets, gallery, index, queries, variant, config.seed),
+                annotations, gallery, main=variant == compositor) for variant in variants}
     edit_types = _edit_types(config, triplets)
     result["fusion_weights"] = _weights_summary(features.weights, edit_types)
     _write_weights(out / "fusion_weights.csv", features.sample_ids, features.weights, edit_types)
@@ -137,6 +150,45 @@ def evaluate(config: EvalConfig) -> dict:
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
     _print_table(result)
     return result
+
+
+def caption_records(prepared: Path, dataset: str) -> dict[str | None, list[dict]]:
+    """The split's caption records, from the annotation files the prepared split was made from: {None: records}
+    for CIRR, {category: records} for FashionIQ (the categories the split holds)."""
+    manifest = read_manifest(prepared)
+    folder = Path(manifest["source"]) / "captions"
+    if dataset == "cirr":
+        names = {None: f"cap.rc2.{manifest['split']}.json"}
+    else:
+        categories = sorted(set(pq.read_table(prepared / "gallery.parquet", columns=["category"])
+                                .column("category").to_pylist()))
+        names = {category: f"cap.{category}.{manifest['split']}.json" for category in categories}
+    records = {}
+    for key, name in names.items():
+        path = folder / name
+        try:
+            records[key] = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise FileNotFoundError(f"{path}: the annotations {prepared} was prepared from cannot be read ({exc}); every "
+                                    "query of them must be answered, so evaluate needs them") from None
+    return records
+
+
+def _write_fashioniq_predictions(out: Path, split: str, variant: str, rankings: dict[str, dict[int, list[str]]],
+                                 annotations: dict[str, list[dict]], gallery, main: bool) -> dict[str, str]:
+    """Check one variant's rankings against every caption record, then write them (also to ``out`` if ``main``)."""
+    members: dict[str, set[str]] = {}
+    for image_id, category in zip(gallery.column("image_id").to_pylist(), gallery.column("category").to_pylist()):
+        members.setdefault(category, set()).add(image_id)
+    by_category = {}
+    for category, records in annotations.items():
+        by_category[category] = predictions(records, rankings.get(category, {}))
+        check_predictions(by_category[category], records, members.get(category, set()),
+                          f"{variant} predictions of {category} {split}")
+    paths = write_predictions(out / "submissions" / variant, split, by_category)
+    if main:
+        paths = write_predictions(out, split, by_category)
+    return paths
 
 
 def _write_rankings(out: Path, split: str, variant: str, recall: dict, subset: dict, main: bool) -> dict[str, str]:
@@ -189,8 +241,9 @@ def _write_weights(path: Path, sample_ids: list[str], weights: torch.Tensor, edi
 def _print_table(result: dict) -> None:
     variants = result.get("variants") or {}
     if not variants:
-        print(f"evaluate: {result['counts']['queries']} unlabelled queries; submissions written "
-              f"({', '.join(result.get('submissions', {}))})")
+        written = result.get("submissions") or result.get("predictions") or {}
+        print(f"evaluate: {result['counts']['queries']} unlabelled queries answered; rankings written for "
+              f"{', '.join(written)} (main: {result['main_variant']})")
         return
     names = list(next(iter(variants.values())))
     names = [n for n in names if "/" not in n]

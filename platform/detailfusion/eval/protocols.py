@@ -48,20 +48,44 @@ class CirrQueries:
         return as_names(recall), as_names(subset)
 
 
+def category_galleries(gallery: pa.Table, index: GalleryIndex) -> dict[str, torch.Tensor]:
+    """{category: index rows of its split gallery}; ``gallery`` holds (image_id, category) rows."""
+    galleries: dict[str, list[int]] = {}
+    for image_id, category in zip(gallery.column("image_id").to_pylist(), gallery.column("category").to_pylist()):
+        galleries.setdefault(category, []).append(index.position[image_id])
+    return {category: torch.tensor(rows) for category, rows in galleries.items()}
+
+
+def fashioniq_rankings(triplets: pa.Table, gallery: pa.Table, index: GalleryIndex, queries: dict[str, torch.Tensor],
+                       variant: str, seed: int = 0, length: int = 50) -> dict[str, dict[int, list[str]]]:
+    """{category: {record number in the category's caption file: the best ``length`` image ids of the category's
+    gallery, best first}} of one variant (FashionIQ's protocol: nothing removed)."""
+    categories = triplets.column("category").to_pylist()
+    records = [int(s.rsplit("/", 1)[-1]) for s in triplets.column("sample_id").to_pylist()]
+    rankings: dict[str, dict[int, list[str]]] = {}
+    for category, rows in category_galleries(gallery, index).items():
+        members = torch.tensor([q for q, c in enumerate(categories) if c == category], dtype=torch.long)
+        if not len(members):
+            continue
+        scores = variant_scores(variant, {k: v[members] for k, v in queries.items()}, index, rows, seed)
+        best = top_k(scores, min(length, len(rows)))
+        rankings[category] = {records[q]: [index.image_ids[rows[j]] for j in row.tolist()]
+                              for q, row in zip(members.tolist(), best)}
+    return rankings
+
+
 def fashioniq_variant_metrics(triplets: pa.Table, gallery: pa.Table, index: GalleryIndex,
                               queries: dict[str, torch.Tensor], variants: list[str], seed: int = 0) -> dict[str, dict]:
     """{variant: FashionIQ metrics}; ``gallery`` holds (image_id, category) rows of the split's galleries."""
     categories = triplets.column("category").to_pylist()
     targets = triplets.column("target_id").to_pylist()
-    galleries: dict[str, list[int]] = {}
-    for image_id, category in zip(gallery.column("image_id").to_pylist(), gallery.column("category").to_pylist()):
-        galleries.setdefault(category, []).append(index.position[image_id])
+    galleries = category_galleries(gallery, index)
     results: dict[str, dict] = {}
     for variant in variants:
         ranks = {}
         for category in dict.fromkeys(categories):
             members = torch.tensor([q for q, c in enumerate(categories) if c == category])
-            rows = torch.tensor(galleries[category])
+            rows = galleries[category]
             column = {int(r): j for j, r in enumerate(rows)}
             target_columns = torch.tensor([column[index.position[targets[q]]] for q in members.tolist()])
             scores = variant_scores(variant, {k: v[members] for k, v in queries.items()}, index, rows, seed)

@@ -112,20 +112,25 @@ def check_submission(data: dict, metric: str, annotations: list[dict], where: st
         raise SubmissionError(where, problems)
 
 
-def score_cirr(annotations: list[dict], recall: dict, recall_subset: dict,
-               gallery_size: int | None = None) -> dict[str, float]:
-    """Check both submissions, then score them against labelled annotations (``target_hard``) as the server does."""
+def check_cirr(annotations: list[dict], recall: dict, recall_subset: dict, gallery_size: int | None = None) -> None:
+    """The server's format check of both submissions against caption records (labelled or not, e.g. test1)."""
     malformed = [f"record #{i}" for i, a in enumerate(annotations)
                  if not isinstance(a, dict) or not {"pairid", "reference", "img_set"} <= set(a)
                  or not isinstance(a["img_set"], dict) or "members" not in a["img_set"]]
     if malformed:
         raise SubmissionError("annotations", [f"{len(malformed)} record(s) lack pairid / reference / img_set.members: "
                                               f"{_short(malformed)}"])
+    check_submission(recall, "recall", annotations, "recall submission", gallery_size)
+    check_submission(recall_subset, "recall_subset", annotations, "recall_subset submission", gallery_size)
+
+
+def score_cirr(annotations: list[dict], recall: dict, recall_subset: dict,
+               gallery_size: int | None = None) -> dict[str, float]:
+    """Check both submissions, then score them against labelled annotations (``target_hard``) as the server does."""
+    check_cirr(annotations, recall, recall_subset, gallery_size)
     unlabelled = [str(a["pairid"]) for a in annotations if not a.get("target_hard")]
     if unlabelled:
         raise SubmissionError("annotations", [f"{len(unlabelled)} record(s) without target_hard: {_short(unlabelled)}"])
-    check_submission(recall, "recall", annotations, "recall submission", gallery_size)
-    check_submission(recall_subset, "recall_subset", annotations, "recall_subset submission", gallery_size)
     hits = {f"R@{k}": 0 for k in CIRR_KS} | {f"Rs@{k}": 0 for k in CIRR_SUBSET_KS}
     for record in annotations:
         pairid, target = str(record["pairid"]), record["target_hard"]

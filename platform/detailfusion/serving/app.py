@@ -1,7 +1,8 @@
 """The Ray Serve retrieval app: a FastAPI ingress (``Frontend``) in front of an autoscaled, dynamically batched
 model deployment (``Retriever``) that holds the exported model and its gallery index in memory.
 
-HTTP (all errors are ``{"error": {"code", "message"}}`` with a 4xx status; the server keeps serving):
+HTTP (all errors are ``{"error": {"code", "message"}}`` with a 4xx status; the server keeps serving; the models
+and the OpenAPI declarations are in ``schema.py``: ``/openapi.json``, ``/docs``):
 - ``POST /search``: a reference image (multipart ``image`` file, or base64 ``image`` in JSON, or a gallery
   ``reference_id``, left out of its own results) + ``text`` + ``top_k`` -> ``{"results": [{"image_id", "score"}],
   "weights": {"gm", "di"}}``.
@@ -27,6 +28,7 @@ from ray import serve
 
 from ..config import ServeConfig, from_dict
 from .queries import Limits, RequestError, SearchQuery, check_content_length, parse_fields, parse_json
+from .schema import SEARCH_REQUEST_BODY, SEARCH_RESPONSES, SearchResponse
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="DetailFusion composed image retrieval")
@@ -128,8 +130,11 @@ class Frontend:
             return error(RequestError(404, "unknown_image", f"no thumbnail for image {image_id!r}"))
         return Response(content=data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
-    @api.post("/search")
+    @api.post("/search", response_model=SearchResponse, responses=SEARCH_RESPONSES, openapi_extra=SEARCH_REQUEST_BODY,
+              summary="Search the gallery with a reference image and a modification text")
     async def search(self, request: Request) -> Response:
+        """Returns the ``top_k`` gallery images closest to the composed query, best first, and the query's branch
+        weights. The body is read and size-checked as it streams in (413 past ``max_body_mb``)."""
         try:
             query = await self._query(request)
             pixels = query.pixels if query.pixels is not None else self._reference_pixels(query.reference_id)
