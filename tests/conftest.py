@@ -47,6 +47,22 @@ def tiny():
     return model.eval(), tokenizer
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory):
+    """One MLflow store for the session's runs (MLflow's own MLFLOW_TRACKING_URI), made once: a store per test
+    workdir would build its SQLite schema each time (about 1.5 s). Tests of the default stores unset it."""
+    import os
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     """One local Ray for the whole session: 2 CPUs, a small object store, and the dashboard (Ray Train frees the

@@ -11,8 +11,36 @@ from detailfusion.pipeline import PipelineConfig, hidden_test1_annotations, run_
 VARIANTS = {"gm", "di", "static", "afc", "image_only", "text_only", "random"}
 
 
+def check_mlflow_store(work, rows):
+    """The run's MLflow store (read with MLflow's own client): a finished run per stage with its per-step loss and
+    export, one per evaluation with the report's metrics, and the pipeline report."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("detailfusion")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"tiny-stage0", "tiny-stage1", "tiny-stage2", "tiny-stage3", "evaluate-cirr-val",
+                         "evaluate-cirr-test1", "pipeline-report"}, sorted(runs)
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    for name, run in runs.items():
+        if "-stage" not in name:
+            continue
+        steps = client.get_metric_history(run.info.run_id, "loss")
+        assert len(steps) >= 2 and [m.step for m in steps] == sorted(m.step for m in steps), name
+        assert run.data.params["train.stage"] == name.rsplit("stage", 1)[-1]
+        exported = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+        assert {"model/config.json", "model/README.md"} <= exported, exported
+    val = {r["variant"]: r["metrics"] for r in rows if r["split"] == "val"}
+    logged = runs["evaluate-cirr-val"].data.metrics
+    assert logged["afc/Avg"] == pytest.approx(val["afc"]["Avg"], abs=0.01)
+    assert logged["di/Rs_at_1"] == pytest.approx(val["di"]["Rs@1"], abs=0.01)
+    report = {a.path for a in client.list_artifacts(runs["pipeline-report"].info.run_id)}
+    assert report == {"report.json", "report.md"}
+
+
 @pytest.mark.slow
-def test_tiny_pipeline_runs_end_to_end_and_reuses_finished_steps(ray_local, tmp_path, capsys):
+def test_tiny_pipeline_runs_end_to_end_and_reuses_finished_steps(ray_local, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the pipeline's own default store, under its workdir
     config = PipelineConfig(workdir=str(tmp_path / "run"), cirr_pairs=320, test_pairs=120, ipr2pr_pairs=256,
                             bootstrap=200, overrides=("train.epochs=1",))
     report = run_pipeline(config)
@@ -41,6 +69,9 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_finished_steps(ray_local, tmp_
     # test1 was scored from the submission files against the hidden targets, never labelled in evaluation
     assert len(hidden_test1_annotations(work / "data" / "cirr")) == report["counts"]["test1"]["queries"]
     assert json.loads((work / "eval/cirr-test1/metrics.json").read_text()).get("variants") is None
+    check_mlflow_store(work, rows)
+    card = (work / "stage3" / "model" / "README.md").read_text()  # the export's model card
+    assert card.startswith("---\nlibrary_name: detailfusion") and "stage 3" in card and "## Config" in card
     capsys.readouterr()
 
     run_pipeline(config)

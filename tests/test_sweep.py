@@ -88,7 +88,8 @@ def read_rows(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_asha_sweep_stops_the_weak_trials_and_exports_the_best(stage2, tmp_path):
+def test_asha_sweep_stops_the_weak_trials_and_exports_the_best(stage2, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the sweep's own default store, under its out dir
     root, overrides = stage2
     space = write_space(tmp_path / "lr.yaml", "optim.lr: {grid: [3.0e-3, 1.0e-9, 1.0e-10]}\n")
     config = load_config(JobConfig, STAGE2, [*overrides, "train.epochs=3"])
@@ -113,6 +114,15 @@ def test_asha_sweep_stops_the_weak_trials_and_exports_the_best(stage2, tmp_path)
     assert json.loads((out / "best.json").read_text())["trial"] == best["trial"]
     markdown = (out / "results.md").read_text()
     assert "| trial | status | epochs | optim.lr | val_score |" in markdown and "STOPPED" in markdown
+    # every trial is an MLflow run (Ray Tune's MLflowLoggerCallback): its lr and its per-epoch validation score
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("detailfusion").experiment_id])
+    by_lr = {float(r.data.params["optim.lr"]): r for r in runs}
+    assert len(runs) == 3 and set(by_lr) == {3e-3, 1e-9, 1e-10}
+    history = client.get_metric_history(by_lr[3e-3].info.run_id, "val_score")
+    assert [m.value for m in history][-1] == pytest.approx(float(best["val_score"])) and len(history) == 3
 
 
 @pytest.mark.slow

@@ -122,8 +122,10 @@ def _stage_config(config: AblationConfig, chain: str, stage: int, overrides: tup
     from .config import JobConfig, load_config
 
     work = Path(config.workdir) / f"seed{seed}" / chain
+    store = f"sqlite:///{Path(config.workdir).resolve() / 'mlflow.db'}"  # every chain's stages in one MLflow store
     items = [f"workdir={work}", f"name={chain}-seed{seed}", f"data.prepared={prepared}", f"train.seed={seed}",
-             *([f"model.init_from={init_from}"] if init_from else []), *overrides, *config.overrides]
+             f"tracking.uri={store}", *([f"model.init_from={init_from}"] if init_from else []), *overrides,
+             *config.overrides]
     return load_config(JobConfig, Path(config.configs) / f"stage{stage}_{config.preset}.yaml", items)
 
 

@@ -108,6 +108,16 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow experiment tracking of stages, sweep trials and evaluations (``tracking.py``)."""
+
+    enabled: bool = True
+    uri: str | None = None  # any MLflow tracking URI; None: sqlite:///<workdir (stages) or out (evaluate)>/mlflow.db
+    experiment: str = "detailfusion"
+    log_model: bool = True  # a stage's export (weights, config, model card) as an artifact of its run
+
+
+@dataclass(frozen=True)
 class JobConfig:
     name: str = "detailfusion"
     workdir: str = "runs/default"
@@ -116,6 +126,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 @dataclass(frozen=True)
@@ -157,6 +168,7 @@ class EvalConfig:
     batch_size: int = 64
     num_cpus: int | None = None  # CPUs of a local Ray started by the job (ignored when joining a cluster)
     seed: int = 0  # of the random baseline
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 @dataclass(frozen=True)

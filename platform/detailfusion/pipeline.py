@@ -55,6 +55,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     from .eval.evaluate import build_index, evaluate
     from .ray_setup import init_ray
     from .report import write_report
+    from .tracking import open_run, store_uri
     from .train.run import run_stage
 
     if config.preset != "tiny":
@@ -74,10 +75,11 @@ def run_pipeline(config: PipelineConfig) -> dict:
     model = None
     for stage in stage_configs:
         model = progress.run(f"stage {stage.train.stage}", run_stage, stage)
+    tracking = replace(stage_configs[0].tracking, uri=store_uri(stage_configs[0].tracking, work))  # one store
     evals = {split: EvalConfig(dataset="cirr", root=str(data["root"]), split=split, checkpoint=str(model),
                                out=str(work / "eval" / f"cirr-{split}"), prepared=str(data[f"cirr-{split}"]),
                                index=str(work / "index" if split == "test1" else work / "eval" / "cirr-val" / "index"),
-                               num_cpus=config.num_cpus, cpus_per_actor=0.5, seed=config.seed)
+                               num_cpus=config.num_cpus, cpus_per_actor=0.5, seed=config.seed, tracking=tracking)
              for split in ("val", "test1")}
     progress.run("index the cirr test1 gallery", build_index, evals["test1"])
     evaluations = {split: progress.run(f"evaluate cirr {split}", _evaluate_once, evaluate, evals[split])
@@ -87,6 +89,12 @@ def run_pipeline(config: PipelineConfig) -> dict:
     claims = progress.run("check the claims on test1 (paired bootstrap)", _claims, work, model, data, config.bootstrap)
     progress.seconds["total"] = round(time.perf_counter() - start, 1)
     report = write_report(work, evaluations, progress.seconds, str(model), claims)
+    tracked = open_run(tracking, work, "pipeline-report", config, tags={"detailfusion.kind": "report"})
+    if tracked:
+        for name in ("report.json", "report.md"):
+            tracked.log_artifact(work / name)
+        tracked.end()
+        print(f"[pipeline] MLflow runs in {tracking.uri} (mlflow ui --backend-store-uri {tracking.uri})", flush=True)
     print(f"\n[pipeline] finished in {progress.seconds['total']:.0f} s: {work / 'report.md'}", flush=True)
     return report
 

@@ -12,7 +12,8 @@ Space file grammar (``tune_spaces/*.yaml``): a mapping of dotted job-config keys
 
 Output (``out/``): ``tune/`` (Ray Tune's experiment state), ``trials/<trial id>/stage<N>/`` (each trial's run),
 ``results.csv`` / ``results.md`` (one row per trial, best first), ``best_model/`` (the best finished trial's
-export, ``save_pretrained`` format) and ``best.json``. Rerunning the same command resumes an interrupted sweep
+export, ``save_pretrained`` format) and ``best.json``; ``mlflow.db`` (unless ``tracking.uri`` names another
+store): one MLflow run per trial, logged by Ray Tune's ``MLflowLoggerCallback``. Rerunning the same command resumes an interrupted sweep
 (``Tuner.restore``): finished trials are kept, unfinished ones continue from their last checkpoint.
 """
 
@@ -116,7 +117,8 @@ def trial_config(base: JobConfig, params: dict[str, Any], workdir: str, val_prep
     for key, value in params.items():
         config = with_value(config, key, value, source=f"trial parameter {key}")
     return replace(config, workdir=workdir, data=replace(config.data, val_prepared=val_prepared),
-                   train=replace(config.train, validate_every=1, checkpoint_every=0))
+                   train=replace(config.train, validate_every=1, checkpoint_every=0),
+                   tracking=replace(config.tracking, enabled=False))  # Tune's MLflow callback tracks the trials
 
 
 # -- the trial --------------------------------------------------------------------------------------------
@@ -162,6 +164,7 @@ def sweep(base: JobConfig, settings: SweepSettings) -> list[dict]:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from .ray_setup import init_ray
+    from .tune_tracking import tune_callbacks
     from .train.run import absolute_paths, check_stage
 
     base = absolute_paths(base)
@@ -193,7 +196,8 @@ def sweep(base: JobConfig, settings: SweepSettings) -> list[dict]:
                                         max_concurrent_trials=settings.max_concurrent_trials,
                                         trial_dirname_creator=lambda trial: trial.trial_id),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out),
-                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                                      callbacks=tune_callbacks(base.tracking, out)),
         )
         (out / "sweep.json").write_text(json.dumps({"stage": settings.stage, "space": {k: {d: a} for k, (d, a) in space.items()},
                                                      "base_config": to_dict(base), "settings": to_dict(settings)},

@@ -43,8 +43,8 @@ def read_ipr2pr_dataset(root: Path):
 
     files = ipr2pr_files(root)
     captions = [c for c in CAPTION_COLUMNS if all(c in pq.read_schema(f).names for f in files)]
-    dataset = ray.data.read_parquet([str(f) for f in files], columns=list(REQUIRED_COLUMNS) + captions,
-                                    include_paths=True)
+    dataset = ray.data.read_parquet([str(f) for f in files], include_paths=True).select_columns(
+        list(REQUIRED_COLUMNS) + captions + ["path"])  # projected into the scan by Ray Data's optimizer
     return dataset, files
 
 

@@ -149,7 +149,24 @@ def evaluate(config: EvalConfig) -> dict:
     result["seconds"] = round(time.perf_counter() - start, 1)
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
     _print_table(result)
+    _track(config, result, out)
     return result
+
+
+def _track(config: EvalConfig, result: dict, out: Path) -> None:
+    """The evaluation's MLflow run: its config, every variant's metrics (``<variant>/<metric>``), metrics.json."""
+    from ..tracking import open_run
+
+    tracked = open_run(config.tracking, out, f"evaluate-{config.dataset}-{config.split}", config, tags={
+        "detailfusion.kind": "evaluation", "detailfusion.dataset": config.dataset, "detailfusion.split": config.split,
+        "detailfusion.model_fingerprint": result["model_fingerprint"]})
+    if tracked is None:
+        return
+    now = int(time.time() * 1000)
+    tracked.log_metrics([(f"{variant}/{name}", value, 0, now) for variant, metrics in (result.get("variants") or {}).items()
+                         for name, value in metrics.items()] + [("queries", result["counts"]["queries"], 0, now)])
+    tracked.log_artifact(out / "metrics.json")
+    tracked.end()
 
 
 def caption_records(prepared: Path, dataset: str) -> dict[str | None, list[dict]]:

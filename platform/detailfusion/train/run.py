@@ -18,6 +18,7 @@ from pathlib import Path
 from ..config import JobConfig, save_config, to_dict
 from ..data.pipeline import gallery_input, inline_bytes, inline_input, read_manifest, training_dataset
 from .engine import clipping
+from .model_card import write_model_card
 from .stages import STAGES
 
 
@@ -212,17 +213,49 @@ def run_stage(config: JobConfig, callbacks: list | None = None) -> Path:
     print(f"[stage {spec.number}] {spec.name}: {manifest['counts']['triplets']} triplets from {config.data.prepared} "
           f"({held}), {config.train.num_workers} worker(s), ZeRO-{config.train.zero_stage}, {config.train.precision}, clipping "
           f"{clipping(config.train, config.optim)}", flush=True)
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    tracked = stage_run(config, manifest)  # before the workers start: a wrong tracking URI fails here
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except BaseException:
+        if tracked:
+            finish_tracking(tracked, out, None, "FAILED")
+        raise
     cost = stage_cost(out / "metrics.csv", called_at, time.time())
     if cost:
         print(f"[stage {spec.number}] {cost['steps']} steps in {cost['train_s']:.1f} s ({cost['ms_per_step']:.0f} ms/step); "
               f"fixed cost {cost['startup_s'] + cost['finish_s']:.1f} s: start-up {cost['startup_s']:.1f} s, "
               f"finish {cost['finish_s']:.1f} s", flush=True)
+    write_model_card(export_dir, config, manifest, result.metrics or {}, cost)
+    if tracked:
+        finish_tracking(tracked, out, export_dir if config.tracking.log_model else None, "FINISHED")
+        print(f"[stage {spec.number}] MLflow run {tracked.run_id} in {tracked.uri}", flush=True)
     (out / "DONE").write_text(json.dumps({"metrics": result.metrics, "export": str(export_dir), "cost": cost},
                                          default=str))
     return export_dir
+
+
+def stage_run(config: JobConfig, manifest: dict):
+    """The stage's MLflow run (None with tracking off): the job config as params, what it trains on as tags."""
+    from ..tracking import open_run
+
+    spec = STAGES[config.train.stage]
+    return open_run(config.tracking, config.workdir, f"{config.name}-stage{spec.number}", config, tags={
+        "detailfusion.kind": "stage", "detailfusion.stage": str(spec.number), "detailfusion.stage_name": spec.name,
+        "detailfusion.dataset": manifest["dataset"], "detailfusion.workdir": str(config.workdir)})
+
+
+def finish_tracking(tracked, out: Path, export_dir: Path | None, status: str) -> None:
+    """Fill the stage's run from the files the stage wrote (per-step and validation metrics, its config; the
+    export with its model card when given) and close it with ``status``."""
+    tracked.log_csv(out / "metrics.csv", skip=("epoch",))
+    tracked.log_csv(out / "validation.csv", skip=("epoch",))
+    if (out / "config.yaml").is_file():
+        tracked.log_artifact(out / "config.yaml")
+    if export_dir is not None:
+        tracked.log_artifacts(export_dir, "model")
+    tracked.end(status)
 
 
 def stage_cost(metrics_csv: Path, called_at: float, returned_at: float) -> dict | None:
