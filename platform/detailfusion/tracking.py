@@ -35,6 +35,8 @@ def store_uri(tracking: TrackingConfig, directory: str | Path) -> str:
 @contextmanager
 def quiet():
     """MLflow's own INFO lines (database creation) and SQLAlchemy's deprecation warnings stay out of the output."""
+    import mlflow  # noqa: F401  (configures its loggers on first import: set the level after that)
+
     logger = logging.getLogger("mlflow")
     level = logger.level
     logger.setLevel(logging.WARNING)

@@ -14,6 +14,7 @@ import csv
 import itertools
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -57,6 +58,8 @@ class StageRecipe:
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = torch.device("cuda", context.get_local_rank()) if config.train.use_gpu else torch.device("cpu")
+        # DeepSpeed (imported at setup) warns on every rank that it fell back to the CPU unless told which one it has
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if config.train.use_gpu else "cpu")
         # Ray sets OMP_NUM_THREADS=1 in a worker with a fractional CPU share: use the cores it was given instead
         torch.set_num_threads(config.train.threads_per_worker or math.ceil(config.train.cpus_per_worker))
         self.micro_batch = micro_batch_size(config.train, self.world_size)
