@@ -208,6 +208,9 @@ def run_stage(config: JobConfig, callbacks: list | None = None) -> Path:
     # Train's print patch sends a worker's print to its logger *and*, since Ray has replaced the worker's stdout, to
     # stdout as well: every progress line reached the driver twice. Off: printed once (passed on like the above).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if single_node():  # nothing to watch: the only node going away ends the driver too. Off, Train's watcher actor
+        # is not started (one process less per stage) and its "E core_worker" line about its own restart is not printed
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     trainer = build_trainer(config, manifest, init_from, export_dir, callbacks, called_at)
     held = "streamed by Ray Data" if trainer.datasets else "held in the object store"
     print(f"[stage {spec.number}] {spec.name}: {manifest['counts']['triplets']} triplets from {config.data.prepared} "
@@ -234,6 +237,13 @@ def run_stage(config: JobConfig, callbacks: list | None = None) -> Path:
     (out / "DONE").write_text(json.dumps({"metrics": result.metrics, "export": str(export_dir), "cost": cost},
                                          default=str))
     return export_dir
+
+
+def single_node() -> bool:
+    """Whether the Ray this driver joined has one node (a laptop, a test, a one-machine cluster)."""
+    import ray
+
+    return len([node for node in ray.nodes() if node.get("Alive")]) == 1
 
 
 def stage_run(config: JobConfig, manifest: dict):
