@@ -35,3 +35,14 @@ def test_console_script_lists_subcommands():
     assert "synth" in result.stdout
     script = subprocess.run([str(Path(sys.executable).parent / "detailfusion"), "--help"], capture_output=True, text=True, timeout=120)
     assert script.returncode == 0 and "synth" in script.stdout
+
+
+def test_the_library_layers_hold():
+    """import-linter's contracts in pyproject.toml: the library (configs, model, losses, ranking, index, metrics,
+    submission formats, readers, transforms, synthetic data) imports no Ray, DeepSpeed, MLflow or platform module,
+    and the index does not depend on evaluation. (Checked to fail: `import ray` in losses.py, the index taking
+    top_k from eval.metrics.)"""
+    lint = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run([str(lint), "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "2 kept, 0 broken" in result.stdout

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .eval.metrics import top_k
+from .ranking import top_k
 from .model.fusion import check_rule, fused_scores
 
 EMBEDDINGS_FILE, IMAGES_FILE, META_FILE = "embeddings.safetensors", "images.parquet", "index.json"
