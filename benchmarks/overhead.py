@@ -99,9 +99,11 @@ def platform_stage(workdir: Path, prepared: Path, init: Path, epochs: int, batch
     from detailfusion.config import JobConfig, load_config
     from detailfusion.train.run import run_stage
 
+    store = f"sqlite:///{workdir.parent / 'mlflow.db'}"  # one MLflow store for every run, as a pipeline's stages share one
     config = load_config(JobConfig, REPO / "jobs/configs/stage2_tiny.yaml", [
         f"workdir={workdir}", f"data.prepared={prepared}", f"model.init_from={init}", f"train.epochs={epochs}",
-        f"train.batch_size={batch_size}", "data.use_feature_cache=false", "train.log_every=100000", *overrides])
+        f"train.batch_size={batch_size}", "data.use_feature_cache=false", "train.log_every=100000",
+        f"tracking.uri={store}", *overrides])
     run_stage(config)
     cost = json.loads((workdir / "stage2" / "DONE").read_text())["cost"]  # start-up and finish, as the stage printed
     with open(workdir / "stage2" / "metrics.csv") as f:
