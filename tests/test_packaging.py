@@ -46,3 +46,20 @@ def test_the_library_layers_hold():
     result = subprocess.run([str(lint), "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "2 kept, 0 broken" in result.stdout
+
+
+def test_a_wheel_ships_the_job_configs_the_pipeline_reads(tmp_path):
+    """The pipeline and the ablation read stage<N>_<preset>.yaml from the package, not from a checkout: a built
+    wheel holds them (and the presets and the search page), and the default config folder is inside the package."""
+    import zipfile
+
+    from detailfusion.pipeline import CONFIGS
+
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    names = zipfile.ZipFile(next(tmp_path.glob("detailfusion-*.whl"))).namelist()
+    for stage in (0, 1, 2, 3):
+        assert f"detailfusion/configs/stage{stage}_tiny.yaml" in names
+    assert "detailfusion/model/presets/tiny.json" in names and "detailfusion/serving/static/index.html" in names
+    assert CONFIGS.parent == Path(__import__("detailfusion").__file__).parent

@@ -23,7 +23,7 @@ import numpy as np
 from .eval.outcomes import METRICS, Outcomes, model_outcomes
 from .report import claim_lines
 
-CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+CONFIGS = Path(__file__).resolve().parent / "configs"  # package data (jobs/configs links here)
 
 
 @dataclass(frozen=True)

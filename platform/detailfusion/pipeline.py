@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .config import EvalConfig, JobConfig, load_config
 
-CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+CONFIGS = Path(__file__).resolve().parent / "configs"  # package data (jobs/configs links here)
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
 def _stage_config(config: PipelineConfig, stage: int) -> JobConfig:
     path = Path(config.configs) / f"stage{stage}_{config.preset}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"stage {stage} config {path} not found (the pipeline reads jobs/configs of a checkout)")
+        raise FileNotFoundError(f"stage {stage} config {path} not found (pipeline.configs names the folder of the "
+                                "stage<N>_<preset>.yaml files; the package ships them in detailfusion/configs)")
     work = Path(config.workdir)
     prepared = work / "prep" / ("ipr2pr-train" if stage <= 1 else "cirr-train")
     overrides = [f"workdir={work}", f"data.prepared={prepared}", f"train.seed={config.seed}"]
