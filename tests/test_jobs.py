@@ -43,3 +43,28 @@ def test_sweep_job_help_and_bad_space(tmp_path):
     bad = run("jobs/sweep.py", "--stage", "2", "--space", str(space), "--config", "jobs/configs/stage2_tiny.yaml",
               "--set", f"data.val_prepared={tmp_path}")
     assert bad.returncode == 2 and "unknown distribution 'normal'" in bad.stderr and str(space) in bad.stderr
+
+
+def test_a_refusal_is_one_line_and_a_failure_elsewhere_keeps_its_traceback(capsys):
+    from detailfusion.jobs import report_error
+
+    def ours():
+        from detailfusion.data.cirr import read_cirr
+
+        read_cirr("/nonexistent", "bogus")  # refused by a check of the package
+
+    def library():
+        import json
+
+        json.loads("{not json")  # a ValueError from a library: a failure, not a refusal
+
+    for raise_it in (ours, library):
+        try:
+            raise_it()
+        except ValueError as exc:
+            report_error("detailfusion x", exc)
+    err = capsys.readouterr().err
+    first, second = err.split("detailfusion x: error: CIRR split must be one of train, val, test1, got 'bogus'\n")
+    assert first == "" and "Traceback (most recent call last)" in second and "json" in second
+    assert second.rstrip().endswith("detailfusion x: error: Expecting property name enclosed in double quotes: "
+                                    "line 1 column 2 (char 1)")

@@ -331,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"detailfusion {args.command}: error: {exc}", file=sys.stderr)
+        from .jobs import report_error
+
+        report_error(f"detailfusion {args.command}", exc)
         return 2
 
 

@@ -19,9 +19,24 @@ def run_job(config_class: type, entry: Callable[[Any], Any], description: str | 
         config = load_config(config_class, args.config, args.set)
         entry(config)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        report_error(parser.prog, exc)
         return 2
     return 0
+
+
+def report_error(prog: str, exc: BaseException) -> None:
+    """A refusal - a missing file, or an error raised by one of our own checks (its innermost frame is in this
+    package) - is one line; a ValueError / RuntimeError raised anywhere else (torch, Ray Train's failed run, a
+    library: a bug or a failure, not a refusal) comes with its traceback, so nothing deep in a run is reduced to
+    one line."""
+    import traceback
+    from pathlib import Path
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+    if not ours and not isinstance(exc, FileNotFoundError):
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"{prog}: error: {exc}", file=sys.stderr)
 
 
 def run_stage_job(stage: int, description: str | None = None, argv: list[str] | None = None) -> int:
