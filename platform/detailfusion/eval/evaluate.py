@@ -25,9 +25,8 @@ from ..data.pipeline import read_manifest
 from ..index import GalleryIndex
 from .encode import EncodeOptions, encode_gallery, encode_queries
 from .metrics import TIE_RULE
-from .protocols import CIRR_PROTOCOL, FASHIONIQ_PROTOCOL, CirrQueries, fashioniq_variant_metrics
 from .fashioniq_predictions import check_predictions, predictions, write_predictions
-from .protocols import fashioniq_rankings
+from .protocols import CIRR_PROTOCOL, FASHIONIQ_PROTOCOL, CirrQueries, fashioniq_rankings, fashioniq_variant_metrics
 from .submission import FILE_NAMES, check_submission, submission
 from .variants import variant_names, variant_queries, variant_scores
 
@@ -105,10 +104,10 @@ def evaluate(config: EvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     init_ray(config.num_cpus)
     prepared = prepared_split(config, model_config["vision_config"]["image_size"])
+    annotations = caption_records(prepared, config.dataset)  # read (and refused if unreadable) before any encoding
     index = gallery_index(config, prepared, fingerprint, Path(config.index) if config.index else out / "index")
     triplets = pq.read_table(prepared / "triplets")
     labelled = triplets.column("target_id").null_count == 0
-    annotations = caption_records(prepared, config.dataset)  # read (and refused if unreadable) before the encoding
     print(f"evaluate: encoding {triplets.num_rows} queries", flush=True)
     features = encode_queries(prepared, config.checkpoint, triplets, _options(config))
     compositor = model_config.get("compositor", "afc")
@@ -140,9 +139,12 @@ def evaluate(config: EvalConfig) -> dict:
         if labelled:
             result["variants"] = fashioniq_variant_metrics(triplets, gallery, index, queries, variants, config.seed)
         else:
+            members: dict[str, set[str]] = {}  # each category's gallery ids, what a ranking may name
+            for image_id, category in zip(gallery.column("image_id").to_pylist(), gallery.column("category").to_pylist()):
+                members.setdefault(category, set()).add(image_id)
             result["predictions"] = {variant: _write_fashioniq_predictions(
                 out, config.split, variant, fashioniq_rankings(triplets, gallery, index, queries, variant, config.seed),
-                annotations, gallery, main=variant == compositor) for variant in variants}
+                annotations, members, main=variant == compositor) for variant in variants}
     edit_types = _edit_types(config, triplets)
     result["fusion_weights"] = _weights_summary(features.weights, edit_types)
     _write_weights(out / "fusion_weights.csv", features.sample_ids, features.weights, edit_types)
@@ -192,11 +194,9 @@ def caption_records(prepared: Path, dataset: str) -> dict[str | None, list[dict]
 
 
 def _write_fashioniq_predictions(out: Path, split: str, variant: str, rankings: dict[str, dict[int, list[str]]],
-                                 annotations: dict[str, list[dict]], gallery, main: bool) -> dict[str, str]:
+                                 annotations: dict[str, list[dict]], members: dict[str, set[str]],
+                                 main: bool) -> dict[str, str]:
     """Check one variant's rankings against every caption record, then write them (also to ``out`` if ``main``)."""
-    members: dict[str, set[str]] = {}
-    for image_id, category in zip(gallery.column("image_id").to_pylist(), gallery.column("category").to_pylist()):
-        members.setdefault(category, set()).add(image_id)
     by_category = {}
     for category, records in annotations.items():
         by_category[category] = predictions(records, rankings.get(category, {}))

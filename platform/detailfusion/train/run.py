@@ -223,7 +223,10 @@ def run_stage(config: JobConfig, callbacks: list | None = None) -> Path:
             raise result.error
     except BaseException:
         if tracked:
-            finish_tracking(tracked, out, None, "FAILED")
+            try:
+                finish_tracking(tracked, out, None, "FAILED")
+            except Exception as exc:  # noqa: BLE001  (the training error is the one to raise)
+                print(f"[stage {spec.number}] could not record the failed run in MLflow: {exc}", flush=True)
         raise
     cost = stage_cost(out / "metrics.csv", called_at, time.time())
     if cost:
@@ -231,11 +234,11 @@ def run_stage(config: JobConfig, callbacks: list | None = None) -> Path:
               f"fixed cost {cost['startup_s'] + cost['finish_s']:.1f} s: start-up {cost['startup_s']:.1f} s, "
               f"finish {cost['finish_s']:.1f} s", flush=True)
     write_model_card(export_dir, config, manifest, result.metrics or {}, cost)
+    (out / "DONE").write_text(json.dumps({"metrics": result.metrics, "export": str(export_dir), "cost": cost},
+                                         default=str))  # the stage is done whatever its tracking does next
     if tracked:
         finish_tracking(tracked, out, export_dir if config.tracking.log_model else None, "FINISHED")
         print(f"[stage {spec.number}] MLflow run {tracked.run_id} in {tracked.uri}", flush=True)
-    (out / "DONE").write_text(json.dumps({"metrics": result.metrics, "export": str(export_dir), "cost": cost},
-                                         default=str))
     return export_dir
 
 
