@@ -299,12 +299,13 @@ def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir:
                   called_at: float | None = None):
     """The stage's ``TorchTrainer``; ``called_at``: when the stage was called (time.time(), for its start-up line)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from ..data.feature_cache import vision_fingerprint
     from ..model import DetailFusionConfig, load_model
     from ..model.tokenizer import load_tokenizer
     from .loop import train_loop_per_worker
+    from .process_group import ProcessGroupConfig
 
     called_at = called_at or time.time()
     train = config.train
@@ -340,7 +341,7 @@ def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir:
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker},
                                      placement_strategy=train.placement_strategy),
-        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        torch_config=ProcessGroupConfig(backend="nccl" if train.use_gpu else "gloo"),  # keeps torch out of Train's controller
         datasets=datasets,
         run_config=RunConfig(
             name=f"{config.name}-stage{train.stage}",
