@@ -25,7 +25,8 @@ import torch
 from ..config import JobConfig, from_dict
 from ..data.pipeline import Prefetched, iter_worker_batches
 from ..data.transforms import normalize_pixels
-from .engine import autocast, build_engine, clip_groups, clips_with_torch, keep_fp32, micro_batch_size
+from .engine import (autocast, build_engine, clip_groups, clips_with_torch, keep_fp32, micro_batch_size,
+                     without_deepspeed_autotuner_mlflow)
 from .stages import STAGES, branch_loss, build_loss, freeze_for_stage
 
 CLIENT_STATE = "detailfusion_state"
@@ -81,6 +82,7 @@ class StageRecipe:
         # after the process group exists: knows its rank
         self.loss_fn = build_loss(self.spec, self.config.loss, self.model.config.fusion_score)
         self.model.to(self.device)
+        without_deepspeed_autotuner_mlflow()  # a worker process: 0.6 s less start-up
         self.engine, self.optimizer, self.scheduler = build_engine(
             self.model, self.config.train, self.config.optim, self.world_size, self.total_steps
         )

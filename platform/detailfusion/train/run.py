@@ -299,13 +299,13 @@ def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir:
                   called_at: float | None = None):
     """The stage's ``TorchTrainer``; ``called_at``: when the stage was called (time.time(), for its start-up line)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from ..data.feature_cache import vision_fingerprint
     from ..model import DetailFusionConfig, load_model
     from ..model.tokenizer import load_tokenizer
     from .loop import train_loop_per_worker
     from .process_group import ProcessGroupConfig
+    from .trainer import StageTrainer
 
     called_at = called_at or time.time()
     train = config.train
@@ -335,8 +335,9 @@ def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir:
         datasets = {"train": training_dataset(config.data.prepared, tokenizer, max_text_length, **cache,
                                               actor_cpus=train.data_actor_cpus, seed=train.seed,
                                               batch_size=train.batch_size, captions=train.stage == 0)}
-    return TorchTrainer(
+    return StageTrainer(
         train_loop_per_worker,
+        pg_cleaner=bool(callbacks),  # a sweep trial (Tune's report callback) can be stopped from outside
         train_loop_config={"job": to_dict(config), "run": run},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker},
