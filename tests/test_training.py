@@ -165,3 +165,25 @@ def test_bad_configs_fail_before_any_worker_starts(data, tmp_path):
         job(1, data, tmp_path, "train.epoch=3")
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         check_stage(job(1, data, tmp_path, f"data.prepared={tmp_path}"))
+
+
+def test_a_stage_starts_only_the_train_actors_it_uses():
+    """The trainer drops Ray Train's dataset manager when a stage has no Ray Datasets and the placement-group cleaner
+    unless the stage is a sweep trial; Train's defaults still contain both callbacks (a Ray upgrade that renames them
+    fails here instead of silently starting them again)."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from detailfusion.train.trainer import StageTrainer
+
+    def kinds(trainer):
+        return {type(callback) for callback in trainer._create_default_callbacks()}
+
+    scaling = ScalingConfig(num_workers=1)
+    assert {DatasetsCallback, PlacementGroupCleanerCallback} <= kinds(TorchTrainer(lambda: None, scaling_config=scaling))
+    lean = kinds(StageTrainer(lambda: None, scaling_config=scaling, pg_cleaner=False))
+    assert not lean & {DatasetsCallback, PlacementGroupCleanerCallback}
+    trial = kinds(StageTrainer(lambda: None, scaling_config=scaling, pg_cleaner=True))
+    assert PlacementGroupCleanerCallback in trial and DatasetsCallback not in trial
