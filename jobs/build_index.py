@@ -1,13 +1,14 @@
 """Encode a split's gallery once into a search index (safetensors embeddings + parquet names + model fingerprint).
 
     python jobs/build_index.py --config jobs/configs/eval_cirr_val.yaml --set split=test1 --set out=runs/index ...
+
+The same as ``detailfusion index ...`` (the one front door, ``detailfusion.cli``), for
+``ray job submit`` where the console script is not on the cluster's PATH.
 """
 
 import sys
 
-from detailfusion.config import EvalConfig
-from detailfusion.eval.evaluate import build_index
-from detailfusion.jobs import run_job
+from detailfusion.cli import main
 
 if __name__ == "__main__":
-    sys.exit(run_job(EvalConfig, build_index, __doc__))
+    sys.exit(main(["index", *sys.argv[1:]], prog="jobs/build_index.py"))

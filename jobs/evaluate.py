@@ -2,13 +2,14 @@
 
     python jobs/evaluate.py --config jobs/configs/eval_cirr_val.yaml --set root=/data/cirr --set checkpoint=runs/x/stage3/model
     ray job submit --working-dir . -- "$(which python)" jobs/evaluate.py --config ... --set ...
+
+The same as ``detailfusion evaluate ...`` (the one front door, ``detailfusion.cli``), for
+``ray job submit`` where the console script is not on the cluster's PATH.
 """
 
 import sys
 
-from detailfusion.config import EvalConfig
-from detailfusion.eval.evaluate import evaluate
-from detailfusion.jobs import run_job
+from detailfusion.cli import main
 
 if __name__ == "__main__":
-    sys.exit(run_job(EvalConfig, evaluate, __doc__))
+    sys.exit(main(["evaluate", *sys.argv[1:]], prog="jobs/evaluate.py"))

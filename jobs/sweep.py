@@ -4,7 +4,8 @@
         --set data.val_prepared=runs/tiny/prep/cirr-val
     ray job submit --working-dir . -- "$(which python)" jobs/sweep.py --stage 2 --space ... --config ... --set ...
 
-Same arguments as ``detailfusion sweep``; rerunning the same command resumes an interrupted sweep.
+Rerunning the same command resumes an interrupted sweep. The same as ``detailfusion sweep ...`` (the one front door, ``detailfusion.cli``), for
+``ray job submit`` where the console script is not on the cluster's PATH.
 """
 
 import sys
@@ -12,4 +13,4 @@ import sys
 from detailfusion.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["sweep", *sys.argv[1:]]))
+    sys.exit(main(["sweep", *sys.argv[1:]], prog="jobs/sweep.py"))

@@ -1,7 +1,10 @@
-"""Scripts in jobs/ take --config FILE and --set key=value, and refuse bad keys before doing any work."""
+"""The one front door: every command `detailfusion <command> [--config FILE] [--set key=value]...`, the scripts in
+jobs/ and `python -m detailfusion` going through it, refusing bad keys before doing any work."""
 
 import subprocess
 import sys
+
+import pytest
 
 from conftest import REPO
 
@@ -46,7 +49,7 @@ def test_sweep_job_help_and_bad_space(tmp_path):
 
 
 def test_a_refusal_is_one_line_and_a_failure_elsewhere_keeps_its_traceback(capsys):
-    from detailfusion.jobs import report_error
+    from detailfusion.cli import report_error
 
     def ours():
         from detailfusion.data.cirr import read_cirr
@@ -68,3 +71,33 @@ def test_a_refusal_is_one_line_and_a_failure_elsewhere_keeps_its_traceback(capsy
     assert first == "" and "Traceback (most recent call last)" in second and "json" in second
     assert second.rstrip().endswith("detailfusion x: error: Expecting property name enclosed in double quotes: "
                                     "line 1 column 2 (char 1)")
+
+
+def test_train_refuses_another_stage_s_config_through_every_door():
+    """`detailfusion train`, `python -m detailfusion train` and jobs/stage2_joint.py are one code path."""
+    for argv in (["-m", "detailfusion", "train", "--stage", "2", "--config", "jobs/configs/stage1_tiny.yaml"],
+                 ["jobs/stage2_joint.py", "--config", "jobs/configs/stage1_tiny.yaml"]):
+        result = run(*argv)
+        assert result.returncode == 2, result.stderr
+        assert "train.stage is 1, but the command is `train --stage 2`" in result.stderr
+        assert "Traceback" not in result.stderr  # a refusal is one line
+    assert "--stage" in run("-m", "detailfusion", "train", "--help").stdout
+
+
+def test_a_command_s_config_file_then_flags_then_set(tmp_path):
+    """Each config-backed command reads --config first, its flags override the file, --set overrides both; a
+    required field left empty is refused naming the flag and the file key."""
+    from detailfusion.cli import build_parser, command_config
+    from detailfusion.config import ConfigError
+
+    file = tmp_path / "eval.yaml"
+    file.write_text("dataset: fashioniq\nsplit: val\ncheckpoint: runs/a/model\nout: runs/a/eval\nbatch_size: 8\n")
+    args = build_parser().parse_args(["evaluate", "--config", str(file), "--checkpoint", "runs/b/model",
+                                      "--set", "batch_size=4", "--categories", "dress"])
+    config = command_config(args)
+    assert (config.dataset, config.checkpoint, config.out, config.batch_size, config.categories) == (
+        "fashioniq", "runs/b/model", "runs/a/eval", 4, ("dress",))
+    with pytest.raises(ConfigError, match=r"checkpoint is not set \(--checkpoint or 'checkpoint:' in the --config"):
+        command_config(build_parser().parse_args(["index", "--dataset", "cirr", "--split", "val", "--out", "x"]))
+    stage = command_config(build_parser().parse_args(["train", "--stage", "3", "--set", "train.epochs=1"]))
+    assert stage.train.stage == 3 and stage.train.epochs == 1  # no file: --stage sets the stage

@@ -8,10 +8,8 @@ from pathlib import Path
 import pytest
 
 from detailfusion.cli import build_parser
-from detailfusion.config import JobConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE_SCRIPTS = {"jobs/stage1_pretrain_detail.py": 1, "jobs/stage2_joint.py": 2, "jobs/stage3_compositor.py": 3}
 
 
 def runbook_commands() -> list[str]:
@@ -29,6 +27,9 @@ def dry_run(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     if args.command in ("prepare", "evaluate", "index", "serve"):
         cli.command_config(args)
+    elif args.command == "train":  # the paper's runs: the blip2 preset on GPUs
+        config = cli.command_config(args)
+        assert config.train.stage == args.stage and config.model.preset == "blip2" and config.train.use_gpu
     elif args.command == "sweep":
         config, settings = cli.command_config(args)
         tune.check_settings(config, settings)
@@ -37,7 +38,7 @@ def dry_run(argv: list[str]) -> None:
 def test_the_runbook_has_every_step():
     commands = " ".join(runbook_commands())
     for needed in ("prepare --dataset ipr2pr", "prepare --dataset cirr", "prepare --dataset fashioniq",
-                   "stage1_pretrain_detail.py", "stage2_blip2_cirr", "stage2_blip2_fashioniq", "stage3_compositor.py",
+                   "train --stage 1", "stage2_blip2_cirr", "stage2_blip2_fashioniq", "train --stage 3",
                    "--split test1", "score-cirr", "sweep --stage 2 --space tune_spaces/gamma.yaml", "serve --checkpoint"):
         assert needed in commands, needed
 
@@ -49,10 +50,6 @@ def test_runbook_command_is_accepted(command, monkeypatch):
     if argv[0] == "detailfusion":
         dry_run(argv[1:])
         return
-    entry = argv[argv.index("--") + 1:]  # ray job submit ... -- python jobs/<script> --config F --set k=v
-    assert entry[0] == "python" and (REPO / entry[1]).is_file()
-    config_file = entry[entry.index("--config") + 1]
-    sets = [entry[i + 1] for i, a in enumerate(entry) if a == "--set"]
-    config = load_config(JobConfig, REPO / config_file, sets)
-    assert config.train.stage == STAGE_SCRIPTS[entry[1]]
-    assert config.model.preset == "blip2" and config.train.use_gpu
+    entry = argv[argv.index("--") + 1:]  # ray job submit ... -- python -m detailfusion <command> ...
+    assert entry[:3] == ["python", "-m", "detailfusion"], "submitted jobs go through the one front door"
+    dry_run(entry[3:])

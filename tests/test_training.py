@@ -13,6 +13,7 @@ from detailfusion.config import JobConfig, PrepareConfig, load_config
 from detailfusion.data.prepare import prepare
 from detailfusion.data.synthetic import write_synthetic
 from detailfusion.model import build_model, save_model
+from detailfusion.train.faults import FAULT_ENV, FaultPlan
 from detailfusion.train.run import StageError, check_stage, run_stage
 
 from conftest import REPO
@@ -67,7 +68,7 @@ def falls(rows, t_min: float = 3.0):
     return t > t_min, figures
 
 
-def test_all_stages_train_and_stage3_changes_only_the_compositor(data, tmp_path, capsys):
+def test_all_stages_train_and_stage3_changes_only_the_compositor(data, tmp_path, capsys, monkeypatch):
     work = tmp_path / "run"
     # stage 1 with an injected fault on rank 0 at step 6, after the checkpoint at step 4: Ray Train restarts
     # the worker group, which resumes from that checkpoint and completes with the right step count.
@@ -75,8 +76,10 @@ def test_all_stages_train_and_stage3_changes_only_the_compositor(data, tmp_path,
     # under the unchanged 0.05 bar (CPU training is not bit-reproducible; data order of inline splits varies)
     # data.in_memory_max_mb=0: this stage streams its IPr2Pr split through Ray Data (a split too large to hold),
     # which resumes by skipping the epoch's first batches; the other tests' small inline splits are held whole
+    monkeypatch.setenv(FAULT_ENV, "step=6")
     stage1 = run_stage(job(1, data, work, f"model.init_from={data / 'init'}", "train.checkpoint_every=4",
-                           "train.fail_at_step=6", "train.max_failures=1", "train.epochs=12", "data.in_memory_max_mb=0"))
+                           "train.max_failures=1", "train.epochs=12", "data.in_memory_max_mb=0"))
+    monkeypatch.delenv(FAULT_ENV)
     assert (work / "stage1" / "fault_injected").is_file()
     assert "streamed by Ray Data" in capsys.readouterr().out
     rows = losses(work / "stage1")
@@ -132,14 +135,15 @@ def test_stage0_pretrains_the_qformer_on_captions_and_both_branches_start_from_i
     assert all(torch.equal(init[k], after[k]) for k in init if k.startswith("vision_model."))
 
 
-def test_an_interrupted_stage_resumes_mid_epoch_when_rerun(data, tmp_path):
+def test_an_interrupted_stage_resumes_mid_epoch_when_rerun(data, tmp_path, monkeypatch):
     """Stage 2 (a gallery split: the resumed input starts at the checkpoint's micro-batch), 4 steps an epoch, a
     checkpoint every 2: the fault at step 7 leaves the last checkpoint at step 6, halfway through epoch 2; the rerun
     goes on from step 7 to the end, each step once. (Stage 1's restart after a fault is in the all-stages test.)"""
     stage = 2
     work = tmp_path / "run"
+    monkeypatch.setenv(FAULT_ENV, "step=7")
     config = job(stage, data, work, f"model.init_from={data / 'init'}", "train.epochs=3", "train.checkpoint_every=2",
-                 "train.fail_at_step=7", "train.max_failures=0")
+                 "train.max_failures=0")
     with pytest.raises(Exception, match="injected fault at step 7"):
         run_stage(config)
     before = losses(work / f"stage{stage}")
@@ -187,3 +191,24 @@ def test_a_stage_starts_only_the_train_actors_it_uses():
     assert not lean & {DatasetsCallback, PlacementGroupCleanerCallback}
     trial = kinds(StageTrainer(lambda: None, scaling_config=scaling, pg_cleaner=True))
     assert PlacementGroupCleanerCallback in trial and DatasetsCallback not in trial
+
+
+def test_a_fault_plan_is_read_from_the_environment_and_fires_once(tmp_path, monkeypatch):
+    """The test-only fault hook: parsed from DETAILFUSION_INJECT_FAULT (a bad value is refused naming it), handed to
+    the workers' runtime environment, raised once per stage directory on the planned rank and step only."""
+    from detailfusion.train.faults import planned, worker_env
+
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    assert planned() is None and worker_env() == {}
+    monkeypatch.setenv(FAULT_ENV, "step=3, rank=1")
+    assert planned() == FaultPlan(step=3, rank=1)
+    assert worker_env() == {"env_vars": {FAULT_ENV: "step=3,rank=1"}}
+    for bad in ("3", "step=x", "step=3,when=now"):
+        with pytest.raises(ValueError, match=FAULT_ENV):
+            FaultPlan.parse(bad)
+    plan = FaultPlan(step=3, rank=1)
+    plan.maybe_fail(3, 0, tmp_path)  # another rank
+    plan.maybe_fail(2, 1, tmp_path)  # another step
+    with pytest.raises(RuntimeError, match="injected fault at step 3 on rank 1"):
+        plan.maybe_fail(3, 1, tmp_path)
+    plan.maybe_fail(3, 1, tmp_path)  # once: the restarted group goes past it

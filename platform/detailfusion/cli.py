@@ -1,4 +1,10 @@
-"""The ``detailfusion`` console script: one subcommand per job; each parses its arguments and makes one call."""
+"""The ``detailfusion`` console script, the one front door: ``detailfusion <command> [--config FILE] [--set
+key=value]...`` (plus the command's flags); each command builds its typed config here and makes one call. The
+scripts in ``jobs/`` (for ``ray job submit``) and ``python -m detailfusion`` call ``main`` too.
+
+A refusal of the user's input (a bad key or value, a missing file, a stage that cannot run, bad data) prints one
+line and exits 2; any other error keeps its traceback (``report_error``).
+"""
 
 from __future__ import annotations
 
@@ -21,30 +27,64 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _typed_config(cls, args: argparse.Namespace):
-    """The ``cls`` config of a flag-style command: its flags by field name, then each ``--set key=value``."""
-    from .config import apply_override, from_dict
+# fields a command cannot run without, from its flags or its --config file
+REQUIRED = {"prepare": ("root", "out"), "evaluate": ("checkpoint", "out"), "index": ("checkpoint", "out"),
+            "serve": ("checkpoint", "index")}
 
-    fields = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__ and v is not None}
-    if "categories" in fields:
-        fields["categories"] = tuple(fields["categories"])
-    config = from_dict(cls, fields, source=f"detailfusion {args.command}")
+
+def _typed_config(cls, args: argparse.Namespace):
+    """The ``cls`` config of a command, in this order: its ``--config`` file (else the defaults), its flags by field
+    name, each ``--set key=value``. A required field left empty is refused naming both ways to set it."""
+    from .config import ConfigError, apply_override, load_config, with_value
+
+    config = load_config(cls, getattr(args, "config", None))
+    for key, value in vars(args).items():
+        if key in cls.__dataclass_fields__ and value is not None:
+            config = with_value(config, key, value, source=f"--{key.replace('_', '-')}")
     for item in args.set or []:
         config = apply_override(config, item)
+    for key in REQUIRED.get(args.command, ()):
+        if not getattr(config, key):
+            raise ConfigError(f"detailfusion {args.command}: {key} is not set (--{key.replace('_', '-')} or "
+                              f"'{key}:' in the --config file)")
+    return config
+
+
+def _train_config(args: argparse.Namespace):
+    """The stage's JobConfig: ``--config`` (else the defaults), then ``--set``; its train.stage must be ``--stage``
+    (a stage-2 config given to ``train --stage 1`` is refused before anything starts)."""
+    from .config import ConfigError, JobConfig, load_config, with_value
+
+    config = load_config(JobConfig, args.config, args.set or [])
+    if config.train.stage != args.stage:
+        if args.config:
+            raise ConfigError(f"{args.config}: train.stage is {config.train.stage}, but the command is "
+                              f"`train --stage {args.stage}`")
+        config = with_value(config, "train.stage", args.stage, source="--stage")
     return config
 
 
 def command_config(args: argparse.Namespace):
     """The typed config a parsed command runs with, nothing started: PrepareConfig (prepare), EvalConfig
-    (evaluate, index), ServeConfig (serve), (JobConfig, SweepSettings) (sweep). Raises ValueError on a bad value."""
-    from .config import EvalConfig, PrepareConfig, ServeConfig
+    (evaluate, index), ServeConfig (serve), JobConfig (train), (JobConfig, SweepSettings) (sweep). Raises
+    ConfigError on a bad key or value."""
+    from .config import ConfigError, EvalConfig, PrepareConfig, ServeConfig
 
     if args.command == "sweep":
         return _sweep_config(args)
+    if args.command == "train":
+        return _train_config(args)
     classes = {"prepare": PrepareConfig, "evaluate": EvalConfig, "index": EvalConfig, "serve": ServeConfig}
     if args.command not in classes:
-        raise ValueError(f"detailfusion {args.command} has no typed config")
+        raise ConfigError(f"detailfusion {args.command} has no typed config")
     return _typed_config(classes[args.command], args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train.run import run_stage
+
+    run_stage(command_config(args))
+    return 0
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -167,11 +207,16 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_argument(command: argparse.ArgumentParser, config_class: str) -> None:
+    command.add_argument("--config", help=f"YAML file of {config_class} keys; flags and --set override it")
+
+
 def _eval_arguments(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--dataset", required=True, choices=["cirr", "fashioniq"])
+    _config_argument(command, "EvalConfig")
+    command.add_argument("--dataset", choices=["cirr", "fashioniq"], help="(cirr)")
     command.add_argument("--root", help="dataset root in its original layout (prepared for the model's resolution)")
-    command.add_argument("--split", required=True, help="cirr: val|test1|train; fashioniq: val|test|train")
-    command.add_argument("--checkpoint", required=True, help="exported model directory (save_pretrained)")
+    command.add_argument("--split", help="cirr: val|test1|train; fashioniq: val|test|train (val)")
+    command.add_argument("--checkpoint", help="exported model directory (save_pretrained)")
     command.add_argument("--prepared", help="an already prepared split to use instead of --root")
     command.add_argument("--categories", nargs="+", help="FashionIQ categories (default: dress shirt toptee)")
     command.add_argument("--encoder-actors", type=int, help="Ray Data actor-pool size of the encoders (1)")
@@ -195,8 +240,8 @@ def _local_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="detailfusion", description=__doc__)
+def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     synth = commands.add_parser(
@@ -220,10 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep = commands.add_parser(
         "prepare", help="read, validate, decode and transform a dataset split into canonical parquet shards (Ray Data)"
     )
-    prep.add_argument("--dataset", required=True, choices=["cirr", "fashioniq", "ipr2pr"])
-    prep.add_argument("--root", required=True, help="dataset root in its original on-disk layout")
-    prep.add_argument("--split", required=True, help="cirr: train|val|test1; fashioniq: train|val|test; ipr2pr: train")
-    prep.add_argument("--out", required=True, help="output directory (shards, gallery, quarantine, manifest)")
+    _config_argument(prep, "PrepareConfig")
+    prep.add_argument("--dataset", choices=["cirr", "fashioniq", "ipr2pr"], help="(cirr)")
+    prep.add_argument("--root", help="dataset root in its original on-disk layout")
+    prep.add_argument("--split", help="cirr: train|val|test1; fashioniq: train|val|test; ipr2pr: train (val)")
+    prep.add_argument("--out", help="output directory (shards, gallery, quarantine, manifest)")
     prep.add_argument("--preset", help="model preset whose image resolution to use (default tiny)")
     prep.add_argument("--image-size", type=int, help="override the preset's resolution (pixels)")
     prep.add_argument("--categories", nargs="+", help="FashionIQ categories (default: dress shirt toptee)")
@@ -238,12 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--set", action="append", metavar="KEY=VALUE", help="any PrepareConfig field")
     prep.set_defaults(run=_prepare)
 
+    tr = commands.add_parser(
+        "train", help="train one stage (0-3) on Ray Train + DeepSpeed from a job config; a finished stage is reused, "
+                      "an interrupted one resumes"
+    )
+    tr.add_argument("--stage", type=int, required=True, choices=[0, 1, 2, 3], help="the stage the config trains")
+    tr.add_argument("--config", help="the stage's job config (jobs/configs/stage<N>_*.yaml)")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="any JobConfig key, e.g. train.epochs=1")
+    tr.set_defaults(run=_train)
+
     ev = commands.add_parser(
         "evaluate", help="score a model on a split with the field's protocol, every ablation variant; CIRR test1: "
                          "the server's submission files"
     )
     _eval_arguments(ev)
-    ev.add_argument("--out", required=True, help="output directory (metrics.json, submissions, prepared/, index/)")
+    ev.add_argument("--out", help="output directory (metrics.json, submissions, prepared/, index/)")
     ev.add_argument("--index", help="gallery index dir to use or build (default OUT/index)")
     ev.set_defaults(run=_evaluate)
 
@@ -261,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     idx = commands.add_parser("index", help="encode a split's gallery once into a search index (safetensors + parquet)")
     _eval_arguments(idx)
-    idx.add_argument("--out", required=True, help="index directory")
+    idx.add_argument("--out", help="index directory")
     idx.set_defaults(run=_index)
 
     pipe = commands.add_parser(
@@ -303,8 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv = commands.add_parser(
         "serve", help="Ray Serve retrieval endpoint (POST /search, GET /, /healthz) of a model and its gallery index"
     )
-    srv.add_argument("--checkpoint", required=True, help="exported model directory (save_pretrained)")
-    srv.add_argument("--index", required=True, help="gallery index built by this model (detailfusion index)")
+    _config_argument(srv, "ServeConfig")
+    srv.add_argument("--checkpoint", help="exported model directory (save_pretrained)")
+    srv.add_argument("--index", help="gallery index built by this model (detailfusion index)")
     srv.add_argument("--host", help="HTTP address (default 127.0.0.1; 0.0.0.0 for other hosts)")
     srv.add_argument("--port", type=int, help="HTTP port (default 8000)")
     srv.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per model replica")
@@ -326,14 +382,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def report_error(prog: str, exc: BaseException) -> None:
+    """A refusal - a missing file, or an error raised by one of our own checks (its innermost frame is in this
+    package) - is one line; a ValueError / RuntimeError raised anywhere else (torch, Ray Train's failed run, a
+    library: a bug or a failure, not a refusal) comes with its traceback, so nothing deep in a run is reduced to
+    one line."""
+    import traceback
+    from pathlib import Path
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+    if not ours and not isinstance(exc, FileNotFoundError):
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None, prog: str = "detailfusion") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        from .jobs import report_error
-
-        report_error(f"detailfusion {args.command}", exc)
+        report_error(f"{prog} {args.command}", exc)
         return 2
 
 

@@ -101,8 +101,6 @@ class TrainConfig:
     max_failures: int = 0  # worker-group restarts Ray Train may make after a crash
     log_every: int = 10  # steps between progress lines
     validate_every: int = 1  # epochs between validations (with data.val_prepared; the last epoch always)
-    fail_at_step: int | None = None  # fault injection for tests: raise once in fail_rank at this step
-    fail_rank: int = 0
     data_actor_cpus: float = 1.0  # CPUs of the Ray Data actor tokenising an inline split (IPr2Pr; fractional on small hosts)
     shuffle_buffer_batches: int = 8  # inline splits: each epoch's seeded local shuffle over this many micro-batches
 

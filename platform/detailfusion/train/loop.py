@@ -27,6 +27,7 @@ from ..data.pipeline import Prefetched, iter_worker_batches
 from ..data.transforms import normalize_pixels
 from .engine import (autocast, build_engine, clip_groups, clips_with_torch, keep_fp32, micro_batch_size,
                      without_deepspeed_autotuner_mlflow)
+from .faults import planned
 from .stages import STAGES, branch_loss, build_loss, freeze_for_stage
 
 CLIENT_STATE = "detailfusion_state"
@@ -68,6 +69,7 @@ class StageRecipe:
         if self.steps_per_epoch < 1:
             raise ValueError(f"{run['rows']} rows give no full batch of {self.micro_batch} per rank")
         self.total_steps = self.steps_per_epoch * config.train.epochs
+        self.fault = planned()  # a test's injected fault (faults.py), else None
 
     # -- setup ---------------------------------------------------------------------------------------
 
@@ -146,7 +148,8 @@ class StageRecipe:
                     continue
                 if index // self.config.train.grad_accum >= self.steps_per_epoch:
                     break
-                self._maybe_fail()
+                if self.fault:
+                    self.fault.maybe_fail(self.step, self.rank, Path(self.run_facts["stage_dir"]))
                 with autocast(self.config.train.precision, self.device):
                     parts = self._loss(batch)
                 self.engine.backward(parts["loss"])
@@ -303,15 +306,7 @@ class StageRecipe:
         self._log(f"stage 3: encoded {len(cached)} batches once with the frozen branches")
         return cached
 
-    # -- faults, checkpoints, export -------------------------------------------------------------------
-
-    def _maybe_fail(self) -> None:
-        train = self.config.train
-        marker = Path(self.run_facts["stage_dir"]) / "fault_injected"
-        if train.fail_at_step is not None and self.step == train.fail_at_step and self.rank == train.fail_rank \
-                and not marker.exists():
-            marker.write_text(f"rank {self.rank} step {self.step}\n")
-            raise RuntimeError(f"injected fault at step {self.step} on rank {self.rank}")
+    # -- checkpoints, export ---------------------------------------------------------------------------
 
     def _checkpoint(self, epoch: int, batch_in_epoch: int, metrics: dict, export: bool = False) -> None:
         """Every rank saves its DeepSpeed state (collective) and reports it; the last one also exports."""

@@ -304,6 +304,7 @@ def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir:
     from ..model import DetailFusionConfig, load_model
     from ..model.tokenizer import load_tokenizer
     from .loop import train_loop_per_worker
+    from .faults import worker_env
     from .process_group import ProcessGroupConfig
     from .trainer import StageTrainer
 
@@ -351,5 +352,6 @@ def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir:
                                                checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=train.max_failures),
             callbacks=callbacks,
+            worker_runtime_env=worker_env(),  # a test's injected fault, if any (faults.py)
         ),
     )

@@ -1,0 +1,7 @@
+"""``python -m detailfusion <command> ...``: the console script's front door (``ray job submit -- python -m ...``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main(prog="python -m detailfusion"))
