@@ -49,6 +49,10 @@ def test_sweep_job_help_and_bad_space(tmp_path):
 
 
 def test_a_refusal_is_one_line_and_a_failure_elsewhere_keeps_its_traceback(capsys):
+    """A UserError (here a ConfigError from a reader's check) is one line; a ValueError from a library, and one from
+    our own code that is not a refusal (a bug: top-k asked of a gallery too small), keep their tracebacks."""
+    import torch
+
     from detailfusion.cli import report_error
 
     def ours():
@@ -61,16 +65,23 @@ def test_a_refusal_is_one_line_and_a_failure_elsewhere_keeps_its_traceback(capsy
 
         json.loads("{not json")  # a ValueError from a library: a failure, not a refusal
 
-    for raise_it in (ours, library):
+    def bug():
+        from detailfusion.ranking import top_k
+
+        top_k(torch.zeros(1, 2), 5)
+
+    for raise_it in (ours, library, bug):
         try:
             raise_it()
         except ValueError as exc:
             report_error("detailfusion x", exc)
     err = capsys.readouterr().err
-    first, second = err.split("detailfusion x: error: CIRR split must be one of train, val, test1, got 'bogus'\n")
+    first, rest = err.split("detailfusion x: error: CIRR split must be one of train, val, test1, got 'bogus'\n")
+    second, third = rest.split("detailfusion x: error: Expecting property name enclosed in double quotes: "
+                               "line 1 column 2 (char 1)\n")
     assert first == "" and "Traceback (most recent call last)" in second and "json" in second
-    assert second.rstrip().endswith("detailfusion x: error: Expecting property name enclosed in double quotes: "
-                                    "line 1 column 2 (char 1)")
+    assert "Traceback (most recent call last)" in third and "ranking.py" in third
+    assert third.rstrip().endswith("detailfusion x: error: the gallery holds 2 images, fewer than k=5")
 
 
 def test_train_refuses_another_stage_s_config_through_every_door():

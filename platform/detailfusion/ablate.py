@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ConfigError
 from .eval.outcomes import METRICS, Outcomes, model_outcomes
 from .report import claim_lines
 
@@ -82,9 +83,9 @@ def run_ablation(config: AblationConfig) -> dict:
     from .ray_setup import init_ray
 
     if config.preset != "tiny":
-        raise ValueError(f"ablate runs the tiny preset on the synthetic benchmark, not {config.preset!r}")
+        raise ConfigError(f"ablate runs the tiny preset on the synthetic benchmark, not {config.preset!r}")
     if config.seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {config.seeds}")
+        raise ConfigError(f"--seeds must be at least 1, got {config.seeds}")
     work = Path(config.workdir).resolve()
     config = replace(config, workdir=str(work))
     started = time.perf_counter()

@@ -119,7 +119,9 @@ def _score_cirr(args: argparse.Namespace) -> int:
     read = ReadResult()
     annotations = load_json(Path(args.annotations), list, read)
     if annotations is None:
-        raise ValueError(f"--annotations {read.bad[0].source}: {read.bad[0].reason} ({read.bad[0].record})")
+        from .errors import DataError
+
+        raise DataError(f"--annotations {read.bad[0].source}: {read.bad[0].reason} ({read.bad[0].record})")
     recall, subset = load_submission(args.recall), load_submission(args.recall_subset)
     if not any(isinstance(a, dict) and a.get("target_hard") for a in annotations):  # test1: the format check alone
         check_cirr(annotations, recall, subset, gallery_size=args.gallery_size)
@@ -383,25 +385,25 @@ def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
 
 
 def report_error(prog: str, exc: BaseException) -> None:
-    """A refusal - a missing file, or an error raised by one of our own checks (its innermost frame is in this
-    package) - is one line; a ValueError / RuntimeError raised anywhere else (torch, Ray Train's failed run, a
-    library: a bug or a failure, not a refusal) comes with its traceback, so nothing deep in a run is reduced to
-    one line."""
+    """A refusal (``errors.UserError``: a config, data, stage or request the job will not take; or a missing file)
+    is one line; anything else (torch, Ray Train's failed run, a library, our own bug) comes with its traceback, so
+    nothing deep in a run is reduced to one line."""
     import traceback
-    from pathlib import Path
 
-    frames = traceback.extract_tb(exc.__traceback__)
-    ours = bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(Path(__file__).resolve().parent)
-    if not ours and not isinstance(exc, FileNotFoundError):
+    from .errors import UserError
+
+    if not isinstance(exc, (UserError, FileNotFoundError)):
         traceback.print_exception(exc, file=sys.stderr)
     print(f"{prog}: error: {exc}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None, prog: str = "detailfusion") -> int:
+    """Run one command: 0 done, 2 refused or failed (the reason on stderr, see ``report_error``), else the
+    command's own code (a sweep whose trials all failed: 1)."""
     args = build_parser(prog).parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001  (reported: one line for a refusal, with its traceback otherwise)
         report_error(f"{prog} {args.command}", exc)
         return 2
 

@@ -16,11 +16,9 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from .errors import ConfigError  # re-exported: callers import it from here
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not match the typed config."""
 
 
 # ----------------------------------------------------------------------------------------------------

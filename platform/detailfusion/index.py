@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
+from .errors import DataError
 from .ranking import top_k
 from .model.fusion import check_rule, fused_scores
 
 EMBEDDINGS_FILE, IMAGES_FILE, META_FILE = "embeddings.safetensors", "images.parquet", "index.json"
 
 
-class IndexMismatch(ValueError):
+class IndexMismatch(DataError):
     """An index used with a model other than the one that built it."""
 
 

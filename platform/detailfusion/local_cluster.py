@@ -25,6 +25,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .errors import UserError
+
 SOCKET_IFNAME = "dfnet0"
 GCS_PORT = 6379
 DASHBOARD_PORT = 8265
@@ -33,7 +35,7 @@ MAX_SOCKET_PATH = 107  # Unix socket paths; Ray puts sockets at <temp>/session_<
 SESSION_SUFFIX = len("/session_2026-01-01_00-00-00_000000_1234567/sockets/plasma_store")
 
 
-class LocalClusterError(RuntimeError):
+class LocalClusterError(UserError, RuntimeError):
     """A local cluster that cannot be made, reached or described."""
 
 

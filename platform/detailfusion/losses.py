@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import ConfigError
 from .model.fusion import check_rule, fused_scores
 
 
@@ -134,7 +135,7 @@ class DetailLoss(ContrastiveLoss):
     ):
         super().__init__(**rank_settings)
         if hard_negative_scale < 1.0:
-            raise ValueError(f"hard_negative_scale must be >= 1, got {hard_negative_scale}")
+            raise ConfigError(f"hard_negative_scale must be >= 1, got {hard_negative_scale}")
         self.reference_negative = reference_negative
         self.log_scale = math.log(hard_negative_scale)
         self.batch_reference_negatives = batch_reference_negatives

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .errors import ConfigError
 from .config import EvalConfig, JobConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # package data (jobs/configs links here)
@@ -59,7 +60,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     from .train.run import run_stage
 
     if config.preset != "tiny":
-        raise ValueError(f"the pipeline runs the tiny preset on procedural data; for {config.preset!r} run the jobs "
+        raise ConfigError(f"the pipeline runs the tiny preset on procedural data; for {config.preset!r} run the jobs "
                          "one by one on real data (README: real-data runbook)")
     config = replace(config, workdir=str(Path(config.workdir).resolve()))
     work = Path(config.workdir)

@@ -20,10 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 from .config import TrackingConfig, to_dict
 
 
-class TrackingError(RuntimeError):
+class TrackingError(ConfigError, RuntimeError):
     """The tracking store cannot be used (bad URI, unreachable server, ...)."""
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import ConfigError
 from .reading import ReadResult, load_json, require_fields
 from .schema import Quarantined, normalize_text
 
@@ -21,7 +22,7 @@ SPLITS = ("train", "val", "test1")
 def read_cirr(root: str | Path, split: str) -> ReadResult:
     root = Path(root)
     if split not in SPLITS:
-        raise ValueError(f"CIRR split must be one of {', '.join(SPLITS)}, got {split!r}")
+        raise ConfigError(f"CIRR split must be one of {', '.join(SPLITS)}, got {split!r}")
     result = ReadResult()
     split_file = root / "image_splits" / f"split.rc2.{split}.json"
     caption_file = root / "captions" / f"cap.rc2.{split}.json"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import ConfigError
 from .reading import ReadResult, load_json, require_fields
 from .schema import Quarantined, normalize_text
 
@@ -22,10 +23,10 @@ SPLITS = ("train", "val", "test")
 def read_fashioniq(root: str | Path, split: str, categories=CATEGORIES) -> ReadResult:
     root = Path(root)
     if split not in SPLITS:
-        raise ValueError(f"FashionIQ split must be one of {', '.join(SPLITS)}, got {split!r}")
+        raise ConfigError(f"FashionIQ split must be one of {', '.join(SPLITS)}, got {split!r}")
     unknown = sorted(set(categories) - set(CATEGORIES))
     if unknown:
-        raise ValueError(f"unknown FashionIQ categories {unknown}; known: {', '.join(CATEGORIES)}")
+        raise ConfigError(f"unknown FashionIQ categories {unknown}; known: {', '.join(CATEGORIES)}")
     result = ReadResult()
     for category in categories:
         _read_category(root, split, category, result)

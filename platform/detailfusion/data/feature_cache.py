@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ..errors import ConfigError, DataError
 from ..config import PrepareConfig
 from .schema import pixels_from_bytes
 from .transforms import normalize_pixels
@@ -39,7 +40,7 @@ def load_vision_model(model_ref: str):
     if Path(model_ref).is_dir():
         return load_model(model_ref)[0]
     if model_ref == "tiny":
-        raise ValueError(
+        raise ConfigError(
             "the tiny preset is randomly initialised, so its ViT differs every time; export a model "
             "(detailfusion.model.save_model) and pass its directory as `model` to cache its features"
         )
@@ -95,7 +96,7 @@ def cache_vision_features(out: Path, manifest: dict, config: PrepareConfig) -> d
     table = pq.read_table(out / "features", columns=["encoder_fingerprint"])
     fingerprints = set(table.column("encoder_fingerprint").to_pylist())
     if len(fingerprints) != 1:
-        raise RuntimeError(f"{out / 'features'}: expected one encoder fingerprint, found {sorted(fingerprints)}")
+        raise DataError(f"{out / 'features'}: expected one encoder fingerprint, found {sorted(fingerprints)}")
     import ray.data  # noqa: F401
 
     sample = pq.read_table(next((out / "features").glob("*.parquet")), columns=[next(iter(columns.values()))])

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import DataError
 from .images import BadImage, load_pixels
 from .schema import TRIPLET_SCHEMA, Quarantined, normalize_text, pixels_to_arrow, write_quarantine_part
 
@@ -30,10 +31,10 @@ def ipr2pr_files(root: Path) -> list[Path]:
         try:
             names = pq.read_schema(path).names
         except (pa.ArrowInvalid, OSError) as exc:
-            raise ValueError(f"{path}: not a readable parquet file ({exc})") from None
+            raise DataError(f"{path}: not a readable parquet file ({exc})") from None
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:
-            raise ValueError(f"{path}: missing IPr2Pr column(s) {', '.join(missing)} (has {', '.join(names)})")
+            raise DataError(f"{path}: missing IPr2Pr column(s) {', '.join(missing)} (has {', '.join(names)})")
     return files
 
 

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
+from ..errors import DataError
 from .schema import pixels_from_bytes
 
 FEATURES, PIXELS = "features", "pixels"
@@ -169,7 +170,7 @@ def _source(prepared_dir: str | Path, manifest: dict, use_features: bool, vision
     cache = manifest.get("features")
     source = FEATURES if use_features and cache else PIXELS
     if source == FEATURES and vision_fingerprint and cache["fingerprint"] != vision_fingerprint:
-        raise ValueError(
+        raise DataError(
             f"{prepared_dir}: its feature cache was made by a vision encoder with fingerprint {cache['fingerprint']}, "
             f"the model has {vision_fingerprint}; rebuild the cache or train without it (use_features=false)"
         )
@@ -202,16 +203,16 @@ def gallery_input(prepared_dir: str | Path, tokenizer, max_text_length: int, use
         triplets = triplets.filter(held if holdout[0] == "holdout" else ~held)
     unlabelled = triplets.column("target_id").null_count
     if unlabelled:
-        raise ValueError(f"{prepared_dir}: {unlabelled} triplets have no target (a test split?); cannot train on it")
+        raise DataError(f"{prepared_dir}: {unlabelled} triplets have no target (a test split?); cannot train on it")
     rows_per_epoch = len(triplets) // batch_size * batch_size
     if not rows_per_epoch:
-        raise ValueError(f"{prepared_dir}: {len(triplets)} triplets make no global batch of {batch_size}")
+        raise DataError(f"{prepared_dir}: {len(triplets)} triplets make no global batch of {batch_size}")
     index, store = load_image_store(prepared_dir, source)
     missing = [sample for sample, ref, tgt in zip(*(triplets.column(c).to_pylist() for c in
                                                       ("sample_id", "reference_id", "target_id")))
                if ref not in index or tgt not in index]
     if missing:
-        raise ValueError(f"{prepared_dir}: {len(missing)} triplets name images missing from its image store "
+        raise DataError(f"{prepared_dir}: {len(missing)} triplets name images missing from its image store "
                          f"(e.g. {', '.join(missing[:3])}); run `detailfusion prepare` for this split again")
     plan, tokens = epoch_plan(triplets, index, tokenizer, max_text_length, epochs, rows_per_epoch, seed,
                               subset_negatives)
@@ -245,7 +246,7 @@ def inline_input(prepared_dir: str | Path, tokenizer, max_text_length: int, use_
     rows = len(table)
     rows_per_epoch = rows // batch_size * batch_size
     if not rows_per_epoch:
-        raise ValueError(f"{prepared_dir}: {rows} rows make no global batch of {batch_size}")
+        raise DataError(f"{prepared_dir}: {rows} rows make no global batch of {batch_size}")
     if source == FEATURES:
         images = [np.asarray(table.column(f"{side}_features").combine_chunks().to_numpy()) for side in ("reference", "target")]
     else:

@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import DataError
 from ..config import PrepareConfig
 from .cirr import read_cirr
 from .fashioniq import read_fashioniq
@@ -48,7 +49,7 @@ def _block_count(items: int, batch_size: int) -> int:
     return max(1, min(-(-items // batch_size), max(4 * cpus, -(-items // 1024))))
 
 
-class PrepareError(RuntimeError):
+class PrepareError(DataError, RuntimeError):
     """The job could not produce a usable output (e.g. too many bad records)."""
 
 

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
+from ..errors import DataError
+
 SCHEMA_VERSION = 3  # 3: IPr2Pr rows keep their images' captions; 2: pixels as one fixed-size binary value per
 #   image (1: Ray tensor columns)
 PIXEL_FORMAT = "one fixed_size_binary(S*S*3) value per image: uint8 [S, S, 3] row-major (RGB)"
@@ -111,7 +113,7 @@ def pixels_from_bytes(values, size: int | None = None) -> np.ndarray:
             return _reshape(flat, len(values), width, size)
         if not (pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type)
                 or pa.types.is_fixed_size_binary(values.type)):
-            raise ValueError(f"pixels stored as {values.type}, not one binary value per image: an output of an older "
+            raise DataError(f"pixels stored as {values.type}, not one binary value per image: an output of an older "
                              f"schema version (now {SCHEMA_VERSION}); run `detailfusion prepare` on the split again")
         values = values.to_pylist()
     values = list(values)

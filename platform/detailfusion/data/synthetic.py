@@ -19,6 +19,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..errors import ConfigError
+
 KINDS = ("circle", "square", "triangle", "star", "diamond", "cross")
 COLOURS = {
     "red": (215, 40, 40),
@@ -487,16 +489,16 @@ def write_synthetic(kind: str, out: str | Path, pairs: int = 2000, seed: int = 0
               "pairs_per_set": pairs_per_set}
     detail = {name: value for name, value in detail.items() if value is not None}
     if kind not in WRITERS:
-        raise ValueError(f"unknown synthetic kind {kind!r}; known: {', '.join(WRITERS)}")
+        raise ConfigError(f"unknown synthetic kind {kind!r}; known: {', '.join(WRITERS)}")
     if benchmark not in BENCHMARKS:
-        raise ValueError(f"unknown synthetic benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
+        raise ConfigError(f"unknown synthetic benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
     if benchmark == "detail" and kind != "cirr":
-        raise ValueError(f"the detail benchmark is written in CIRR's layout only, got kind {kind!r}")
+        raise ConfigError(f"the detail benchmark is written in CIRR's layout only, got kind {kind!r}")
     if detail and benchmark != "detail":
         given = ", ".join(f"{name}={value}" for name, value in detail.items())
-        raise ValueError(f"{given}: only for benchmark 'detail', got benchmark {benchmark!r}")
+        raise ConfigError(f"{given}: only for benchmark 'detail', got benchmark {benchmark!r}")
     if pairs < 3:
-        raise ValueError(f"--pairs must be at least 3 (one per split), got {pairs}")
+        raise ConfigError(f"--pairs must be at least 3 (one per split), got {pairs}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if benchmark == "detail":

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ConfigError
 from .synthetic import (
     CIRR_PAIRS_PER_SET, COLOURS, EDIT_TYPES, KINDS, SIZES, Edit, Group, Scene, Shape, random_edit, random_scene,
     write_cirr_groups,
@@ -38,11 +39,11 @@ class DetailLayout:
     def __post_init__(self):
         for name in ("train_pairs", "val_pairs", "test_pairs"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 2 <= self.family_size <= 64:
-            raise ValueError(f"family_size must be in 2..64 (groups per family), got {self.family_size}")
+            raise ConfigError(f"family_size must be in 2..64 (groups per family), got {self.family_size}")
         if not 1 <= self.pairs_per_set <= CIRR_PAIRS_PER_SET:
-            raise ValueError(f"pairs_per_set must be in 1..{CIRR_PAIRS_PER_SET}, got {self.pairs_per_set}")
+            raise ConfigError(f"pairs_per_set must be in 1..{CIRR_PAIRS_PER_SET}, got {self.pairs_per_set}")
 
     @property
     def counts(self) -> dict[str, int]:

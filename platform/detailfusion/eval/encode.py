@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from ..errors import DataError
 from ..data.pipeline import PIXELS, load_image_store, read_manifest
 from ..data.schema import pixels_from_bytes
 from ..data.transforms import normalize_pixels
@@ -153,7 +154,7 @@ def encode_gallery(prepared_dir: str | Path, model_dir: str | Path, fingerprint:
 
     manifest = read_manifest(prepared_dir)
     if manifest["layout"] != "gallery":
-        raise ValueError(f"{prepared_dir}: a {manifest['dataset']} split has no gallery to encode")
+        raise DataError(f"{prepared_dir}: a {manifest['dataset']} split has no gallery to encode")
     gallery = pq.read_table(Path(prepared_dir) / "gallery.parquet")
     ids = list(dict.fromkeys(gallery.column("image_id").to_pylist()))
     location = dict(zip(gallery.column("image_id").to_pylist(), gallery.column("location").to_pylist()))
@@ -161,7 +162,7 @@ def encode_gallery(prepared_dir: str | Path, model_dir: str | Path, fingerprint:
     encoder = dict(fn_constructor_args=(str(model_dir), options.use_gpu), **_pool_kwargs(options))
     encoded = _collect(_over_the_pool(images, options).map_batches(GalleryEncoder, **encoder), "embedding")
     if not len(encoded):
-        raise ValueError(f"{prepared_dir}: no images to encode")
+        raise DataError(f"{prepared_dir}: no images to encode")
     row = {str(name): i for i, name in enumerate(encoded["image_id"])}
     nodes, counts = np.unique(encoded["node_ip"].astype(str), return_counts=True)
     order = [row[name] for name in ids]

@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
+from ..errors import ConfigError, DataError
 from ..config import EvalConfig, PrepareConfig
 from ..data.pipeline import read_manifest
 from ..index import GalleryIndex
@@ -47,10 +48,10 @@ def prepared_split(config: EvalConfig, image_size: int) -> Path:
     if config.prepared:
         manifest = read_manifest(config.prepared)
         if manifest["image_size"] != image_size:
-            raise ValueError(f"{config.prepared} holds {manifest['image_size']} px images; the model takes {image_size}")
+            raise DataError(f"{config.prepared} holds {manifest['image_size']} px images; the model takes {image_size}")
         return Path(config.prepared)
     if not config.root:
-        raise ValueError("give --root (the dataset directory) or --prepared (a prepared split)")
+        raise ConfigError("give --root (the dataset directory) or --prepared (a prepared split)")
     out = Path(config.out) / "prepared"
     prepare(PrepareConfig(dataset=config.dataset, root=config.root, split=config.split, out=str(out),
                           image_size=image_size, categories=config.categories,
@@ -98,7 +99,7 @@ def evaluate(config: EvalConfig) -> dict:
 
     start = time.perf_counter()
     if not config.out:
-        raise ValueError("give --out (the output directory)")
+        raise ConfigError("give --out (the output directory)")
     model_config, fingerprint = _model_facts(config.checkpoint)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

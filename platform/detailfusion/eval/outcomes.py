@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import DataError
 from .metrics import target_ranks
 from .protocols import CirrQueries
 from .validate import ValidationSplit
@@ -49,7 +50,7 @@ def cirr_outcomes(prepared_dir: str | Path, model, tokenizer, variants: list[str
     """``model`` (eval mode) on a prepared CIRR split; ``targets`` supplies held-apart targets (synthetic test1)."""
     split = ValidationSplit(prepared_dir, targets)
     if split.dataset != "cirr":
-        raise ValueError(f"{prepared_dir}: per-query outcomes follow the CIRR protocol; this split is {split.dataset}")
+        raise DataError(f"{prepared_dir}: per-query outcomes follow the CIRR protocol; this split is {split.dataset}")
     features, index, queries = split.encode(model, tokenizer)
     cirr = CirrQueries(split.triplets, index)
     values = {}

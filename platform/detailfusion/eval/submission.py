@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import DataError
 from .metrics import CIRR_KS, CIRR_SUBSET_KS
 
 VERSION = "rc2"
@@ -19,7 +20,7 @@ LIST_LENGTH = {"recall": 50, "recall_subset": 3}
 FILE_NAMES = {"recall": "cirr_test1_recall.json", "recall_subset": "cirr_test1_recall_subset.json"}
 
 
-class SubmissionError(ValueError):
+class SubmissionError(DataError):
     """A submission that is malformed or incomplete; ``problems`` lists every finding."""
 
     def __init__(self, where: str, problems: list[str]):

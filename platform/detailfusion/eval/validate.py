@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ..errors import DataError
 from ..data.pipeline import PIXELS, load_image_store, read_manifest
 from ..index import GalleryIndex
 from .encode import QueryFeatures, gallery_embeddings, query_features
@@ -36,7 +37,7 @@ class ValidationSplit:
         self.path = Path(prepared_dir)
         manifest = read_manifest(self.path)
         if manifest["layout"] != "gallery":
-            raise ValueError(f"{prepared_dir}: a {manifest['dataset']} split has no gallery to validate on "
+            raise DataError(f"{prepared_dir}: a {manifest['dataset']} split has no gallery to validate on "
                              "(give a prepared CIRR or FashionIQ split)")
         self.dataset = manifest["dataset"]
         self.triplets = pq.read_table(self.path / "triplets")
@@ -44,11 +45,11 @@ class ValidationSplit:
             ids = self.triplets.column("sample_id").to_pylist()
             missing = [s for s in ids if s not in targets]
             if missing:
-                raise ValueError(f"{prepared_dir}: no target given for {len(missing)} queries, e.g. {missing[0]}")
+                raise DataError(f"{prepared_dir}: no target given for {len(missing)} queries, e.g. {missing[0]}")
             column = self.triplets.schema.get_field_index("target_id")
             self.triplets = self.triplets.set_column(column, "target_id", pa.array([targets[s] for s in ids], pa.string()))
         if self.triplets.column("target_id").null_count:
-            raise ValueError(f"{prepared_dir}: split {manifest['split']!r} has no targets to validate against")
+            raise DataError(f"{prepared_dir}: split {manifest['split']!r} has no targets to validate against")
         self.gallery = pq.read_table(self.path / "gallery.parquet")
         self.position, self.images = load_image_store(self.path, PIXELS)
         self.image_ids = list(dict.fromkeys(self.gallery.column("image_id").to_pylist()))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from ..errors import DataError
 from ..index import GalleryIndex
 from ..model.fusion import fused_query
 from .encode import QueryFeatures
@@ -35,7 +36,7 @@ def variant_queries(features: QueryFeatures, index: GalleryIndex, reference_ids:
         queries[compositor] = features.unified
     missing = [r for r in reference_ids if r not in index.position]
     if missing:
-        raise ValueError(f"{len(missing)} reference image(s) are not in the gallery index, e.g. {missing[0]}")
+        raise DataError(f"{len(missing)} reference image(s) are not in the gallery index, e.g. {missing[0]}")
     references = index.embeddings[[index.position[r] for r in reference_ids]]  # [Q, Nq, 2D]
     queries["image_only"] = F.normalize(references.mean(dim=1), dim=-1)
     queries["text_only"] = torch.cat([features.text_gm, torch.zeros_like(features.text_gm)], dim=-1)

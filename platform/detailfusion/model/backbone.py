@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import Blip2ForImageTextRetrieval, PreTrainedTokenizerBase
 
+from ..errors import ConfigError
 from .configuration import DetailFusionConfig
 from .detailfusion import DetailFusionModel
 from .tokenizer import build_tiny_tokenizer, load_tokenizer
@@ -32,7 +33,7 @@ def load_preset(name: str) -> dict[str, Any]:
     """The preset's JSON as a fresh dict (callers may change it)."""
     path = _PRESET_DIR / f"{name}.json"
     if not path.is_file():
-        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(list_presets())}")
+        raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(list_presets())}")
     return copy.deepcopy(json.loads(path.read_text()))
 
 
@@ -49,7 +50,7 @@ def build_model(
         source = pretrained or spec["pretrained"]
         return from_blip2(source, **fields), load_tokenizer(source)
     if pretrained is not None:
-        raise ValueError(f"preset {preset!r} is random-initialised; pretrained={pretrained!r} is not used by it")
+        raise ConfigError(f"preset {preset!r} is random-initialised; pretrained={pretrained!r} is not used by it")
     tokenizer = build_tiny_tokenizer(fields["qformer_config"]["vocab_size"])
     return DetailFusionModel(DetailFusionConfig(**fields)), tokenizer
 

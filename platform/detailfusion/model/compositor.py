@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import ConfigError
 from .branch import BranchQueryOutput
 from .configuration import DetailFusionConfig
 from .fusion import fused_query
@@ -38,7 +39,7 @@ def build_compositor(config: DetailFusionConfig) -> nn.Module:
     try:
         cls = _COMPOSITORS[config.compositor]
     except KeyError:
-        raise ValueError(f"unknown compositor {config.compositor!r}; known: {', '.join(list_compositors())}") from None
+        raise ConfigError(f"unknown compositor {config.compositor!r}; known: {', '.join(list_compositors())}") from None
     return cls(config)
 
 

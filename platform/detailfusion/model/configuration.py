@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from transformers import Blip2QFormerConfig, Blip2VisionConfig, PreTrainedConfig
 
+from ..errors import ConfigError
 from .fusion import check_rule
 
 
@@ -49,4 +50,4 @@ class DetailFusionConfig(PreTrainedConfig):
         self.static_weights = [float(w) for w in self.static_weights]
         check_rule(self.fusion_score)
         if len(self.static_weights) != 2 or min(self.static_weights) < 0 or sum(self.static_weights) <= 0:
-            raise ValueError(f"static_weights must be two non-negative numbers, not both 0: {self.static_weights}")
+            raise ConfigError(f"static_weights must be two non-negative numbers, not both 0: {self.static_weights}")

@@ -17,12 +17,14 @@ import math
 
 import torch
 
+from ..errors import ConfigError
+
 FUSION_SCORES = ("branch_max", "joint_max")
 
 
 def check_rule(rule: str) -> str:
     if rule not in FUSION_SCORES:
-        raise ValueError(f"unknown fusion_score {rule!r}; known: {', '.join(FUSION_SCORES)}")
+        raise ConfigError(f"unknown fusion_score {rule!r}; known: {', '.join(FUSION_SCORES)}")
     return rule
 
 

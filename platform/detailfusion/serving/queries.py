@@ -19,6 +19,7 @@ import numpy as np
 
 from ..data.images import BadImage, decode_image
 from ..data.transforms import resize_crop, target_pad
+from ..errors import RequestError  # re-exported: callers import it from here
 
 
 @dataclass(frozen=True)
@@ -27,17 +28,6 @@ class Limits:
     max_image_pixels: int = 40_000_000  # width x height, read from the header before decoding
     max_text_chars: int = 300
     max_top_k: int = 100
-
-
-class RequestError(Exception):
-    """A request the server refuses: answered as ``{"error": {"code", "message"}}`` with ``status``."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-    def body(self) -> dict:
-        return {"error": {"code": self.code, "message": self.message}}
 
 
 @dataclass

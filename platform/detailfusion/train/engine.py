@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 
+from ..errors import ConfigError
 from ..config import OptimConfig, TrainConfig
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -21,7 +22,7 @@ def micro_batch_size(train: TrainConfig, world_size: int) -> int:
     """Per-rank batch of one forward: global batch / (world size x accumulation steps)."""
     per_step = world_size * train.grad_accum
     if train.batch_size % per_step:
-        raise ValueError(
+        raise ConfigError(
             f"train.batch_size={train.batch_size} is not divisible by num_workers x grad_accum = {per_step}"
         )
     return train.batch_size // per_step

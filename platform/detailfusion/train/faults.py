@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ConfigError
+
 FAULT_ENV = "DETAILFUSION_INJECT_FAULT"
 MARKER = "fault_injected"
 
@@ -28,9 +30,9 @@ class FaultPlan:
             fields = dict(part.split("=", 1) for part in text.replace(" ", "").split(",") if part)
             plan = cls(step=int(fields.pop("step")), rank=int(fields.pop("rank", 0)))
         except (KeyError, ValueError) as exc:
-            raise ValueError(f"{FAULT_ENV}={text!r}: expected 'step=N' or 'step=N,rank=R'") from exc
+            raise ConfigError(f"{FAULT_ENV}={text!r}: expected 'step=N' or 'step=N,rank=R'") from exc
         if fields:
-            raise ValueError(f"{FAULT_ENV}={text!r}: unknown field(s) {sorted(fields)}")
+            raise ConfigError(f"{FAULT_ENV}={text!r}: unknown field(s) {sorted(fields)}")
         return plan
 
     def maybe_fail(self, step: int, rank: int, stage_dir: Path) -> None:

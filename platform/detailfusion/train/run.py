@@ -17,16 +17,13 @@ from pathlib import Path
 
 from ..config import JobConfig, save_config, to_dict
 from ..data.pipeline import gallery_input, inline_bytes, inline_input, read_manifest, training_dataset
+from ..errors import StageError  # re-exported: callers import it from here
 from .engine import clipping
 from .model_card import write_model_card
 from .stages import STAGES
 
 
 HEALTH_CHECK_INTERVAL_S = 0.5  # Ray Train's worker poll interval (set RAY_TRAIN_HEALTH_CHECK_INTERVAL_S to change)
-
-
-class StageError(ValueError):
-    """A stage that cannot start: wrong data, missing previous stage, impossible settings."""
 
 
 def stage_dir(config: JobConfig) -> Path:
