@@ -4,7 +4,7 @@ reproducible from the seed, whole global batches, texts tokenised once, subset n
 import numpy as np
 import pyarrow as pa
 
-from detailfusion.data.pipeline import epoch_plan, sample_key
+from detailfusion.data.training_input import epoch_plan, sample_key
 from detailfusion.model.tokenizer import build_tiny_tokenizer
 
 ROWS = 22

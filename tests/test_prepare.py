@@ -15,7 +15,7 @@ from PIL import Image
 
 from detailfusion.config import PrepareConfig
 from detailfusion.data.images import load_pixels
-from detailfusion.data.pipeline import load_image_store
+from detailfusion.data.training_input import load_image_store
 from detailfusion.data.prepare import PrepareError, prepare, read_quarantine
 from detailfusion.data.synthetic import write_synthetic
 

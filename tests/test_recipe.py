@@ -240,7 +240,7 @@ def test_image_text_loss_is_symmetric_infonce_by_hand():
 
 
 def test_stage0_trains_the_gm_qformer_on_captions_and_exports_it_into_both_branches():
-    from detailfusion.data.pipeline import TripletBatcher
+    from detailfusion.data.training_input import TripletBatcher
     from detailfusion.data.schema import pixels_to_arrow
     import numpy as np
 

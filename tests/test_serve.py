@@ -59,7 +59,7 @@ def trained(tmp_path_factory, ray_local):
     index = GalleryIndex.load(root / "index")
     triplets = pq.read_table(root / "prep" / "triplets").to_pylist()
     source = json.loads((root / "raw/image_splits/split.rc2.train.json").read_text())
-    from detailfusion.data.pipeline import PIXELS, load_image_store
+    from detailfusion.data.training_input import PIXELS, load_image_store
 
     position, images = load_image_store(root / "prep", PIXELS)
     pixels = torch.from_numpy(images[[position[t["reference_id"]] for t in triplets]])

@@ -1,4 +1,4 @@
-"""serve/config.yaml is a valid Serve deploy config (Ray's own schema) whose app args are ServeConfig keys, and
+"""deploy/config.yaml is a valid Serve deploy config (Ray's own schema) whose app args are ServeConfig keys, and
 the request checks of the endpoint, without a server."""
 
 import base64
@@ -16,11 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 def test_serve_config_yaml_validates_with_rays_schema():
     from ray.serve.schema import ServeDeploySchema
 
-    raw = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    raw = yaml.safe_load((REPO / "deploy" / "config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(raw)
     (app,) = schema.applications
     assert app.import_path == "detailfusion.serving.app:app_builder"
-    config = from_dict(ServeConfig, app.args, source="serve/config.yaml")
+    config = from_dict(ServeConfig, app.args, source="deploy/config.yaml")
     assert config.min_replicas <= config.max_replicas
 
 

@@ -12,7 +12,7 @@ import torch
 
 from detailfusion.config import PrepareConfig
 from detailfusion.data.feature_cache import vision_fingerprint
-from detailfusion.data.pipeline import gallery_input, inline_input, holdout_mask, load_image_store, sample_key, training_dataset
+from detailfusion.data.training_input import gallery_input, inline_input, holdout_mask, load_image_store, sample_key, training_dataset
 from detailfusion.data.prepare import prepare
 from detailfusion.data.schema import pixels_from_bytes
 from detailfusion.data.synthetic import write_synthetic

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..errors import DataError
-from ..data.pipeline import PIXELS, load_image_store, read_manifest
+from ..data.training_input import PIXELS, load_image_store, read_manifest
 from ..data.schema import pixels_from_bytes
 from ..data.transforms import normalize_pixels
 from ..index import GalleryIndex

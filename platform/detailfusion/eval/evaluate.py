@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from ..config import EvalConfig, PrepareConfig
-from ..data.pipeline import read_manifest
+from ..data.training_input import read_manifest
 from ..index import GalleryIndex
 from .encode import EncodeOptions, encode_gallery, encode_queries
 from .metrics import TIE_RULE

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..errors import DataError
-from ..data.pipeline import PIXELS, load_image_store, read_manifest
+from ..data.training_input import PIXELS, load_image_store, read_manifest
 from ..index import GalleryIndex
 from .encode import QueryFeatures, gallery_embeddings, query_features
 from .protocols import CirrQueries, fashioniq_variant_metrics

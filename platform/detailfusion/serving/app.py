@@ -9,7 +9,7 @@ and the OpenAPI declarations are in ``schema.py``: ``/openapi.json``, ``/docs``)
 - ``GET /healthz``, ``GET /gallery?offset=&limit=``, ``GET /thumbnails/{image_id}`` (JPEG from the index),
   ``GET /`` the search page.
 
-``app_builder(args)`` is the import path for ``serve run`` / ``serve deploy`` (``serve/config.yaml``).
+``app_builder(args)`` is the import path for ``serve run`` / ``serve deploy`` (``deploy/config.yaml``).
 No ``from __future__ import annotations`` here (FastAPI reads the handlers' annotations at runtime), and the
 helpers come before the ingress class: ``serve.ingress`` pickles the handlers when the class is defined.
 """

@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import JobConfig, save_config, to_dict
-from ..data.pipeline import gallery_input, inline_bytes, inline_input, read_manifest, training_dataset
+from ..data.training_input import gallery_input, inline_bytes, inline_input, read_manifest, training_dataset
 from ..errors import StageError  # re-exported: callers import it from here
 from .engine import clipping
 from .model_card import write_model_card
