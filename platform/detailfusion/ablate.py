@@ -140,11 +140,12 @@ def _start(config: AblationConfig, chain: Chain, seed: int) -> Path | None:
 def _train_chain(config: AblationConfig, name: str, seed: int, data: dict) -> Path:
     """Run (or reuse) the chain's stages; returns its final export."""
     from .train.run import run_stage
+    from .train.stages import STAGES
 
     chain = CHAINS[name]
     model = _start(config, chain, seed)
     for stage, overrides in chain.stages:
-        prepared = data["ipr2pr-train"] if stage <= 1 else data["cirr-train"]
+        prepared = data["ipr2pr-train"] if "ipr2pr" in STAGES[stage].datasets else data["cirr-train"]
         model = run_stage(_stage_config(config, name, stage, overrides, seed, prepared, model))
     return model
 

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .errors import ConfigError
 from .config import EvalConfig, JobConfig, load_config
+from .errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # package data (jobs/configs links here)
 
@@ -101,14 +101,16 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
 
 def _stage_config(config: PipelineConfig, stage: int) -> JobConfig:
+    from .train.stages import STAGES
+
     path = Path(config.configs) / f"stage{stage}_{config.preset}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"stage {stage} config {path} not found (pipeline.configs names the folder of the "
                                 "stage<N>_<preset>.yaml files; the package ships them in detailfusion/configs)")
     work = Path(config.workdir)
-    prepared = work / "prep" / ("ipr2pr-train" if stage <= 1 else "cirr-train")
+    prepared = work / "prep" / ("ipr2pr-train" if "ipr2pr" in STAGES[stage].datasets else "cirr-train")
     overrides = [f"workdir={work}", f"data.prepared={prepared}", f"train.seed={config.seed}"]
-    if stage > 0:
+    if stage > 0:  # the chain 0 -> 1 -> 2 -> 3: each stage starts from the previous one's export
         overrides.append(f"model.init_from={work / f'stage{stage - 1}' / 'model'}")
     return load_config(JobConfig, path, overrides + list(config.overrides))
 

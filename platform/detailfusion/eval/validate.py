@@ -2,9 +2,9 @@
 training process on a model already in memory (no Ray Data: a validation split is small). Ray Tune scores
 sweep trials on it, never on the training loss.
 
-Which variant scores a stage (``STAGE_VARIANT``): stage 0 pre-trains the GM Q-Former, so ``gm``; stage 1 trains
-only the DI branch, so ``di``; stage 2 trains
-both branches and no compositor yet, so ``static`` (the equal blend); stage 3 the model's own compositor.
+Which variant scores a stage is the stage's ``validation_variant`` (``train/stages.py``): stage 0 pre-trains the GM
+Q-Former, so ``gm``; stage 1 trains only the DI branch, so ``di``; stage 2 trains both branches and no compositor
+yet, so ``static`` (the equal blend); stage 3 the model's own compositor.
 """
 
 from __future__ import annotations
@@ -21,13 +21,6 @@ from ..index import GalleryIndex
 from .encode import QueryFeatures, gallery_embeddings, query_features
 from .protocols import CirrQueries, fashioniq_variant_metrics
 from .variants import variant_queries, variant_scores
-
-STAGE_VARIANT = {0: "gm", 1: "di", 2: "static", 3: None}  # None: the model's compositor
-
-
-def stage_variant(stage: int, compositor: str) -> str:
-    return STAGE_VARIANT[stage] or compositor
-
 
 class ValidationSplit:
     """A labelled prepared CIRR or FashionIQ split (its triplets, gallery and decoded images), loaded once."""

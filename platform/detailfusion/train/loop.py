@@ -138,7 +138,7 @@ class StageRecipe:
 
     def _train(self) -> None:
         set_up = time.time()
-        cached = self._encode_split_once() if self.spec.number == 3 else None
+        cached = self._encode_split_once() if self.spec.batches == "branch_outputs" else None
         self.engine.train()
         started, seen, last_loss = time.perf_counter(), 0, float("nan")
         first_step = self.step + 1
@@ -191,7 +191,7 @@ class StageRecipe:
     def _validate(self, epoch: int) -> dict[str, float]:
         """Rank 0: recall on data.val_prepared -> {"val_score": headline Avg of the stage's variant,
         "val/<variant>/<metric>": ...} (also appended to validation.csv). Other ranks return {}."""
-        from ..eval.validate import ValidationSplit, stage_variant
+        from ..eval.validate import ValidationSplit
         from ..eval.variants import FIXED_WEIGHTS
 
         if self.rank != 0:
@@ -199,8 +199,8 @@ class StageRecipe:
         if self.validation_split is None:
             self.validation_split = ValidationSplit(self.config.data.val_prepared)
         model = self.engine.module
-        main = stage_variant(self.spec.number, model.config.compositor)
-        variants = list(dict.fromkeys([main, *([] if self.spec.number == 1 else FIXED_WEIGHTS)]))
+        main = self.spec.validation_variant or model.config.compositor
+        variants = list(dict.fromkeys([main, *(FIXED_WEIGHTS if self.spec.validates_fixed_weights else [])]))
         started = time.perf_counter()
         model.eval()
         try:
@@ -277,7 +277,7 @@ class StageRecipe:
 
     def _loss(self, batch: dict) -> dict[str, torch.Tensor]:
         model = self.engine.module
-        if self.spec.number == 3:
+        if self.spec.objective == "fused":  # the frozen branches' outputs, encoded once (_encode_split_once)
             from ..model import BranchQueryOutput
 
             gm = BranchQueryOutput(batch["q_gm"], batch["h_gm"], batch["m_gm"])
@@ -329,7 +329,7 @@ class StageRecipe:
 
         if self.rank == 0:  # one writer (ZeRO <= 2 keeps whole parameters on every rank; ZeRO-3 is refused at check)
             model = self.engine.module
-            if self.spec.number == 0:  # both branches start from the pre-trained Q-Former (as from BLIP-2's)
+            if self.spec.export_gm_into_di:  # both branches start from the pre-trained Q-Former (as from BLIP-2's)
                 model.di_branch.load_state_dict(model.gm_branch.state_dict())
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.config.train.export_precision]
             save_model(model.to("cpu"), self.tokenizer, self.run_facts["export_dir"], dtype=dtype)

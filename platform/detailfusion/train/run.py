@@ -43,9 +43,9 @@ def check_stage(config: JobConfig) -> dict:
         )
     if config.data.dataset not in ("synthetic", manifest["dataset"]):
         raise StageError(f"data.dataset={config.data.dataset!r} but {config.data.prepared} holds {manifest['dataset']}")
-    if config.train.stage == 0:
+    if spec.batches == "captions":
         check_captions(config.data.prepared)
-    if config.train.stage > 1:
+    if spec.starts_from != "preset":
         init = config.model.init_from
         if not init or not (Path(init) / "config.json").is_file():
             raise StageError(
@@ -80,7 +80,8 @@ def check_optimisation(config: JobConfig) -> None:
     if train.precision == "fp16" and train.zero_stage > 0:
         raise StageError(f"train.precision=fp16 with ZeRO-{train.zero_stage}: autocast over fp32 weights has no loss "
                          "scaler there; use bf16, or zero_stage 0")
-    if train.stage == 2 and optim.clip == "per_branch" and optim.grad_clip > 0 and not clips_with_torch(train):
+    branches_trained = sum(part.endswith("_branch") for part in STAGES[train.stage].trainable)
+    if branches_trained > 1 and optim.clip == "per_branch" and optim.grad_clip > 0 and not clips_with_torch(train):
         raise StageError(f"optim.clip=per_branch (GM and DI clipped apart) needs train.zero_stage=0 and fp32/bf16, got "
                          f"ZeRO-{train.zero_stage} {train.precision}: DeepSpeed's own clipping takes one global norm; "
                          "set optim.clip=global (or auto) to use it")
@@ -140,15 +141,16 @@ def initial_model(config: JobConfig, directory: Path) -> str:
 
     from ..model import model_fingerprint
 
-    if config.model.init_from and config.train.stage != 3:
+    new_compositor = STAGES[config.train.stage].starts_from == "previous_export_new_compositor"
+    if config.model.init_from and not new_compositor:
         return config.model.init_from
-    source = model_fingerprint(config.model.init_from) if config.train.stage == 3 else None  # the branches' export
+    source = model_fingerprint(config.model.init_from) if new_compositor else None  # the branches' export
     made_from = directory / "made_from.json"
     if (directory / "config.json").is_file() and (source is None or (made_from.is_file() and
                                                                      json.loads(made_from.read_text()) == source)):
         return str(directory)
     torch.manual_seed(config.train.seed)
-    if config.train.stage == 3:
+    if new_compositor:
         model, tokenizer = with_new_compositor(config.model.init_from, compositor_fields(config))
     else:
         model, tokenizer = build_model(config.model.preset, pretrained=config.model.pretrained,
@@ -289,7 +291,7 @@ def stage_cost(metrics_csv: Path, called_at: float, returned_at: float) -> dict 
 
 def subset_negatives(config: JobConfig) -> int:
     """Near-duplicates drawn per row: none at stage 3, and none without the reference negative (L_DI = L_GM)."""
-    return config.loss.subset_negatives if config.train.stage < 3 and config.loss.reference_negative else 0
+    return config.loss.subset_negatives if STAGES[config.train.stage].near_duplicates and config.loss.reference_negative else 0
 
 
 def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir: Path, callbacks: list | None = None,
@@ -306,7 +308,7 @@ def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir:
     from .trainer import StageTrainer
 
     called_at = called_at or time.time()
-    train = config.train
+    train, spec = config.train, STAGES[config.train.stage]
     tokenizer, max_text_length = load_tokenizer(init_from), DetailFusionConfig.from_pretrained(init_from).max_text_length
     fingerprint = None  # the model's ViT against the split's feature cache: the weights are loaded only to check it
     if config.data.use_feature_cache and manifest.get("features"):
@@ -317,22 +319,22 @@ def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir:
            "rows": manifest["counts"]["triplets"], "called_at": called_at}
     datasets = None
     if manifest["layout"] == "gallery":  # every epoch in one plan (stage 3 encodes one epoch once and reshuffles)
-        run["data_epochs"] = 1 if train.stage == 3 else train.epochs
+        run["data_epochs"] = 1 if spec.batches == "branch_outputs" else train.epochs
         run["gallery"] = gallery_input(
             config.data.prepared, tokenizer, max_text_length, **cache, epochs=run["data_epochs"], seed=train.seed,
             subset_negatives=subset_negatives(config), batch_size=train.batch_size,
-            holdout=("holdout" if train.stage == 3 else "fit", config.data.holdout_fraction))
+            holdout=(spec.trains_on, config.data.holdout_fraction))
         run["rows"] = run["gallery"].epoch_rows
     elif inline_bytes(config.data.prepared, config.data.use_feature_cache) <= config.data.in_memory_max_mb * 2**20:
         run["data_epochs"] = train.epochs  # a small inline split (IPr2Pr) held like a gallery split
         run["gallery"] = inline_input(config.data.prepared, tokenizer, max_text_length, **cache, epochs=train.epochs,
-                                      seed=train.seed, batch_size=train.batch_size, captions=train.stage == 0)
+                                      seed=train.seed, batch_size=train.batch_size, captions=spec.batches == "captions")
         run["rows"] = run["gallery"].epoch_rows
     else:  # a large inline split: Ray Data streams the shards once per epoch
         run["data_epochs"] = 1
         datasets = {"train": training_dataset(config.data.prepared, tokenizer, max_text_length, **cache,
                                               actor_cpus=train.data_actor_cpus, seed=train.seed,
-                                              batch_size=train.batch_size, captions=train.stage == 0)}
+                                              batch_size=train.batch_size, captions=spec.batches == "captions")}
     return StageTrainer(
         train_loop_per_worker,
         pg_cleaner=bool(callbacks),  # a sweep trial (Tune's report callback) can be stopped from outside
