@@ -45,7 +45,7 @@ def bare_loop(model_dir: Path, prepared: Path, batch_size: int, steps: int, subs
 
     from detailfusion.config import LossConfig
     from detailfusion.data.training_input import PIXELS, load_image_store
-    from detailfusion.data.transforms import normalize_pixels
+    from detailfusion.pixels import normalize_pixels
     from detailfusion.model import load_model
     from detailfusion.train.stages import STAGES, branch_loss, build_loss, freeze_for_stage
 

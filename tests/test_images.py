@@ -11,7 +11,8 @@ from PIL import Image
 
 from detailfusion.data.images import BadImage, decode_image, load_pixels
 from detailfusion.data.schema import pixel_type, pixels_from_bytes, pixels_to_arrow
-from detailfusion.data.transforms import CLIP_MEAN, normalize_pixels, preprocess, resize_crop, target_pad
+from detailfusion.data.transforms import preprocess, resize_crop, target_pad
+from detailfusion.pixels import CLIP_MEAN, normalize_pixels
 
 
 def png(size=(40, 20), colour=(255, 0, 0)):

@@ -258,7 +258,7 @@ def test_stage0_trains_the_gm_qformer_on_captions_and_exports_it_into_both_branc
     assert not np.array_equal(out["input_ids"], out["target_input_ids"])
     assert "target_input_ids" not in TripletBatcher(tokenizer, 32, "pixels")(rows)
     batch = {k: torch.from_numpy(v) for k, v in out.items()}
-    from detailfusion.data.transforms import normalize_pixels
+    from detailfusion.pixels import normalize_pixels
 
     batch["reference"], batch["target"] = normalize_pixels(batch["reference"]), normalize_pixels(batch["target"])
     parts = branch_loss(spec, model, build_loss(spec, job().loss), batch, "pixel_values")

@@ -23,7 +23,7 @@ from conftest import missing_prerequisite
 from detailfusion.config import EvalConfig, JobConfig, PrepareConfig, ServeConfig, load_config
 from detailfusion.data.prepare import prepare
 from detailfusion.data.synthetic import write_synthetic
-from detailfusion.eval.encode import query_features
+from detailfusion.model.inference import embed_queries
 from detailfusion.eval.evaluate import build_index
 from detailfusion.index import GalleryIndex
 from detailfusion.model import build_model, load_model, save_model
@@ -63,7 +63,7 @@ def trained(tmp_path_factory, ray_local):
 
     position, images = load_image_store(root / "prep", PIXELS)
     pixels = torch.from_numpy(images[[position[t["reference_id"]] for t in triplets]])
-    features = query_features(model.eval(), tokenizer, pixels, [t["text"] for t in triplets])
+    features = embed_queries(model.eval(), tokenizer, pixels, [t["text"] for t in triplets])
     _, top = index.search(features["unified"], 1)
     learned = [t for t, row in zip(triplets, top[:, 0].tolist()) if index.image_ids[row] == t["target_id"]]
     # a random ranking gets len(triplets) / len(index) (here 1.6) right at rank 1; 3x that has p ~ 0.02 by chance

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from detailfusion.data.synthetic import (
+from detailfusion.data.synthetic import write_synthetic
+from detailfusion.data.synthetic_scenes import (
     COLOURS,
     CELLS,
     EDIT_TYPES,
@@ -22,7 +23,6 @@ from detailfusion.data.synthetic import (
     describe,
     random_edit,
     random_scene,
-    write_synthetic,
 )
 from detailfusion.data.synthetic_difficulty import (
     cirr_recall,

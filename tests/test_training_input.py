@@ -16,7 +16,7 @@ from detailfusion.data.training_input import gallery_input, inline_input, holdou
 from detailfusion.data.prepare import prepare
 from detailfusion.data.schema import pixels_from_bytes
 from detailfusion.data.synthetic import write_synthetic
-from detailfusion.data.transforms import normalize_pixels
+from detailfusion.pixels import normalize_pixels
 from detailfusion.model import build_model, save_model
 
 pytestmark = pytest.mark.usefixtures("ray_local")

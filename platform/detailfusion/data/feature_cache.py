@@ -20,7 +20,7 @@ import torch
 from ..errors import ConfigError, DataError
 from ..config import PrepareConfig
 from .schema import pixels_from_bytes
-from .transforms import normalize_pixels
+from ..pixels import normalize_pixels
 
 
 def vision_fingerprint(model) -> str:

@@ -70,3 +70,10 @@ def resize_crop(image: Image.Image, size: int) -> Image.Image:
 def load_pixels(data: bytes, size: int) -> np.ndarray:
     """Bytes -> targetpad + resize + centre crop -> uint8 [size, size, 3] (normalised later, on the device)."""
     return np.asarray(resize_crop(target_pad(decode_image(data)), size), dtype=np.uint8)
+
+
+def jpeg_thumbnail(pixels: np.ndarray, quality: int = 90) -> bytes:
+    """uint8 [S, S, 3] -> JPEG bytes (the gallery thumbnails a server shows and takes as references)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()

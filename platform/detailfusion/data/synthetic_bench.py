@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from .synthetic import (
+from .synthetic_scenes import (
     CIRR_PAIRS_PER_SET, COLOURS, EDIT_TYPES, KINDS, SIZES, Edit, Group, Scene, Shape, random_edit, random_scene,
     write_cirr_groups,
 )

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .synthetic import CELLS, Edit, Shape
+from .synthetic_scenes import CELLS, Edit, Shape
 
 RECALL_AT = (1, 5, 10, 50)
 SUBSET_RECALL_AT = (1, 2, 3)

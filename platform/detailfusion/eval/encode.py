@@ -9,7 +9,6 @@ the text-only feature and the model's own compositor output, per query.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +16,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from ..errors import DataError
-from ..data.training_input import PIXELS, load_image_store, read_manifest
+from ..data.images import jpeg_thumbnail
 from ..data.schema import pixels_from_bytes
-from ..data.transforms import normalize_pixels
+from ..data.training_input import PIXELS, load_image_store, read_manifest
+from ..errors import DataError
 from ..index import GalleryIndex
+from ..model.inference import QueryFeatures, embed_gallery, embed_queries
 
 
 @dataclass(frozen=True)
@@ -41,39 +41,6 @@ def _load(model_dir: str, use_gpu: bool):
     return model.to(device=device, dtype=dtype).eval(), tokenizer, device
 
 
-@torch.no_grad()
-def gallery_embeddings(model, pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels [B, S, S, 3] (on the model's device) -> unified gallery embeddings [B, Nq, 2D]."""
-    targets = model.encode_targets(model.encode_image(normalize_pixels(pixels)))
-    return model.gallery_embedding(targets["gm"], targets["di"])
-
-
-@torch.no_grad()
-def query_features(model, tokenizer, pixels: torch.Tensor, texts: list[str]) -> dict[str, torch.Tensor]:
-    """Reference pixels uint8 [B, S, S, 3] + texts -> {q_gm, q_di, text_gm [B, D], unified [B, 2D], weights [B, 2]
-    (NaN when the compositor has none)}, float32 on the CPU."""
-    device = pixels.device
-    tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=model.config.max_text_length,
-                       return_tensors="pt").to(device)
-    queries = model.encode_queries(model.encode_image(normalize_pixels(pixels)), tokens["input_ids"],
-                                   tokens["attention_mask"])
-    fused = model.compose(queries["gm"], queries["di"])
-    weights = fused.weights if fused.weights is not None else torch.full((len(texts), 2), float("nan"))
-    text = model.gm_branch.encode_text(tokens["input_ids"], tokens["attention_mask"])
-    out = {"q_gm": queries["gm"].feature, "q_di": queries["di"].feature, "text_gm": text, "unified": fused.query,
-           "weights": weights}
-    return {name: value.float().cpu() for name, value in out.items()}
-
-
-def jpeg_thumbnail(pixels: np.ndarray, quality: int = 90) -> bytes:
-    """uint8 [S, S, 3] -> JPEG bytes (the gallery thumbnails a server shows and takes as references)."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
-
-
 class GalleryEncoder:
     """Actor: {image_id, pixels (one bytes value per uint8 [S, S, 3] image)} -> {image_id, embedding float32
     [B, Nq, 2D], thumbnail JPEG, node_ip (where it was encoded)}."""
@@ -86,7 +53,7 @@ class GalleryEncoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         array = pixels_from_bytes(batch["pixels"])  # uint8 [B, S, S, 3]
-        embedding = gallery_embeddings(self.model, torch.from_numpy(array).to(self.device, non_blocking=True))
+        embedding = embed_gallery(self.model, torch.from_numpy(array).to(self.device, non_blocking=True))
         thumbnails = np.array([jpeg_thumbnail(image) for image in array], dtype=object)
         return {"image_id": batch["image_id"], "embedding": embedding.float().cpu().numpy(), "thumbnail": thumbnails,
                 "node_ip": np.array([self.node_ip] * len(array))}
@@ -103,20 +70,8 @@ class QueryEncoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [self.position[r] for r in batch["reference_id"]]
         pixels = torch.from_numpy(self.images[rows]).to(self.device, non_blocking=True)
-        features = query_features(self.model, self.tokenizer, pixels, [str(t) for t in batch["text"]])
+        features = embed_queries(self.model, self.tokenizer, pixels, [str(t) for t in batch["text"]])
         return {"sample_id": batch["sample_id"], **{name: value.numpy() for name, value in features.items()}}
-
-
-@dataclass
-class QueryFeatures:
-    """Per query (rows in ``sample_ids`` order): q_gm, q_di, text_gm [Q, D]; unified [Q, 2D]; weights [Q, 2]."""
-
-    sample_ids: list[str]
-    q_gm: torch.Tensor
-    q_di: torch.Tensor
-    text_gm: torch.Tensor
-    unified: torch.Tensor
-    weights: torch.Tensor
 
 
 def _pool_kwargs(options: EncodeOptions) -> dict:

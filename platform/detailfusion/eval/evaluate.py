@@ -20,10 +20,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from ..errors import ConfigError, DataError
 from ..config import EvalConfig, PrepareConfig
 from ..data.training_input import read_manifest
+from ..errors import ConfigError, DataError
 from ..index import GalleryIndex
+from ..model.inference import image_size
 from .encode import EncodeOptions, encode_gallery, encode_queries
 from .metrics import TIE_RULE
 from .fashioniq_predictions import check_predictions, predictions, write_predictions
@@ -87,9 +88,9 @@ def build_index(config: EvalConfig) -> GalleryIndex:
     """The ``index`` job: the split's gallery index in ``config.index`` (or ``config.out``)."""
     from ..ray_setup import init_ray
 
-    model_config, fingerprint = _model_facts(config.checkpoint)
+    _, fingerprint = _model_facts(config.checkpoint)
     init_ray(config.num_cpus)
-    prepared = prepared_split(config, model_config["vision_config"]["image_size"])
+    prepared = prepared_split(config, image_size(config.checkpoint))
     return gallery_index(config, prepared, fingerprint, Path(config.index or config.out))
 
 
@@ -104,7 +105,7 @@ def evaluate(config: EvalConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     init_ray(config.num_cpus)
-    prepared = prepared_split(config, model_config["vision_config"]["image_size"])
+    prepared = prepared_split(config, image_size(config.checkpoint))
     annotations = caption_records(prepared, config.dataset)  # read (and refused if unreadable) before any encoding
     index = gallery_index(config, prepared, fingerprint, Path(config.index) if config.index else out / "index")
     triplets = pq.read_table(prepared / "triplets")

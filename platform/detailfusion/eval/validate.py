@@ -18,7 +18,7 @@ import torch
 from ..errors import DataError
 from ..data.training_input import PIXELS, load_image_store, read_manifest
 from ..index import GalleryIndex
-from .encode import QueryFeatures, gallery_embeddings, query_features
+from ..model.inference import QueryFeatures, embed_gallery, embed_queries
 from .protocols import CirrQueries, fashioniq_variant_metrics
 from .variants import variant_queries, variant_scores
 
@@ -63,13 +63,13 @@ class ValidationSplit:
         device = next(model.parameters()).device
         pixels = lambda rows: torch.from_numpy(self.images[rows]).to(device)  # noqa: E731
         rows = [self.position[i] for i in self.image_ids]
-        embeddings = torch.cat([gallery_embeddings(model, pixels(rows[i:i + batch_size])).float().cpu()
+        embeddings = torch.cat([embed_gallery(model, pixels(rows[i:i + batch_size])).float().cpu()
                                 for i in range(0, len(rows), batch_size)])
         index = GalleryIndex(embeddings, self.image_ids, model_fingerprint="in-training",
                              fusion_score=model.config.fusion_score)
         references = self.triplets.column("reference_id").to_pylist()
         texts = [str(t) for t in self.triplets.column("text").to_pylist()]
-        parts = [query_features(model, tokenizer, pixels([self.position[r] for r in references[i:i + batch_size]]),
+        parts = [embed_queries(model, tokenizer, pixels([self.position[r] for r in references[i:i + batch_size]]),
                                 texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
         joined = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
         features = QueryFeatures(self.triplets.column("sample_id").to_pylist(), **joined)

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from ..errors import DataError
 from ..index import GalleryIndex
 from ..model.fusion import fused_query
-from .encode import QueryFeatures
+from ..model.inference import QueryFeatures
 
 FIXED_WEIGHTS = {"gm": (1.0, 0.0), "di": (0.0, 1.0), "static": (0.5, 0.5)}
 BASELINES = ("image_only", "text_only", "random")

@@ -72,10 +72,10 @@ class Retriever:
     async def search_batch(self, queries: list[dict]) -> list[dict]:
         """queries: {pixels uint8 [S, S, 3], text, top_k, exclude (an image id left out, or None)} each ->
         {results, weights, batch_size}."""
-        from ..eval.encode import query_features
+        from ..model.inference import embed_queries
 
         pixels = torch.from_numpy(np.stack([q["pixels"] for q in queries])).to(self.device)
-        features = query_features(self.model, self.tokenizer, pixels, [q["text"] for q in queries])
+        features = embed_queries(self.model, self.tokenizer, pixels, [q["text"] for q in queries])
         k = min(len(self.index), max(q["top_k"] + (q.get("exclude") is not None) for q in queries))
         scores, rows = self.index.search(features["unified"], k)
         out = []
@@ -99,11 +99,11 @@ class Frontend:
         import pyarrow.parquet as pq
 
         from ..index import IMAGES_FILE
+        from ..model.inference import image_size
 
         self.retriever = retriever
         self.limits = Limits(**limits)
-        config = json.loads((Path(checkpoint) / "config.json").read_text())
-        self.image_size = config["vision_config"]["image_size"]
+        self.image_size = image_size(checkpoint)
         table = pq.read_table(Path(index) / IMAGES_FILE)
         self.image_ids = table.column("image_id").to_pylist()
         thumbnails = table.column("thumbnail").to_pylist() if "thumbnail" in table.column_names else []

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..data.images import BadImage, decode_image
-from ..data.transforms import resize_crop, target_pad
+from ..data.images import resize_crop, target_pad
 from ..errors import RequestError  # re-exported: callers import it from here
 
 

@@ -24,7 +24,7 @@ import torch
 
 from ..config import JobConfig, from_dict
 from ..data.training_input import Prefetched, iter_worker_batches
-from ..data.transforms import normalize_pixels
+from ..pixels import normalize_pixels
 from .engine import (autocast, build_engine, clip_groups, clips_with_torch, keep_fp32, micro_batch_size,
                      without_deepspeed_autotuner_mlflow)
 from .faults import planned
