@@ -96,7 +96,7 @@ def main() -> None:
                                              out=str(Path(tmp) / f"out-{run}"), image_size=args.size))
             wall = time.perf_counter() - start
             reports.append(_cpu_report(before, _cpu_by_process(), wall, _busy_seconds() - busy))
-            rates.append(manifest["counts"]["images"] / wall)
+            rates.append(manifest.counts["images"] / wall)
         ray.shutdown()
     print(f"bare single-process PIL loop : {bare:8.1f} images/s")
     print("\n".join(bare_report))

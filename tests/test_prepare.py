@@ -63,8 +63,8 @@ def test_real_cirr_val_with_placeholder_images_and_damaged_files(tmp_path, share
     broken = {deleted, truncated, text_file, bomb}
     lost = [c for c in captions if c["reference"] in broken or c["target_hard"] in broken]
     assert len(captions) == 4181 and len(images) == 2297
-    assert manifest["counts"]["triplets"] == 4181 - len(lost)
-    assert manifest["counts"]["images"] == 2297 - 4
+    assert manifest.counts["triplets"] == 4181 - len(lost)
+    assert manifest.counts["images"] == 2297 - 4
     quarantine = read_quarantine(tmp_path / "out")
     by_id = {q["record"]: q for q in quarantine if q["kind"] == "image"}
     assert set(by_id) == broken
@@ -79,7 +79,7 @@ def test_real_cirr_val_with_placeholder_images_and_damaged_files(tmp_path, share
     triplets = pq.read_table(tmp_path / "out/triplets").to_pylist()
     pixels = pq.read_table(tmp_path / "out/images")
     assert pixels.num_rows == 2293 and pixels.schema.field("pixels").type == pa.binary(64 * 64 * 3)
-    assert manifest["schema_version"] == 3 and manifest["image_size"] == 64
+    assert manifest.schema_version == 3 and manifest.image_size == 64
     kept_images = set(pixels.column("image_id").to_pylist())
     index, store = load_image_store(tmp_path / "out", "pixels")
     assert store.shape == (2293, 64, 64, 3) and store.dtype == np.uint8
@@ -90,7 +90,7 @@ def test_real_cirr_val_with_placeholder_images_and_damaged_files(tmp_path, share
         assert row["reference_id"] in row["subset_ids"] and row["text"] == row["text"].lower()
         assert row["dataset"] == "cirr" and row["split"] == "val" and row["sample_id"].startswith("cirr/val/")
     # rerun with the same config reuses the output
-    assert prepare(config)["config_hash"] == manifest["config_hash"]
+    assert prepare(config).config_hash == manifest.config_hash
 
 
 def test_real_fashioniq_val_counts(tmp_path, shared_datasets):
@@ -102,10 +102,10 @@ def test_real_fashioniq_val_counts(tmp_path, shared_datasets):
         placeholder(root / "images" / f"{name}.png", i, size=(8, 10))
     manifest = prepare(PrepareConfig(dataset="fashioniq", root=str(root), split="val", out=str(tmp_path / "out"),
                                      image_size=16))
-    assert manifest["counts"]["triplets"] == 2017 + 2038 + 1961
-    assert manifest["counts"]["gallery_rows"] == 3817 + 6346 + 5373
-    assert manifest["counts"]["images"] == len(names)
-    assert len(manifest["warnings"]) == 3  # three val pairs with one empty caption keep the other one
+    assert manifest.counts["triplets"] == 2017 + 2038 + 1961
+    assert manifest.counts["gallery_rows"] == 3817 + 6346 + 5373
+    assert manifest.counts["images"] == len(names)
+    assert len(manifest.warnings) == 3  # three val pairs with one empty caption keep the other one
     rows = pq.read_table(tmp_path / "out/triplets").to_pylist()
     dress = [r for r in rows if r["category"] == "dress"]
     first = json.loads((root / "captions/cap.dress.val.json").read_text())[0]
@@ -120,8 +120,8 @@ def test_synthetic_data_goes_through_prepare_unchanged(tmp_path, kind, split):
     manifest = prepare(PrepareConfig(dataset=kind, root=str(tmp_path / "raw"), split=split, out=str(tmp_path / "out")))
     expected = json.loads((tmp_path / "raw/synthetic/manifest.json").read_text())["splits"]
     wanted = expected["train"] if kind != "fashioniq" else sum(v for k, v in expected.items() if k.endswith(".train"))
-    assert manifest["counts"]["triplets"] == wanted
-    assert manifest["counts"]["quarantined_records"] == 0 and read_quarantine(tmp_path / "out") == []
+    assert manifest.counts["triplets"] == wanted
+    assert manifest.counts["quarantined_records"] == 0 and read_quarantine(tmp_path / "out") == []
 
 
 def broken_cirr(tmp_path):
@@ -149,7 +149,7 @@ def test_bad_annotation_records_are_quarantined_with_file_record_and_reason(tmp_
     assert any(r == f"duplicate pairid {captions[3]['pairid']}" for r in reasons)
     assert any("train-999-9-img9" in r and "not in split.rc2.train.json" in r for r in reasons)
     assert all(q["source"].endswith("cap.rc2.train.json") for q in quarantine.values())
-    assert len(quarantine) == 4 and manifest["counts"]["triplets"] == len(captions) - 4
+    assert len(quarantine) == 4 and manifest.counts["triplets"] == len(captions) - 4
     kept = {r["sample_id"] for r in pq.read_table(tmp_path / "out/triplets").to_pylist()}
     assert f"cirr/train/{captions[5]['pairid']}" in kept  # good neighbours are kept
 
@@ -185,7 +185,7 @@ def test_ipr2pr_bad_rows_are_quarantined(tmp_path):
     manifest = prepare(PrepareConfig(dataset="ipr2pr", root=str(root), split="train", out=str(tmp_path / "out"),
                                      max_bad_fraction=0.2))
     reasons = sorted(q["reason"] for q in read_quarantine(tmp_path / "out"))
-    assert manifest["counts"]["triplets"] == 36 and len(reasons) == 4
+    assert manifest.counts["triplets"] == 36 and len(reasons) == 4
     assert any(r.startswith("edited_image: corrupt or truncated") for r in reasons)
     assert any(r.startswith("original_image:") for r in reasons)
     assert "empty edit_prompt" in reasons and any(r.startswith("duplicate row") for r in reasons)
@@ -216,7 +216,7 @@ def test_ipr2pr_streams_several_shards_and_drops_a_row_repeated_in_another_shard
                                      max_bad_fraction=0.1, batch_size=8))
     assert "streaming 3 IPr2Pr parquet shard(s)" in capsys.readouterr().out
     ids = pq.read_table(tmp_path / "out/triplets", columns=["sample_id"]).column("sample_id").to_pylist()
-    assert manifest["counts"] == {"records_read": 45, "triplets": 43, "quarantined_records": 2}
+    assert manifest.counts == {"records_read": 45, "triplets": 43, "quarantined_records": 2}
     assert len(ids) == len(set(ids)) == 43
     reasons = {q["reason"].split(" ")[0]: q["source"] for q in read_quarantine(tmp_path / "out")}
     assert reasons["empty"].endswith(shards[2].name)

@@ -17,10 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..errors import ConfigError, DataError
 from ..config import PrepareConfig
-from .schema import pixels_from_bytes
+from ..errors import ConfigError, DataError
 from ..pixels import normalize_pixels
+from .manifest import Manifest
+from .schema import pixels_from_bytes
 
 
 def vision_fingerprint(model) -> str:
@@ -72,11 +73,11 @@ class VisionEncoder:
         return out.append_column("encoder_fingerprint", pa.array([self.fingerprint] * batch.num_rows, pa.string()))
 
 
-def cache_vision_features(out: Path, manifest: dict, config: PrepareConfig) -> dict:
+def cache_vision_features(out: Path, manifest: Manifest, config: PrepareConfig) -> dict:
     """Encode the prepared split at ``out`` and write ``out/features``; returns the manifest's cache entry."""
     import ray
 
-    inline = manifest["layout"] == "inline"
+    inline = manifest.layout == "inline"
     columns = {"reference_pixels": "reference_features", "target_pixels": "target_features"} if inline \
         else {"pixels": "features"}
     model_ref = config.model or config.preset

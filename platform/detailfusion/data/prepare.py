@@ -17,6 +17,7 @@ file is written, so nothing already found is lost.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -28,11 +29,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import DataError
 from ..config import PrepareConfig
+from ..errors import DataError
 from .cirr import read_cirr
 from .fashioniq import read_fashioniq
 from .images import BadImage, load_pixels
+from .manifest import FILE as MANIFEST_FILE
+from .manifest import Manifest
 from .reading import ReadResult
 from .schema import (GALLERY_SCHEMA, PIXEL_FORMAT, SCHEMA_VERSION, TRIPLET_SCHEMA, Quarantined, pixels_to_arrow,
                      write_quarantine_part)
@@ -67,8 +70,8 @@ def config_hash(config: PrepareConfig, image_size: int) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare(config: PrepareConfig) -> dict:
-    """Run the job; returns the manifest. Reuses an existing output with the same config hash."""
+def prepare(config: PrepareConfig) -> Manifest:
+    """Run the job; returns the split's manifest. Reuses an existing output with the same config hash."""
     from ..ray_setup import init_ray
 
     if not config.root or not config.out:
@@ -78,13 +81,15 @@ def prepare(config: PrepareConfig) -> dict:
         raise FileNotFoundError(f"dataset root {root} does not exist or is not a directory")
     image_size = resolve_image_size(config)
     digest = config_hash(config, image_size)
-    manifest_path = out / "manifest.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("config_hash") == digest and (not config.cache_vision_features or manifest.get("features")):
+    if (out / MANIFEST_FILE).is_file():
+        try:
+            manifest = Manifest.read(out)
+        except DataError:  # written by another version of prepare: made again below
+            manifest = None
+        if manifest and manifest.config_hash == digest and (not config.cache_vision_features or manifest.features):
             print(f"prepare: {out} already holds this split (config {digest}); reusing it")
             return manifest
-    for stale in ("triplets", "images", "features", "gallery.parquet", QUARANTINE_PARTS, "quarantine.jsonl", "manifest.json"):
+    for stale in ("triplets", "images", "features", "gallery.parquet", QUARANTINE_PARTS, "quarantine.jsonl", MANIFEST_FILE):
         path = out / stale
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,25 +123,16 @@ def prepare(config: PrepareConfig) -> dict:
             f"{fraction:.2%} of records were quarantined, above max_bad_fraction={config.max_bad_fraction:.2%}; "
             f"see {out / 'quarantine.jsonl'} (raise --max-bad-fraction to accept them)"
         )
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "dataset": config.dataset,
-        "split": config.split,
-        "source": str(root.resolve()),
-        "image_size": image_size,
-        "pixel_format": PIXEL_FORMAT,
-        "config_hash": digest,
-        "counts": counts,
-        "warnings": warnings,
-        "layout": "inline" if config.dataset == "ipr2pr" else "gallery",
-        "features": None,
-        "seconds": round(time.perf_counter() - start, 2),
-    }
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION, dataset=config.dataset, split=config.split, source=str(root.resolve()),
+        image_size=image_size, pixel_format=PIXEL_FORMAT, config_hash=digest, counts=counts, warnings=warnings,
+        layout="inline" if config.dataset == "ipr2pr" else "gallery", features=None,
+        seconds=round(time.perf_counter() - start, 2))
     if config.cache_vision_features:
         from .feature_cache import cache_vision_features
 
-        manifest["features"] = cache_vision_features(out, manifest, config)
-    manifest_path.write_text(json.dumps(manifest, indent=1))
+        manifest = dataclasses.replace(manifest, features=cache_vision_features(out, manifest, config))
+    manifest.write(out)  # last: a split without its manifest is unfinished
     return manifest
 
 

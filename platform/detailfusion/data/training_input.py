@@ -21,7 +21,6 @@ has fewer than K others).
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,16 +29,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..errors import DataError
+from .manifest import Manifest, read_manifest
 from .schema import pixels_from_bytes
 
 FEATURES, PIXELS = "features", "pixels"
-
-
-def read_manifest(prepared_dir: str | Path) -> dict:
-    path = Path(prepared_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{prepared_dir}: no manifest.json; run `detailfusion prepare` for this split first")
-    return json.loads(path.read_text())
 
 
 def sample_key(sample_id: str) -> int:
@@ -165,9 +158,9 @@ def epoch_plan(triplets, index: dict[str, int], tokenizer, max_text_length: int,
     return plan, table
 
 
-def _source(prepared_dir: str | Path, manifest: dict, use_features: bool, vision_fingerprint: str | None) -> str:
+def _source(prepared_dir: str | Path, manifest: Manifest, use_features: bool, vision_fingerprint: str | None) -> str:
     """PIXELS, or FEATURES when the split has a cache and ``use_features``; a cache of another ViT is refused."""
-    cache = manifest.get("features")
+    cache = manifest.features
     source = FEATURES if use_features and cache else PIXELS
     if source == FEATURES and vision_fingerprint and cache["fingerprint"] != vision_fingerprint:
         raise DataError(
@@ -194,8 +187,8 @@ def gallery_input(prepared_dir: str | Path, tokenizer, max_text_length: int, use
     import ray
 
     manifest = read_manifest(prepared_dir)
-    if manifest["layout"] != "gallery":
-        raise ValueError(f"{prepared_dir}: {manifest['dataset']} has inline images, no gallery: use training_dataset")
+    if manifest.layout != "gallery":
+        raise ValueError(f"{prepared_dir}: {manifest.dataset} has inline images, no gallery: use training_dataset")
     source = _source(prepared_dir, manifest, use_features, vision_fingerprint)
     triplets = pq.read_table(Path(prepared_dir) / "triplets")
     if holdout is not None and holdout[1] > 0:
@@ -223,7 +216,7 @@ def gallery_input(prepared_dir: str | Path, tokenizer, max_text_length: int, use
 def inline_bytes(prepared_dir: str | Path, use_features: bool = True) -> int:
     """On-disk size of the rows an inline split trains on (its triplets, or its feature cache when used), bytes."""
     manifest = read_manifest(prepared_dir)
-    folder = "features" if use_features and manifest.get("features") else "triplets"
+    folder = "features" if use_features and manifest.features else "triplets"
     return sum(f.stat().st_size for f in (Path(prepared_dir) / folder).rglob("*.parquet"))
 
 
@@ -239,8 +232,8 @@ def inline_input(prepared_dir: str | Path, tokenizer, max_text_length: int, use_
     import ray
 
     manifest = read_manifest(prepared_dir)
-    if manifest["layout"] == "gallery":
-        raise ValueError(f"{prepared_dir}: {manifest['dataset']} is a gallery split: use gallery_input")
+    if manifest.layout == "gallery":
+        raise ValueError(f"{prepared_dir}: {manifest.dataset} is a gallery split: use gallery_input")
     source = _source(prepared_dir, manifest, use_features, vision_fingerprint)
     table = pq.read_table(Path(prepared_dir) / ("features" if source == FEATURES else "triplets"))
     rows = len(table)
@@ -279,8 +272,8 @@ def training_dataset(prepared_dir: str | Path, tokenizer, max_text_length: int, 
     from ray.data import ActorPoolStrategy
 
     manifest = read_manifest(prepared_dir)
-    if manifest["layout"] == "gallery":
-        raise ValueError(f"{prepared_dir}: {manifest['dataset']} is a gallery split: use gallery_input")
+    if manifest.layout == "gallery":
+        raise ValueError(f"{prepared_dir}: {manifest.dataset} is a gallery split: use gallery_input")
     source = _source(prepared_dir, manifest, use_features, vision_fingerprint)
     rows_dir = Path(prepared_dir) / ("features" if source == FEATURES else "triplets")
     dataset = ray.data.read_parquet(str(rows_dir), num_cpus=actor_cpus)

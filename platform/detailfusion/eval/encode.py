@@ -18,7 +18,8 @@ import torch
 
 from ..data.images import jpeg_thumbnail
 from ..data.schema import pixels_from_bytes
-from ..data.training_input import PIXELS, load_image_store, read_manifest
+from ..data.manifest import read_manifest
+from ..data.training_input import PIXELS, load_image_store
 from ..errors import DataError
 from ..index import GalleryIndex
 from ..model.inference import QueryFeatures, embed_gallery, embed_queries
@@ -108,8 +109,8 @@ def encode_gallery(prepared_dir: str | Path, model_dir: str | Path, fingerprint:
     import ray
 
     manifest = read_manifest(prepared_dir)
-    if manifest["layout"] != "gallery":
-        raise DataError(f"{prepared_dir}: a {manifest['dataset']} split has no gallery to encode")
+    if manifest.layout != "gallery":
+        raise DataError(f"{prepared_dir}: a {manifest.dataset} split has no gallery to encode")
     gallery = pq.read_table(Path(prepared_dir) / "gallery.parquet")
     ids = list(dict.fromkeys(gallery.column("image_id").to_pylist()))
     location = dict(zip(gallery.column("image_id").to_pylist(), gallery.column("location").to_pylist()))
@@ -127,8 +128,8 @@ def encode_gallery(prepared_dir: str | Path, model_dir: str | Path, fingerprint:
         embeddings=torch.from_numpy(encoded["embedding"][order]), image_ids=ids, model_fingerprint=fingerprint,
         fusion_score=DetailFusionConfig.from_pretrained(str(model_dir)).fusion_score,
         locations=[location[name] for name in ids], thumbnails=[bytes(encoded["thumbnail"][i]) for i in order],
-        source={"dataset": manifest["dataset"], "split": manifest["split"], "prepared": str(prepared_dir),
-                "source": manifest["source"], "config_hash": manifest["config_hash"],
+        source={"dataset": manifest.dataset, "split": manifest.split, "prepared": str(prepared_dir),
+                "source": manifest.source, "config_hash": manifest.config_hash,
                 "encoded_on": {str(n): int(c) for n, c in zip(nodes, counts)}},  # node IP -> images encoded there
     )
 

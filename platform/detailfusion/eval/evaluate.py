@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..config import EvalConfig, PrepareConfig
-from ..data.training_input import read_manifest
+from ..data.manifest import read_manifest
 from ..errors import ConfigError, DataError
 from ..index import GalleryIndex
 from ..model.inference import image_size
@@ -48,8 +48,8 @@ def prepared_split(config: EvalConfig, image_size: int) -> Path:
 
     if config.prepared:
         manifest = read_manifest(config.prepared)
-        if manifest["image_size"] != image_size:
-            raise DataError(f"{config.prepared} holds {manifest['image_size']} px images; the model takes {image_size}")
+        if manifest.image_size != image_size:
+            raise DataError(f"{config.prepared} holds {manifest.image_size} px images; the model takes {image_size}")
         return Path(config.prepared)
     if not config.root:
         raise ConfigError("give --root (the dataset directory) or --prepared (a prepared split)")
@@ -69,7 +69,7 @@ def gallery_index(config: EvalConfig, prepared: Path, fingerprint: str, director
     manifest = read_manifest(prepared)
     try:
         index = GalleryIndex.load(directory, fingerprint)
-        if index.source.get("config_hash") == manifest["config_hash"]:
+        if index.source.get("config_hash") == manifest.config_hash:
             print(f"index: reusing {directory} ({len(index)} images)", flush=True)
             return index
     except (FileNotFoundError, ValueError):
@@ -177,13 +177,13 @@ def caption_records(prepared: Path, dataset: str) -> dict[str | None, list[dict]
     """The split's caption records, from the annotation files the prepared split was made from: {None: records}
     for CIRR, {category: records} for FashionIQ (the categories the split holds)."""
     manifest = read_manifest(prepared)
-    folder = Path(manifest["source"]) / "captions"
+    folder = Path(manifest.source) / "captions"
     if dataset == "cirr":
-        names = {None: f"cap.rc2.{manifest['split']}.json"}
+        names = {None: f"cap.rc2.{manifest.split}.json"}
     else:
         categories = sorted(set(pq.read_table(prepared / "gallery.parquet", columns=["category"])
                                 .column("category").to_pylist()))
-        names = {category: f"cap.{category}.{manifest['split']}.json" for category in categories}
+        names = {category: f"cap.{category}.{manifest.split}.json" for category in categories}
     records = {}
     for key, name in names.items():
         path = folder / name

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import torch
 
 from ..errors import DataError
-from ..data.training_input import PIXELS, load_image_store, read_manifest
+from ..data.manifest import read_manifest
+from ..data.training_input import PIXELS, load_image_store
 from ..index import GalleryIndex
 from ..model.inference import QueryFeatures, embed_gallery, embed_queries
 from .protocols import CirrQueries, fashioniq_variant_metrics
@@ -29,10 +30,10 @@ class ValidationSplit:
         """``targets``: {sample_id: target image id} for a split whose targets are held apart (synthetic test1)."""
         self.path = Path(prepared_dir)
         manifest = read_manifest(self.path)
-        if manifest["layout"] != "gallery":
-            raise DataError(f"{prepared_dir}: a {manifest['dataset']} split has no gallery to validate on "
+        if manifest.layout != "gallery":
+            raise DataError(f"{prepared_dir}: a {manifest.dataset} split has no gallery to validate on "
                              "(give a prepared CIRR or FashionIQ split)")
-        self.dataset = manifest["dataset"]
+        self.dataset = manifest.dataset
         self.triplets = pq.read_table(self.path / "triplets")
         if targets is not None:
             ids = self.triplets.column("sample_id").to_pylist()
@@ -42,7 +43,7 @@ class ValidationSplit:
             column = self.triplets.schema.get_field_index("target_id")
             self.triplets = self.triplets.set_column(column, "target_id", pa.array([targets[s] for s in ids], pa.string()))
         if self.triplets.column("target_id").null_count:
-            raise DataError(f"{prepared_dir}: split {manifest['split']!r} has no targets to validate against")
+            raise DataError(f"{prepared_dir}: split {manifest.split!r} has no targets to validate against")
         self.gallery = pq.read_table(self.path / "gallery.parquet")
         self.position, self.images = load_image_store(self.path, PIXELS)
         self.image_ids = list(dict.fromkeys(self.gallery.column("image_id").to_pylist()))

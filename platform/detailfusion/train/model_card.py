@@ -9,16 +9,17 @@ from pathlib import Path
 import yaml
 
 from ..config import JobConfig, to_dict
+from ..data.manifest import Manifest
 from .stages import STAGES
 
 
-def model_card(config: JobConfig, manifest: dict, metrics: dict, cost: dict | None) -> str:
+def model_card(config: JobConfig, manifest: Manifest, metrics: dict, cost: dict | None) -> str:
     """Markdown of the card for the export of ``config``'s stage (``metrics``: the stage's last reported ones)."""
     spec = STAGES[config.train.stage]
     train, optim = config.train, config.optim
     header = {"library_name": "detailfusion", "pipeline_tag": "image-retrieval",
               "tags": ["composed-image-retrieval", "detailfusion", f"stage-{spec.number}"],
-              "datasets": [manifest.get("dataset", config.data.dataset)]}
+              "datasets": [manifest.dataset]}
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     lines = [
         "---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "",
@@ -31,9 +32,9 @@ def model_card(config: JobConfig, manifest: dict, metrics: dict, cost: dict | No
         "`detailfusion evaluate --checkpoint <dir> ...` scores it; `detailfusion serve --checkpoint <dir> --index ...`"
         " serves it.", "",
         "## Training data", "",
-        f"- dataset **{manifest.get('dataset')}**, split `{manifest.get('split')}`: "
-        f"{manifest.get('counts', {}).get('triplets')} triplets at {manifest.get('image_size')} px "
-        f"(prepared split `{config.data.prepared}`, config hash `{manifest.get('config_hash')}`)",
+        f"- dataset **{manifest.dataset}**, split `{manifest.split}`: "
+        f"{manifest.triplets} triplets at {manifest.image_size} px "
+        f"(prepared split `{config.data.prepared}`, config hash `{manifest.config_hash}`)",
         f"- validation split: `{config.data.val_prepared}`" if config.data.val_prepared else "- no validation split",
         "", "## Training", "",
         f"- starts from: `{config.model.init_from or config.model.preset + ' preset (random initialisation)'}`",
@@ -49,7 +50,7 @@ def model_card(config: JobConfig, manifest: dict, metrics: dict, cost: dict | No
     return "\n".join(lines)
 
 
-def write_model_card(export_dir: str | Path, config: JobConfig, manifest: dict, metrics: dict,
+def write_model_card(export_dir: str | Path, config: JobConfig, manifest: Manifest, metrics: dict,
                      cost: dict | None) -> Path:
     path = Path(export_dir) / "README.md"
     path.write_text(model_card(config, manifest, metrics, cost))

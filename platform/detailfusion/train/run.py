@@ -16,7 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import JobConfig, save_config, to_dict
-from ..data.training_input import gallery_input, inline_bytes, inline_input, read_manifest, training_dataset
+from ..data.manifest import Manifest, read_manifest
+from ..data.training_input import gallery_input, inline_bytes, inline_input, training_dataset
 from ..errors import StageError  # re-exported: callers import it from here
 from .engine import clipping
 from .model_card import write_model_card
@@ -36,13 +37,13 @@ def check_stage(config: JobConfig) -> dict:
     if not config.data.prepared:
         raise StageError("data.prepared is not set: point it at the output of `detailfusion prepare`")
     manifest = read_manifest(config.data.prepared)
-    if manifest["dataset"] not in spec.datasets:
+    if manifest.dataset not in spec.datasets:
         raise StageError(
             f"stage {spec.number} ({spec.name}) trains on {' or '.join(spec.datasets)}, but {config.data.prepared} "
-            f"holds {manifest['dataset']}"
+            f"holds {manifest.dataset}"
         )
-    if config.data.dataset not in ("synthetic", manifest["dataset"]):
-        raise StageError(f"data.dataset={config.data.dataset!r} but {config.data.prepared} holds {manifest['dataset']}")
+    if config.data.dataset not in ("synthetic", manifest.dataset):
+        raise StageError(f"data.dataset={config.data.dataset!r} but {config.data.prepared} holds {manifest.dataset}")
     if spec.batches == "captions":
         check_captions(config.data.prepared)
     if spec.starts_from != "preset":
@@ -54,8 +55,8 @@ def check_stage(config: JobConfig) -> dict:
             )
     elif config.model.init_from and not (Path(config.model.init_from) / "config.json").is_file():
         raise StageError(f"model.init_from={config.model.init_from!r} holds no exported model (no config.json)")
-    if config.loss.subset_negatives and manifest["layout"] != "gallery":
-        raise StageError(f"loss.subset_negatives needs near-duplicate sets (CIRR img_set); {manifest['dataset']} has "
+    if config.loss.subset_negatives and manifest.layout != "gallery":
+        raise StageError(f"loss.subset_negatives needs near-duplicate sets (CIRR img_set); {manifest.dataset} has "
                          "none: set it to 0")
     if not 0 <= config.data.holdout_fraction < 1:
         raise StageError(f"data.holdout_fraction must be in [0, 1), got {config.data.holdout_fraction}")
@@ -106,7 +107,7 @@ def check_captions(prepared: str) -> None:
                          "edited_prompt); stage 0 needs a caption for every image")
 
 
-def check_validation(config: JobConfig, manifest: dict) -> None:
+def check_validation(config: JobConfig, manifest: Manifest) -> None:
     """data.val_prepared must be a labelled gallery split at the training split's resolution."""
     import pyarrow.parquet as pq
 
@@ -114,8 +115,8 @@ def check_validation(config: JobConfig, manifest: dict) -> None:
     val = read_manifest(config.data.val_prepared)
     if val["layout"] != "gallery":
         raise StageError(f"{where} holds {val['dataset']}, which has no gallery: validate on prepared CIRR or FashionIQ")
-    if val["image_size"] != manifest["image_size"]:
-        raise StageError(f"{where} holds {val['image_size']} px images, the training split {manifest['image_size']} px")
+    if val.image_size != manifest.image_size:
+        raise StageError(f"{where} holds {val.image_size} px images, the training split {manifest.image_size} px")
     if pq.read_table(Path(config.data.val_prepared) / "triplets", columns=["target_id"]).column("target_id").null_count:
         raise StageError(f"{where} (split {val['split']!r}) has no targets to validate against")
     if config.train.validate_every < 1:
@@ -212,7 +213,7 @@ def run_stage(config: JobConfig, callbacks: list | None = None) -> Path:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     trainer = build_trainer(config, manifest, init_from, export_dir, callbacks, called_at)
     held = "streamed by Ray Data" if trainer.datasets else "held in the object store"
-    print(f"[stage {spec.number}] {spec.name}: {manifest['counts']['triplets']} triplets from {config.data.prepared} "
+    print(f"[stage {spec.number}] {spec.name}: {manifest.counts['triplets']} triplets from {config.data.prepared} "
           f"({held}), {config.train.num_workers} worker(s), ZeRO-{config.train.zero_stage}, {config.train.precision}, clipping "
           f"{clipping(config.train, config.optim)}", flush=True)
     tracked = stage_run(config, manifest)  # before the workers start: a wrong tracking URI fails here
@@ -248,14 +249,14 @@ def single_node() -> bool:
     return len([node for node in ray.nodes() if node.get("Alive")]) == 1
 
 
-def stage_run(config: JobConfig, manifest: dict):
+def stage_run(config: JobConfig, manifest: Manifest):
     """The stage's MLflow run (None with tracking off): the job config as params, what it trains on as tags."""
     from ..tracking import open_run
 
     spec = STAGES[config.train.stage]
     return open_run(config.tracking, config.workdir, f"{config.name}-stage{spec.number}", config, tags={
         "detailfusion.kind": "stage", "detailfusion.stage": str(spec.number), "detailfusion.stage_name": spec.name,
-        "detailfusion.dataset": manifest["dataset"], "detailfusion.workdir": str(config.workdir)})
+        "detailfusion.dataset": manifest.dataset, "detailfusion.workdir": str(config.workdir)})
 
 
 def finish_tracking(tracked, out: Path, export_dir: Path | None, status: str) -> None:
@@ -294,7 +295,7 @@ def subset_negatives(config: JobConfig) -> int:
     return config.loss.subset_negatives if STAGES[config.train.stage].near_duplicates and config.loss.reference_negative else 0
 
 
-def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir: Path, callbacks: list | None = None,
+def build_trainer(config: JobConfig, manifest: Manifest, init_from: str, export_dir: Path, callbacks: list | None = None,
                   called_at: float | None = None):
     """The stage's ``TorchTrainer``; ``called_at``: when the stage was called (time.time(), for its start-up line)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -311,14 +312,14 @@ def build_trainer(config: JobConfig, manifest: dict, init_from: str, export_dir:
     train, spec = config.train, STAGES[config.train.stage]
     tokenizer, max_text_length = load_tokenizer(init_from), DetailFusionConfig.from_pretrained(init_from).max_text_length
     fingerprint = None  # the model's ViT against the split's feature cache: the weights are loaded only to check it
-    if config.data.use_feature_cache and manifest.get("features"):
+    if config.data.use_feature_cache and manifest.features:
         fingerprint = vision_fingerprint(load_model(init_from)[0])
     cache = dict(use_features=config.data.use_feature_cache, vision_fingerprint=fingerprint)
     out = stage_dir(config)
     run = {"init_from": init_from, "export_dir": str(export_dir), "stage_dir": str(out),
-           "rows": manifest["counts"]["triplets"], "called_at": called_at}
+           "rows": manifest.triplets, "called_at": called_at}
     datasets = None
-    if manifest["layout"] == "gallery":  # every epoch in one plan (stage 3 encodes one epoch once and reshuffles)
+    if manifest.layout == "gallery":  # every epoch in one plan (stage 3 encodes one epoch once and reshuffles)
         run["data_epochs"] = 1 if spec.batches == "branch_outputs" else train.epochs
         run["gallery"] = gallery_input(
             config.data.prepared, tokenizer, max_text_length, **cache, epochs=run["data_epochs"], seed=train.seed,
