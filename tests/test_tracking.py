@@ -8,6 +8,7 @@ from mlflow import MlflowClient
 
 from detailfusion.config import JobConfig, TrackingConfig
 from detailfusion.tracking import TrackingError, open_run, store_uri
+from detailfusion.data.manifest import Manifest
 from detailfusion.train.model_card import model_card
 
 
@@ -49,8 +50,8 @@ def test_tracking_off_and_a_bad_store(tmp_path):
 
 
 def test_model_card_names_the_stage_data_config_and_metrics():
-    manifest = {"dataset": "cirr", "split": "train", "counts": {"triplets": 96}, "image_size": 64,
-                "config_hash": "abc"}
+    manifest = Manifest(schema_version=3, dataset="cirr", split="train", source="/data/cirr", image_size=64,
+                        pixel_format="uint8", config_hash="abc", counts={"triplets": 96}, layout="gallery")
     card = model_card(JobConfig(), manifest, {"loss": 0.25, "val_score": 41.5, "note": "text"},
                       {"steps": 10, "train_s": 2.0, "ms_per_step": 200.0})
     assert card.startswith("---\nlibrary_name: detailfusion\n") and "- cirr" in card.split("---")[1]

@@ -67,9 +67,15 @@ def resize_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def model_pixels(image: Image.Image, size: int) -> np.ndarray:
+    """The one preprocessing path (prepare, search requests, a gallery reference's thumbnail): targetpad + bicubic
+    resize + centre crop -> uint8 [size, size, 3] (normalised later, on the device: ``pixels.normalize_pixels``)."""
+    return np.asarray(resize_crop(target_pad(image.convert("RGB")), size), dtype=np.uint8)
+
+
 def load_pixels(data: bytes, size: int) -> np.ndarray:
-    """Bytes -> targetpad + resize + centre crop -> uint8 [size, size, 3] (normalised later, on the device)."""
-    return np.asarray(resize_crop(target_pad(decode_image(data)), size), dtype=np.uint8)
+    """Image bytes -> ``model_pixels`` (BadImage when they do not decode)."""
+    return model_pixels(decode_image(data), size)
 
 
 def jpeg_thumbnail(pixels: np.ndarray, quality: int = 90) -> bytes:

@@ -14,7 +14,6 @@ No ``from __future__ import annotations`` here (FastAPI reads the handlers' anno
 helpers come before the ingress class: ``serve.ingress`` pickles the handlers when the class is defined.
 """
 
-import io
 import json
 import logging
 from importlib import resources
@@ -172,15 +171,12 @@ class Frontend:
                            f"content type {kind or 'none'!r}: send multipart/form-data or application/json")
 
     def _reference_pixels(self, image_id: str) -> np.ndarray:
-        from PIL import Image
+        from ..data.images import load_pixels
 
         data = self.thumbnails.get(image_id)
         if data is None:
             raise RequestError(404, "unknown_reference", f"reference_id {image_id!r} is not a gallery image with a thumbnail")
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-        if image.size != (self.image_size, self.image_size):
-            image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
-        return np.asarray(image, dtype=np.uint8)
+        return load_pixels(data, self.image_size)  # the thumbnail through the same transform as an upload
 
 
 def build_app(config: ServeConfig):

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..data.images import BadImage, decode_image
-from ..data.images import resize_crop, target_pad
+from ..data.images import BadImage, decode_image, model_pixels
 from ..errors import RequestError  # re-exported: callers import it from here
 
 
@@ -55,7 +54,7 @@ def image_pixels(data: bytes, size: int, limits: Limits) -> np.ndarray:
         if "decompression bomb" in reason or "absurd size" in reason:
             raise RequestError(413, "image_too_large", f"image: {reason}") from None
         raise RequestError(400, "bad_image", f"image: {reason}") from None
-    return np.asarray(resize_crop(target_pad(image), size), dtype=np.uint8)
+    return model_pixels(image, size)
 
 
 def parse_fields(fields: dict, image: bytes | None, size: int, gallery_size: int, limits: Limits) -> SearchQuery:

@@ -113,12 +113,12 @@ def check_validation(config: JobConfig, manifest: Manifest) -> None:
 
     where = f"data.val_prepared={config.data.val_prepared!r}"
     val = read_manifest(config.data.val_prepared)
-    if val["layout"] != "gallery":
-        raise StageError(f"{where} holds {val['dataset']}, which has no gallery: validate on prepared CIRR or FashionIQ")
+    if val.layout != "gallery":
+        raise StageError(f"{where} holds {val.dataset}, which has no gallery: validate on prepared CIRR or FashionIQ")
     if val.image_size != manifest.image_size:
         raise StageError(f"{where} holds {val.image_size} px images, the training split {manifest.image_size} px")
     if pq.read_table(Path(config.data.val_prepared) / "triplets", columns=["target_id"]).column("target_id").null_count:
-        raise StageError(f"{where} (split {val['split']!r}) has no targets to validate against")
+        raise StageError(f"{where} (split {val.split!r}) has no targets to validate against")
     if config.train.validate_every < 1:
         raise StageError(f"train.validate_every must be >= 1 epoch, got {config.train.validate_every}")
 
