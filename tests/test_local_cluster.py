@@ -73,3 +73,20 @@ def test_a_failed_up_removes_what_it_made():
     tag = local_cluster._tag(Path(directory))
     assert local_cluster._namespaces(tag) == [] and local_cluster._links(tag) == []
     assert not (Path(directory) / "cluster.json").exists()
+
+
+def test_a_subnet_held_by_a_leftover_bridge_is_skipped_by_default_and_refused_when_named():
+    """A cluster left up by a killed run holds 10.77.0: a new `up` takes the next free /24 (a CI run once failed
+    on exactly this), and naming the held one is a clear refusal before anything is made."""
+    namespaces_or_skip()
+    held = next(f"10.77.{n}" for n in range(256) if f"10.77.{n}" not in local_cluster._subnets_in_use())
+    bridge = "dftestheld"
+    local_cluster._ip("link", "add", bridge, "type", "bridge")
+    try:
+        local_cluster._ip("addr", "add", f"{held}.254/24", "dev", bridge)
+        assert local_cluster._free_subnet() != held
+        with pytest.raises(local_cluster.LocalClusterError, match=f"subnet {held}.0/24 is already in use here "
+                                                                  f"\\({bridge}\\)"):
+            local_cluster.up(tempfile.mkdtemp(prefix="dfbad", dir="/tmp"), subnet=held)
+    finally:
+        local_cluster._ip("link", "del", bridge, check=False)

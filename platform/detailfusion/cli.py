@@ -378,7 +378,8 @@ def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
     lc.add_argument("--dir", required=True, help="cluster directory (cluster.json, token, Ray temp dirs); keep it short")
     lc.add_argument("--hosts", type=int, default=2, help="hosts (network namespaces), the head on the first (2)")
     lc.add_argument("--cpus-per-host", type=float, default=2, help="CPUs each host offers Ray (2)")
-    lc.add_argument("--subnet", default="10.77.0", help="first three octets of the hosts' private /24 (10.77.0)")
+    lc.add_argument("--subnet", default=None,
+                    help="first three octets of the hosts' private /24 (default: the first free 10.77.N)")
     lc.add_argument("--object-store-mb", type=int, default=200, help="object store per host in MiB (200)")
     lc.set_defaults(run=_local_cluster)
     return parser

@@ -99,10 +99,11 @@ class LocalCluster:
 # up / down
 
 
-def up(directory: str | Path, hosts: int = 2, cpus_per_host: float = 2, subnet: str = "10.77.0",
+def up(directory: str | Path, hosts: int = 2, cpus_per_host: float = 2, subnet: str | None = None,
        object_store_mb: int = 200, timeout_s: float = 180) -> LocalCluster:
     """Make ``hosts`` namespaces on a bridge, start Ray on each, wait until the head sees all of them alive, and
-    write ``DIR/cluster.json``. A failure removes everything made so far."""
+    write ``DIR/cluster.json``. ``subnet`` (three octets) defaults to the first free ``10.77.N``, so a cluster
+    left up elsewhere on this machine does not stop a new one. A failure removes everything made so far."""
     check_supported()
     directory = Path(directory).resolve()
     if not 1 <= hosts <= 250:
@@ -113,7 +114,7 @@ def up(directory: str | Path, hosts: int = 2, cpus_per_host: float = 2, subnet: 
     if (directory / "cluster.json").exists() or _namespaces(_tag(directory)):
         raise LocalClusterError(f"{directory}: a local cluster is already up here; run `detailfusion local-cluster "
                                 f"down --dir {directory}` first")
-    _check_subnet_free(subnet)
+    subnet = _check_subnet_free(subnet) if subnet else _free_subnet()
     directory.mkdir(parents=True, exist_ok=True)
     cluster = _describe(directory, hosts, cpus_per_host, subnet, object_store_mb)
     try:
@@ -283,12 +284,32 @@ def _make_network(cluster: LocalCluster) -> None:
         _ip(*inside, "link", "set", "lo", "up")
 
 
-def _check_subnet_free(subnet: str) -> None:
+def _subnets_in_use() -> dict[str, str]:
+    """Three-octet IPv4 prefixes of this machine's addresses -> the interface holding one."""
     shown = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+    used = {}
     for line in shown.splitlines():
-        if f" {subnet}." in line:
-            raise LocalClusterError(f"subnet {subnet}.0/24 is already in use here ({line.split()[1]}): another local "
-                                    "cluster is up (stop it with `local-cluster down`) or choose --subnet")
+        fields = line.split()
+        address = fields[fields.index("inet") + 1].split("/")[0]
+        used[address.rsplit(".", 1)[0]] = fields[1]
+    return used
+
+
+def _check_subnet_free(subnet: str) -> str:
+    holder = _subnets_in_use().get(subnet)
+    if holder:
+        raise LocalClusterError(f"subnet {subnet}.0/24 is already in use here ({holder}): another local cluster is up "
+                                "(stop it with `local-cluster down`) or choose another --subnet")
+    return subnet
+
+
+def _free_subnet() -> str:
+    used = _subnets_in_use()
+    for third in range(256):
+        if f"10.77.{third}" not in used:
+            return f"10.77.{third}"
+    raise LocalClusterError("every subnet 10.77.0-255.0/24 is in use here: stop old clusters with "
+                            "`local-cluster down` or choose --subnet")
 
 
 def _namespaces(tag: str) -> list[str]:
