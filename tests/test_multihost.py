@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -74,13 +75,46 @@ def submit(cluster, entry: list[str], *flags: str):
                    "--", *entry)
 
 
+@dataclass(frozen=True)
+class Stage2Run:
+    stage_dir: Path  # the job's stage2 directory (model/, metrics.csv, DONE, workers.json)
+    logs: str  # the job's driver output
+    status: str  # `ray job status` output
+    epochs: int
+    batch: int
+
+
 @pytest.fixture(scope="module")
-def stage2_model(cluster, data):
-    """Stage 2 of the tiny preset submitted to the head's dashboard: 2 Train workers, strictly one per host."""
-    submitted = submit(cluster, stage2_entry(data, data / "run", "train.epochs=2"))
-    output = submitted.stdout + submitted.stderr
-    assert submitted.returncode == 0 and re.search(r"Job '\S+' succeeded", output), output[-4000:]
-    return data / "run" / "stage2"
+def stage2_run(cluster, data) -> Stage2Run:
+    """Stage 2 of the tiny preset submitted to the head's dashboard: 2 Train workers, strictly one per host. The
+    worker host's processes are killed once Train has registered the first checkpoint and the host is brought back:
+    the stage waits for it and resumes. One job for the placement, loss-of-a-host and downstream tests (each job is
+    about a minute here)."""
+    epochs, batch = 4, 16
+    workdir = data / "run"
+    entry = stage2_entry(data, workdir, f"train.epochs={epochs}", f"train.batch_size={batch}", "train.max_failures=3")
+    submitted = submit(cluster, entry, "--no-wait")
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job_id = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
+    snapshot = workdir / "stage2" / "ray" / "tiny-stage2" / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 600
+    while registered_checkpoint_step(snapshot) is None:  # Train has recorded it, not just written its files
+        assert time.monotonic() < deadline, "no checkpoint registered within 10 minutes"
+        time.sleep(0.5)
+    killed = local_cluster.stop_host(cluster, 1)
+    assert killed > 0
+    time.sleep(5)
+    local_cluster.start_host(cluster, 1)
+    local_cluster.wait_for_nodes(cluster, 2)
+    logs = ray_cli(cluster, "job", "logs", "--address", cluster.dashboard_url, "--follow", job_id)
+    status = ray_cli(cluster, "job", "status", "--address", cluster.dashboard_url, job_id)
+    return Stage2Run(workdir / "stage2", logs.stdout, status.stdout + status.stderr, epochs, batch)
+
+
+@pytest.fixture(scope="module")
+def stage2_model(stage2_run) -> Path:
+    assert re.search(r"Job '\S+' succeeded", stage2_run.status), stage2_run.logs[-5000:]
+    return stage2_run.stage_dir
 
 
 def test_head_sees_both_hosts(cluster):
@@ -121,34 +155,15 @@ def test_gallery_encoding_on_both_hosts_matches_one_host(cluster, data, stage2_m
         assert two[variant] == pytest.approx(one[variant], abs=1e-6), variant
 
 
-def test_stage_survives_losing_a_host(cluster, data, tmp_path):
-    """The worker host's processes are killed after the first checkpoint; the stage waits for the host, resumes
-    from that checkpoint, and ends with every step done once."""
-    epochs, batch = 4, 16
-    entry = stage2_entry(data, tmp_path, f"train.epochs={epochs}", f"train.batch_size={batch}", "train.max_failures=3")
-    submitted = submit(cluster, entry, "--no-wait")
-    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    job_id = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
-    snapshot = tmp_path / "stage2" / "ray" / "tiny-stage2" / "checkpoint_manager_snapshot.json"
-    deadline = time.monotonic() + 600
-    while registered_checkpoint_step(snapshot) is None:  # Train has recorded it, not just written its files
-        assert time.monotonic() < deadline, "no checkpoint registered within 10 minutes"
-        time.sleep(0.5)
-    killed = local_cluster.stop_host(cluster, 1)
-    assert killed > 0
-    time.sleep(5)
-    local_cluster.start_host(cluster, 1)
-    local_cluster.wait_for_nodes(cluster, 2)
-
-    logs = ray_cli(cluster, "job", "logs", "--address", cluster.dashboard_url, "--follow", job_id)
-    status = ray_cli(cluster, "job", "status", "--address", cluster.dashboard_url, job_id)
-    assert re.search(r"Job '\S+' succeeded", status.stdout + status.stderr), logs.stdout[-5000:]
-    resumed = re.search(r"resumed at step (\d+)", logs.stdout)
-    assert resumed and int(resumed.group(1)) > 0, logs.stdout[-5000:]
+def test_stage_survives_losing_a_host(data, stage2_run, stage2_model):
+    """The worker host died after the first registered checkpoint (``stage2_run``): the stage waited for the host,
+    resumed from that checkpoint, and ended with every step done once."""
+    resumed = re.search(r"resumed at step (\d+)", stage2_run.logs)
+    assert resumed and int(resumed.group(1)) > 0, stage2_run.logs[-5000:]
     rows = json.loads((data / "prep" / "manifest.json").read_text())["counts"]["triplets"]
-    total = rows // 2 // (batch // 2) * epochs
-    assert json.loads((tmp_path / "stage2" / "DONE").read_text())["metrics"]["step"] == total
-    steps = [int(line.split(",")[0]) for line in (tmp_path / "stage2" / "metrics.csv").read_text().splitlines()[1:]]
+    total = rows // 2 // (stage2_run.batch // 2) * stage2_run.epochs
+    assert json.loads((stage2_model / "DONE").read_text())["metrics"]["step"] == total
+    steps = [int(line.split(",")[0]) for line in (stage2_model / "metrics.csv").read_text().splitlines()[1:]]
     # the resumed group's steps are the suffix from the LAST row of step resumed+1 (metrics.csv is appended to, and
     # the killed group may have written steps past its checkpoint before it died)
     first = int(resumed.group(1)) + 1
