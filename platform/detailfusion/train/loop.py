@@ -28,13 +28,14 @@ from ..pixels import normalize_pixels
 from .engine import (autocast, build_engine, clip_groups, clips_with_torch, keep_fp32, micro_batch_size,
                      without_deepspeed_autotuner_mlflow)
 from .faults import planned
+from .stage_run import StageRun, export_dir, stage_dir
 from .stages import STAGES, branch_loss, build_loss, freeze_for_stage
 
 CLIENT_STATE = "detailfusion_state"
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train entry point: ``loop_config`` = {"job": JobConfig as dict, "run": driver facts}."""
+    """Ray Train entry point: ``loop_config`` = {"job": JobConfig as dict, "run": the driver's ``StageRun``}."""
     StageRecipe(from_dict(JobConfig, loop_config["job"], source="train loop config"), loop_config["run"]).run()
 
 
@@ -51,11 +52,12 @@ def dealt(rows: dict[str, torch.Tensor], size: int, seed: int):
 
 
 class StageRecipe:
-    def __init__(self, config: JobConfig, run: dict):
+    def __init__(self, config: JobConfig, run: StageRun):
         import ray.train
 
-        self.started = time.time()  # the driver's call time is run["called_at"]: their gap is the group's start-up
-        self.config, self.run_facts = config, run
+        self.started = time.time()  # the driver's call time is run.called_at: their gap is the group's start-up
+        self.config, self.stage_run = config, run
+        self.stage_dir = stage_dir(config)
         self.spec = STAGES[config.train.stage]
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
@@ -65,9 +67,9 @@ class StageRecipe:
         # Ray sets OMP_NUM_THREADS=1 in a worker with a fractional CPU share: use the cores it was given instead
         torch.set_num_threads(config.train.threads_per_worker or math.ceil(config.train.cpus_per_worker))
         self.micro_batch = micro_batch_size(config.train, self.world_size)
-        self.steps_per_epoch = run["rows"] // self.world_size // self.micro_batch // config.train.grad_accum
+        self.steps_per_epoch = run.rows // self.world_size // self.micro_batch // config.train.grad_accum
         if self.steps_per_epoch < 1:
-            raise ValueError(f"{run['rows']} rows give no full batch of {self.micro_batch} per rank")
+            raise ValueError(f"{run.rows} rows give no full batch of {self.micro_batch} per rank")
         self.total_steps = self.steps_per_epoch * config.train.epochs
         self.fault = planned()  # a test's injected fault (faults.py), else None
 
@@ -77,7 +79,7 @@ class StageRecipe:
         from ..model import load_model
 
         torch.manual_seed(self.config.train.seed)
-        self.model, self.tokenizer = load_model(self.run_facts["init_from"])
+        self.model, self.tokenizer = load_model(self.stage_run.weights_from)
         freeze_for_stage(self.model, self.spec)
         if self.config.train.precision != "fp32":
             keep_fp32(self.model)
@@ -109,7 +111,7 @@ class StageRecipe:
             placement = [None] * self.world_size
             torch.distributed.all_gather_object(placement, here)
         if self.rank == 0:  # one writer; the gather above is the collective
-            (Path(self.run_facts["stage_dir"]) / "workers.json").write_text(json.dumps(placement, indent=2) + "\n")
+            (self.stage_dir / "workers.json").write_text(json.dumps(placement, indent=2) + "\n")
             nodes = sorted({p["node_ip"] for p in placement})
             self._log(f"{self.world_size} rank(s) on {len(nodes)} node(s): {', '.join(nodes)}")
 
@@ -129,7 +131,7 @@ class StageRecipe:
 
     def run(self) -> None:
         # an inline split's Ray Data input starts while the model is set up; a gallery split's opens at once after it
-        self.stream = None if "gallery" in self.run_facts else self._open_stream(epoch=self._resumed_epoch())
+        self.stream = None if self.stage_run.held is not None else self._open_stream(epoch=self._resumed_epoch())
         self.setup()
         try:
             self._train()
@@ -149,7 +151,7 @@ class StageRecipe:
                 if index // self.config.train.grad_accum >= self.steps_per_epoch:
                     break
                 if self.fault:
-                    self.fault.maybe_fail(self.step, self.rank, Path(self.run_facts["stage_dir"]))
+                    self.fault.maybe_fail(self.step, self.rank, self.stage_dir)
                 with autocast(self.config.train.precision, self.device):
                     parts = self._loss(batch)
                 self.engine.backward(parts["loss"])
@@ -165,7 +167,7 @@ class StageRecipe:
                 rate = seen / (time.perf_counter() - started)
                 self._write_metrics(epoch, parts, rate)
                 if self.step == first_step:
-                    called = self.run_facts["called_at"]
+                    called = self.stage_run.called_at
                     self._log(f"start-up {time.time() - called:.1f} s to the first step: worker group "
                               f"{self.started - called:.1f} s, setup {set_up - self.started:.1f} s, first batch and step "
                               f"{time.time() - set_up:.1f} s")
@@ -226,7 +228,7 @@ class StageRecipe:
         """This rank's input, read ahead in a background thread: a gallery split's micro-batches from micro-batch
         ``start`` on (every planned epoch), or epoch ``epoch`` of an inline split's Ray Data shard (a local shuffle
         over ``shuffle_buffer_batches`` micro-batches, seeded by train.seed, the epoch and the rank)."""
-        gallery, pin = self.run_facts.get("gallery"), self.device.type == "cuda"
+        gallery, pin = self.stage_run.held, self.device.type == "cuda"
         if gallery is None:
             seed = epoch_seed(self.config.train.seed, epoch, self.rank)
             return Prefetched(iter_worker_batches(self.micro_batch, pin_memory=pin, shuffle_seed=seed,
@@ -253,7 +255,7 @@ class StageRecipe:
             rows = {key: torch.cat([batch[key] for batch in cached]) for key in cached[0]}
             for epoch in range(self.epoch, epochs):
                 yield epoch, dealt(rows, self.micro_batch, epoch_seed(self.config.train.seed, epoch, self.rank))
-        elif self.run_facts["data_epochs"] == 1:
+        elif self.stage_run.data_epochs == 1:
             for epoch in range(self.epoch, epochs):
                 yield epoch, self._batches(epoch)
         else:
@@ -332,9 +334,9 @@ class StageRecipe:
             if self.spec.export_gm_into_di:  # both branches start from the pre-trained Q-Former (as from BLIP-2's)
                 model.di_branch.load_state_dict(model.gm_branch.state_dict())
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.config.train.export_precision]
-            save_model(model.to("cpu"), self.tokenizer, self.run_facts["export_dir"], dtype=dtype)
+            save_model(model.to("cpu"), self.tokenizer, export_dir(self.config), dtype=dtype)
             model.to(self.device)
-            self._log(f"exported the stage {self.spec.number} model to {self.run_facts['export_dir']}")
+            self._log(f"exported the stage {self.spec.number} model to {export_dir(self.config)}")
 
     def _write_metrics(self, epoch: int, parts: dict, rate: float) -> None:
         if self.rank != 0:
@@ -350,7 +352,7 @@ class StageRecipe:
             self.pending_metrics = []
 
     def _append_csv(self, name: str, *rows: dict) -> None:
-        path = Path(self.run_facts["stage_dir"]) / name
+        path = self.stage_dir / name
         new = not path.exists()
         with path.open("a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

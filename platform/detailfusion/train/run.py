@@ -21,14 +21,11 @@ from ..data.training_input import gallery_input, inline_bytes, inline_input, tra
 from ..errors import StageError  # re-exported: callers import it from here
 from .engine import clipping
 from .model_card import write_model_card
+from .stage_run import StageRun, export_dir as stage_export_dir, stage_dir  # stage_dir: re-exported for callers
 from .stages import STAGES
 
 
 HEALTH_CHECK_INTERVAL_S = 0.5  # Ray Train's worker poll interval (set RAY_TRAIN_HEALTH_CHECK_INTERVAL_S to change)
-
-
-def stage_dir(config: JobConfig) -> Path:
-    return Path(config.workdir) / f"stage{config.train.stage}"
 
 
 def check_stage(config: JobConfig) -> dict:
@@ -193,8 +190,7 @@ def run_stage(config: JobConfig, callbacks: list | None = None) -> Path:
     config = absolute_paths(config)
     manifest = check_stage(config)
     spec = STAGES[config.train.stage]
-    out = stage_dir(config)
-    export_dir = out / "model"
+    out, export_dir = stage_dir(config), stage_export_dir(config)
     if (export_dir / "config.json").is_file() and (out / "DONE").is_file():
         print(f"[stage {spec.number}] already trained: reusing {export_dir}")
         return export_dir
@@ -211,7 +207,7 @@ def run_stage(config: JobConfig, callbacks: list | None = None) -> Path:
     if single_node():  # nothing to watch: the only node going away ends the driver too. Off, Train's watcher actor
         # is not started (one process less per stage) and its "E core_worker" line about its own restart is not printed
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    trainer = build_trainer(config, manifest, init_from, export_dir, callbacks, called_at)
+    trainer = build_trainer(config, manifest, init_from, callbacks, called_at)
     held = "streamed by Ray Data" if trainer.datasets else "held in the object store"
     print(f"[stage {spec.number}] {spec.name}: {manifest.counts['triplets']} triplets from {config.data.prepared} "
           f"({held}), {config.train.num_workers} worker(s), ZeRO-{config.train.zero_stage}, {config.train.precision}, clipping "
@@ -295,9 +291,10 @@ def subset_negatives(config: JobConfig) -> int:
     return config.loss.subset_negatives if STAGES[config.train.stage].near_duplicates and config.loss.reference_negative else 0
 
 
-def build_trainer(config: JobConfig, manifest: Manifest, init_from: str, export_dir: Path, callbacks: list | None = None,
+def build_trainer(config: JobConfig, manifest: Manifest, init_from: str, callbacks: list | None = None,
                   called_at: float | None = None):
-    """The stage's ``TorchTrainer``; ``called_at``: when the stage was called (time.time(), for its start-up line)."""
+    """The stage's ``TorchTrainer``: its workers load ``init_from``; ``called_at``: when the stage was called
+    (time.time(), for its start-up line)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     from ..data.feature_cache import vision_fingerprint
@@ -315,27 +312,23 @@ def build_trainer(config: JobConfig, manifest: Manifest, init_from: str, export_
     if config.data.use_feature_cache and manifest.features:
         fingerprint = vision_fingerprint(load_model(init_from)[0])
     cache = dict(use_features=config.data.use_feature_cache, vision_fingerprint=fingerprint)
-    out = stage_dir(config)
-    run = {"init_from": init_from, "export_dir": str(export_dir), "stage_dir": str(out),
-           "rows": manifest.triplets, "called_at": called_at}
-    datasets = None
+    held, datasets, data_epochs, rows = None, None, 1, manifest.triplets
     if manifest.layout == "gallery":  # every epoch in one plan (stage 3 encodes one epoch once and reshuffles)
-        run["data_epochs"] = 1 if spec.batches == "branch_outputs" else train.epochs
-        run["gallery"] = gallery_input(
-            config.data.prepared, tokenizer, max_text_length, **cache, epochs=run["data_epochs"], seed=train.seed,
+        data_epochs = 1 if spec.batches == "branch_outputs" else train.epochs
+        held = gallery_input(
+            config.data.prepared, tokenizer, max_text_length, **cache, epochs=data_epochs, seed=train.seed,
             subset_negatives=subset_negatives(config), batch_size=train.batch_size,
             holdout=(spec.trains_on, config.data.holdout_fraction))
-        run["rows"] = run["gallery"].epoch_rows
     elif inline_bytes(config.data.prepared, config.data.use_feature_cache) <= config.data.in_memory_max_mb * 2**20:
-        run["data_epochs"] = train.epochs  # a small inline split (IPr2Pr) held like a gallery split
-        run["gallery"] = inline_input(config.data.prepared, tokenizer, max_text_length, **cache, epochs=train.epochs,
-                                      seed=train.seed, batch_size=train.batch_size, captions=spec.batches == "captions")
-        run["rows"] = run["gallery"].epoch_rows
+        data_epochs = train.epochs  # a small inline split (IPr2Pr) held like a gallery split
+        held = inline_input(config.data.prepared, tokenizer, max_text_length, **cache, epochs=train.epochs,
+                            seed=train.seed, batch_size=train.batch_size, captions=spec.batches == "captions")
     else:  # a large inline split: Ray Data streams the shards once per epoch
-        run["data_epochs"] = 1
         datasets = {"train": training_dataset(config.data.prepared, tokenizer, max_text_length, **cache,
                                               actor_cpus=train.data_actor_cpus, seed=train.seed,
                                               batch_size=train.batch_size, captions=spec.batches == "captions")}
+    run = StageRun(weights_from=init_from, rows=held.epoch_rows if held else rows, called_at=called_at, held=held,
+                   data_epochs=data_epochs)
     return StageTrainer(
         train_loop_per_worker,
         pg_cleaner=bool(callbacks),  # a sweep trial (Tune's report callback) can be stopped from outside
@@ -347,7 +340,7 @@ def build_trainer(config: JobConfig, manifest: Manifest, init_from: str, export_
         datasets=datasets,
         run_config=RunConfig(
             name=f"{config.name}-stage{train.stage}",
-            storage_path=str((out / "ray").resolve()),
+            storage_path=str((stage_dir(config) / "ray").resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints, checkpoint_score_attribute="loss",
                                                checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=train.max_failures),
