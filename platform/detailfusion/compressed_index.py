@@ -1,0 +1,329 @@
+"""The compressed gallery index for catalogue-scale retrieval: ``GalleryIndex.search``'s top-k (index.py) from FAISS
+IVF-PQ candidate generation over the token vectors plus exact re-ranking from a memory-mapped store.
+
+Search, for each unified query u [2D] (model/fusion.py's rules):
+
+1. **Candidates.** ``branch_max`` searches each half of u among that half's token vectors (one IVF-PQ index per
+   branch); ``joint_max`` searches the whole u among the whole token vectors (one index, twice the code bytes).
+   Each search keeps its best ``candidates`` token hits (joint_max: ``2 x candidates``); token id t is image
+   ``t // Nq``; the candidate set is the union over the searches. A branch half of u that is all zeros (weight 0)
+   gives every image the same score on that branch and names no candidates.
+2. **Shortlist** (``rerank`` > 0): only the best ``rerank`` candidates by an approximate fusion score from their
+   hits' PQ inner products go on (``CompressedIndex.shortlist``).
+3. **Re-ranking.** The candidates are scored exactly by the fusion score from the re-ranking store (the unified
+   embeddings [N, Nq, 2D], float16 or float32, memory-mapped); the best k come back, ties by gallery order.
+
+When every token is a hit (``nprobe = nlist``, ``candidates >= N * Nq``) and every image is re-ranked (``rerank``
+0 or at least N) the answer is exactly ``GalleryIndex.search``'s on the store's values (float32 store: the
+embeddings themselves). RAM (``memory_bytes``): the FAISS indexes, per token vector ``m`` code bytes (at 8 bits)
+and an 8-byte id, plus centroids and codebooks; disk (``store_bytes``): the store, ``Nq x 2D x 2`` bytes per image
+in float16.
+
+On disk (``build``/``load``): ``gm.faiss`` + ``di.faiss`` (branch_max) or ``tokens.faiss`` (joint_max),
+``store.npy``, ``images.parquet`` (image_id, location) and ``index.json`` (backend ``ivfpq``, model fingerprint,
+fusion score, config, shape), written last: its presence marks a whole index.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+from .index import IMAGES_FILE, META_FILE, GalleryIndex, IndexMismatch
+from .model.fusion import check_rule, fused_scores
+from .ranking import top_k
+
+BACKEND, STORE_FILE = "ivfpq", "store.npy"
+STORE_DTYPES = ("float16", "float32")
+CHUNK_BYTES = 64 << 20  # float32 token vectors read at a time while building (bounds the build's extra memory)
+
+
+@dataclass(frozen=True)
+class CompressedIndexConfig:
+    """How the index compresses and searches; the defaults aim at BLIP-2 scale (Nq = 32 tokens, D = 256 per branch).
+    On ``benchmarks/catalogue.py``'s 20,000-image synthetic catalogue (nlist 512) they keep 0.997 of exact search's
+    top-10, with 2.6 KiB of RAM per image; with 2,048 hits, 0.95. Larger catalogues need more hits for the same recall.
+
+    nlist: IVF lists per FAISS index; None: the power of two at or below ``4 sqrt(token vectors)``, at most
+        ``train_sample / 39`` (FAISS's fewest training points per centroid).
+    m: PQ sub-quantizers per token vector per branch half (its code bytes at ``nbits = 8``); must divide D.
+        joint_max codes the whole 2D token with ``2 m``.
+    nbits: bits per sub-quantizer code.
+    nprobe: IVF lists scanned per query and index (a search may override it).
+    candidates: token hits kept per branch half and query (a search may override it); more: better recall, more
+        images re-ranked.
+    rerank: at most this many candidate images (but at least k) are re-ranked exactly: the best by the approximate
+        fusion score of their hits (a search may override it); 0: every candidate.
+    store_dtype: the re-ranking store's dtype: float16 (half the disk) or float32 (GalleryIndex's exact values).
+    train_sample: token vectors sampled (whole images) to train the IVF centroids and the PQ codebooks.
+    seed: the training sample's and k-means' seed.
+    """
+
+    nlist: int | None = None
+    m: int = 32
+    nbits: int = 8
+    nprobe: int = 64
+    candidates: int = 8192
+    rerank: int = 512
+    store_dtype: str = "float16"
+    train_sample: int = 262_144
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("m", "nbits", "nprobe", "candidates", "train_sample"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"compressed index: {name}={getattr(self, name)} must be at least 1")
+        if self.nlist is not None and self.nlist < 1:
+            raise ConfigError(f"compressed index: nlist={self.nlist} must be at least 1 (or None: automatic)")
+        if self.rerank < 0:
+            raise ConfigError(f"compressed index: rerank={self.rerank} must be at least 0 (0: every candidate)")
+        if self.nbits > 16:
+            raise ConfigError(f"compressed index: nbits={self.nbits} must be at most 16")
+        if self.store_dtype not in STORE_DTYPES:
+            raise ConfigError(f"compressed index: store_dtype={self.store_dtype!r}; known: {', '.join(STORE_DTYPES)}")
+
+    def resolved(self, vectors: int, width: int) -> "CompressedIndexConfig":
+        """This config for ``vectors`` token vectors of ``width`` dims per FAISS index: nlist set, m checked."""
+        if width % self.m:
+            raise ConfigError(f"compressed index: m={self.m} does not divide the branch width D={width}")
+        sample = min(self.train_sample, vectors)
+        nlist = self.nlist or 2 ** int(math.log2(max(1.0, min(4 * math.sqrt(vectors), sample / 39))))
+        if nlist > sample:
+            raise ConfigError(f"compressed index: nlist={nlist} exceeds the {sample} training vectors (train_sample)")
+        return replace(self, nlist=nlist)
+
+
+def exact_search(embeddings, queries: torch.Tensor, k: int, fusion_score: str, chunk: int = 2048
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``GalleryIndex.search`` over embeddings [N, Nq, 2D] (torch or numpy, e.g. a float16 memmap) read ``chunk``
+    images at a time: (scores [Q, k], indices [Q, k]), best first, ties by gallery order."""
+    best_scores = torch.zeros(len(queries), 0)
+    best = torch.zeros(len(queries), 0, dtype=torch.long)
+    for start in range(0, len(embeddings), chunk):
+        rows = slice(start, min(start + chunk, len(embeddings)))
+        scores = torch.cat([best_scores, fused_scores(queries, _float32(embeddings, rows), fusion_score)], dim=1)
+        indices = torch.cat([best, torch.arange(rows.start, rows.stop).expand(len(queries), -1)], dim=1)
+        keep = top_k(scores, min(k, scores.shape[1]))  # earlier images come first: the stable sort keeps ties in order
+        best_scores, best = scores.gather(1, keep), indices.gather(1, keep)
+    if best.shape[1] < k:
+        raise ValueError(f"the gallery holds {best.shape[1]} images, fewer than k={k}")
+    return best_scores, best
+
+
+def _float32(embeddings, rows) -> torch.Tensor:
+    """Rows (a slice or sorted indices) of embeddings [N, ...] (torch or numpy) as a float32 torch tensor."""
+    if isinstance(embeddings, torch.Tensor):
+        return embeddings[rows if isinstance(rows, slice) else torch.as_tensor(rows)].float()
+    part = np.require(embeddings[rows], requirements="W")  # a read-only memmap's slice: copied (torch writes)
+    return torch.from_numpy(part).float()  # torch's float16 -> float32 conversion is faster than numpy's
+
+
+class CompressedIndex:
+    """A built index, loaded: the FAISS indexes in RAM, the re-ranking store memory-mapped. Make one with ``build``
+    (or ``from_gallery``), open one with ``load``."""
+
+    def __init__(self, directory: Path, meta: dict, image_ids: list[str], locations: list[str | None]):
+        import faiss
+
+        self.directory, self.meta = directory, meta
+        self.image_ids, self.locations = image_ids, locations
+        self.model_fingerprint, self.fusion_score = meta["model_fingerprint"], meta["fusion_score"]
+        self.config = CompressedIndexConfig(**meta["config"])
+        self.store = np.load(directory / STORE_FILE, mmap_mode="r")  # [N, Nq, 2D]
+        self.searchers = [faiss.read_index(str(directory / name)) for name in meta["faiss_files"]]
+        self.parts = _parts(self.store.shape[2], joint=len(self.searchers) == 1)  # query columns of each searcher
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    # -- building ------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_gallery(cls, index: GalleryIndex, directory: str | Path,
+                     config: CompressedIndexConfig = CompressedIndexConfig()) -> "CompressedIndex":
+        """Compress an exact ``GalleryIndex`` (its embeddings, ids, locations, model fingerprint, fusion score)."""
+        return cls.build(index.embeddings, index.image_ids, index.model_fingerprint, directory, config,
+                         fusion_score=index.fusion_score, locations=index.locations, source=index.source)
+
+    @classmethod
+    def build(cls, embeddings, image_ids: list[str], model_fingerprint: str, directory: str | Path,
+              config: CompressedIndexConfig = CompressedIndexConfig(), fusion_score: str = "branch_max",
+              locations: list[str | None] | None = None, source: dict | None = None) -> "CompressedIndex":
+        """Build from unified embeddings [N, Nq, 2D] (torch or numpy, e.g. a memmap; any float dtype), read in chunks:
+        train the codec(s) on a sample, add every token vector, write the store, then the ids and ``index.json``."""
+        import faiss
+
+        check_rule(fusion_score)
+        if len(embeddings.shape) != 3 or embeddings.shape[0] != len(image_ids) or embeddings.shape[2] % 2:
+            raise ValueError(f"embeddings {tuple(embeddings.shape)} do not match {len(image_ids)} image ids "
+                             "as [N, Nq, 2D]")
+        images, tokens, width = (int(n) for n in embeddings.shape)
+        config = config.resolved(images * tokens, width // 2)
+        joint = fusion_score == "joint_max"
+        parts, names = _parts(width, joint), ["tokens.faiss"] if joint else ["gm.faiss", "di.faiss"]
+        code = replace(config, m=2 * config.m) if joint else config  # joint_max: whole 2D tokens, 2 m bytes
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / META_FILE).unlink(missing_ok=True)  # a half-rewritten index is no index
+
+        sample = _float32(embeddings, _sample_images(images, tokens, config)).reshape(-1, width)[:config.train_sample]
+        searchers = [_trained(np.ascontiguousarray(sample[:, part].numpy()), code) for part in parts]
+        store = np.lib.format.open_memmap(directory / STORE_FILE, mode="w+", dtype=config.store_dtype,
+                                          shape=(images, tokens, width))
+        step = max(1, CHUNK_BYTES // (tokens * width * 4))
+        for start in range(0, images, step):
+            rows = slice(start, min(start + step, images))
+            chunk = _float32(embeddings, rows).numpy()
+            store[rows] = chunk
+            for searcher, part in zip(searchers, parts):
+                searcher.add(np.ascontiguousarray(chunk[..., part].reshape(-1, chunk[..., part].shape[-1])))
+        store.flush()
+        del store
+        for searcher, name in zip(searchers, names):
+            faiss.write_index(searcher, str(directory / name))
+        _write_images(directory / IMAGES_FILE, image_ids, locations)
+        meta = {"backend": BACKEND, "model_fingerprint": model_fingerprint, "fusion_score": fusion_score,
+                "images": images, "shape": [images, tokens, width], "config": asdict(config), "faiss_files": names,
+                "faiss_version": faiss.__version__, "source": source or {}}
+        (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+        return cls.load(directory)
+
+    @classmethod
+    def load(cls, directory: str | Path, model_fingerprint: str | None = None) -> "CompressedIndex":
+        """Open a built index; with ``model_fingerprint``, refuse one built by another model (``IndexMismatch``)."""
+        import pyarrow.parquet as pq
+
+        directory = Path(directory)
+        meta_path = directory / META_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{directory}: no {META_FILE}; not a complete compressed index")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("backend") != BACKEND:
+            raise ValueError(f"{directory}: backend {meta.get('backend')!r} is not a compressed ({BACKEND}) index")
+        if model_fingerprint is not None and model_fingerprint != meta["model_fingerprint"]:
+            raise IndexMismatch(
+                f"index {directory} was built by model {meta['model_fingerprint']}, but the model in use is "
+                f"{model_fingerprint}; rebuild the index with this model (detailfusion index)"
+            )
+        table = pq.read_table(directory / IMAGES_FILE)
+        return cls(directory, meta, table.column("image_id").to_pylist(), table.column("location").to_pylist())
+
+    # -- search --------------------------------------------------------------------------------------
+
+    def search(self, queries: torch.Tensor, k: int, candidates: int | None = None, nprobe: int | None = None,
+               rerank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unified queries [Q, 2D] -> (scores [Q, k], gallery indices [Q, k]), best first, ties by gallery order.
+
+        ``candidates`` (token hits per half), ``nprobe`` and ``rerank`` default to the config's. A query whose hits
+        name fewer than k images searches again with hits and nprobe doubled, up to every token."""
+        if len(self) < k:
+            raise ValueError(f"the gallery holds {len(self)} images, fewer than k={k}")
+        queries = queries.detach().float().cpu()
+        hits, nprobe = candidates or self.config.candidates, nprobe or self.config.nprobe
+        keep = self.config.rerank if rerank is None else rerank
+        keep = max(keep, k) if keep else None
+        found = self.candidates(queries, hits, nprobe, keep)
+        short = [q for q, images in enumerate(found) if len(images) < k]
+        total, nlist = self.store.shape[0] * self.store.shape[1], self.config.nlist
+        while short and (hits < total or nprobe < nlist):
+            hits, nprobe = min(2 * hits, total), min(2 * nprobe, nlist)
+            for q, images in zip(short, self.candidates(queries[short], hits, nprobe, keep)):
+                found[q] = images
+            short = [q for q in short if len(found[q]) < k]
+        best_scores, best = torch.empty(len(queries), k), torch.empty(len(queries), k, dtype=torch.long)
+        for q, images in enumerate(found):
+            best_scores[q], best[q] = self.rerank(queries[q], images, k)
+        return best_scores, best
+
+    def candidates(self, queries: torch.Tensor, hits: int, nprobe: int, keep: int | None = None) -> list[np.ndarray]:
+        """Unified queries [Q, 2D] -> per query, the sorted gallery indices named by the best ``hits`` token hits of
+        each FAISS search (joint_max: ``2 hits``), ``nprobe`` lists scanned per search; with ``keep``, only the
+        best ``keep`` of them by their hits' approximate fusion score (``shortlist``)."""
+        import faiss
+
+        hits = 2 * hits if len(self.searchers) == 1 else hits
+        params = faiss.SearchParametersIVF(nprobe=min(nprobe, self.config.nlist))
+        vectors = [np.ascontiguousarray(queries[:, part].numpy()) for part in self.parts]
+        found = [searcher.search(v, min(hits, searcher.ntotal), params=params)
+                 for searcher, v in zip(self.searchers, vectors)]  # (scores [Q, hits], token ids [Q, hits]) each
+        if len(found) == 2:  # a zero half (weight 0) scores every image alike: the other half alone names candidates
+            zero = [~v.any(axis=1) for v in vectors]
+            found[0][1][zero[0] & ~zero[1]] = -1
+            found[1][1][zero[1] & ~zero[0]] = -1
+        return [self.shortlist([(scores[q], ids[q]) for scores, ids in found], keep) for q in range(len(queries))]
+
+    def shortlist(self, hits: list[tuple[np.ndarray, np.ndarray]], keep: int | None) -> np.ndarray:
+        """One query's hits, per search (approximate scores [h] best first, token ids [h], -1: none) -> the sorted
+        gallery indices of the images they name; with ``keep``, the best ``keep`` by the approximate fusion score:
+        the sum over searches of the image's best hit, or the search's last hit where it has none (its bound)."""
+        named = []
+        for scores, ids in hits:
+            scores, ids = scores[ids >= 0], ids[ids >= 0]
+            images, first = np.unique(ids // self.store.shape[1], return_index=True)
+            named.append((images, scores[first], scores[-1] if len(scores) else 0.0))
+        union = functools.reduce(np.union1d, [images for images, _, _ in named])
+        if keep is None or len(union) <= keep:
+            return union
+        approximate = np.zeros(len(union), dtype=np.float32)
+        for images, best, bound in named:
+            part = np.full(len(union), bound, dtype=np.float32)
+            part[np.searchsorted(union, images)] = best
+            approximate += part
+        return np.sort(union[np.argpartition(-approximate, keep)[:keep]])
+
+    def rerank(self, query: torch.Tensor, images: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One unified query [2D] and sorted candidate gallery indices [C] -> (scores [k'], indices [k']), the best
+        k' = min(k, C) by the exact fusion score on the store, ties by gallery order."""
+        scores = fused_scores(query[None], _float32(self.store, images), self.fusion_score)
+        order = top_k(scores, min(k, len(images)))[0]
+        return scores[0, order], torch.from_numpy(images)[order]
+
+    # -- sizes ---------------------------------------------------------------------------------------
+
+    def memory_bytes(self) -> int:
+        """RAM of the FAISS indexes in bytes: per token vector its code and 8-byte id, plus the IVF centroids and the
+        PQ codebooks (float32)."""
+        return sum(s.ntotal * (s.code_size + 8) + (s.nlist * s.d + s.pq.M * s.pq.ksub * s.pq.dsub) * 4
+                   for s in self.searchers)
+
+    def store_bytes(self) -> int:
+        """Disk bytes of the re-ranking store (memory-mapped, read only at the candidates' rows)."""
+        return (self.directory / STORE_FILE).stat().st_size
+
+
+def _parts(width: int, joint: bool) -> list[slice]:
+    """The columns of a unified vector [2D] that each FAISS index holds: both halves (joint_max) or one each."""
+    return [slice(None)] if joint else [slice(None, width // 2), slice(width // 2, None)]
+
+
+def _sample_images(images: int, tokens: int, config: CompressedIndexConfig) -> np.ndarray:
+    """Sorted indices of the whole images whose token vectors train the codec: enough for ``train_sample``."""
+    count = min(images, math.ceil(config.train_sample / tokens))
+    return np.sort(np.random.default_rng(config.seed).choice(images, size=count, replace=False))
+
+
+def _trained(sample: np.ndarray, config: CompressedIndexConfig):
+    """An empty IVF-PQ inner-product index (residual codes) trained on token vectors [S, d] float32."""
+    import faiss
+
+    width = sample.shape[1]
+    quantizer = faiss.IndexFlatIP(width)
+    searcher = faiss.IndexIVFPQ(quantizer, width, config.nlist, config.m, config.nbits, faiss.METRIC_INNER_PRODUCT)
+    searcher.cp.seed = searcher.pq.cp.seed = config.seed
+    searcher.train(sample)
+    return searcher  # FAISS's Python wrapper keeps the quantizer alive with it
+
+
+def _write_images(path: Path, image_ids: list[str], locations: list[str | None] | None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    locations = locations or [None] * len(image_ids)
+    pq.write_table(pa.table({"image_id": image_ids, "location": pa.array(locations, type=pa.string())}), path)
