@@ -52,14 +52,15 @@ def error(exc: RequestError) -> JSONResponse:
 class Retriever:
     """Model + gallery index; ``search`` calls are batched (``@serve.batch``) into one forward pass."""
 
-    def __init__(self, checkpoint: str, index: str, max_batch_size: int, batch_wait_timeout_s: float, use_gpu: bool):
+    def __init__(self, checkpoint: str, fingerprint: str, index: str, max_batch_size: int, batch_wait_timeout_s: float,
+                 use_gpu: bool):
         from ..index import GalleryIndex
-        from ..model import load_model, model_fingerprint
+        from ..model import load_model
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         model, self.tokenizer = load_model(checkpoint)
         self.model = model.to(self.device).eval()
-        self.index = GalleryIndex.load(index, model_fingerprint(checkpoint))  # refuses another model's index
+        self.index = GalleryIndex.load(index, fingerprint)  # refuses another model's index
         self.static_weights = list(model.config.static_weights)
         self.search_batch.set_max_batch_size(max_batch_size)
         self.search_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -94,15 +95,14 @@ class Retriever:
 class Frontend:
     """HTTP: parses and checks requests, answers errors, serves the page and thumbnails; forwards searches."""
 
-    def __init__(self, retriever, checkpoint: str, index: str, limits: dict):
+    def __init__(self, retriever, index: str, image_size: int, limits: dict):
         import pyarrow.parquet as pq
 
         from ..index import IMAGES_FILE
-        from ..model.inference import image_size
 
         self.retriever = retriever
         self.limits = Limits(**limits)
-        self.image_size = image_size(checkpoint)
+        self.image_size = image_size  # the model's input side (px): requests and thumbnails are resized to it
         table = pq.read_table(Path(index) / IMAGES_FILE)
         self.image_ids = table.column("image_id").to_pylist()
         thumbnails = table.column("thumbnail").to_pylist() if "thumbnail" in table.column_names else []
@@ -180,16 +180,19 @@ class Frontend:
 
 
 def build_app(config: ServeConfig):
-    """The Serve application of ``config`` (checkpoint + index; batching, autoscaling and limits)."""
+    """The Serve application of ``config`` (checkpoint + index; batching, autoscaling and limits). The driver reads
+    the checkpoint's identity and image size once; each model replica loads its weights."""
     for path, what in ((Path(config.checkpoint) / "config.json", "checkpoint"), (Path(config.index) / "index.json", "index")):
         if not path.is_file():
             raise FileNotFoundError(f"{what} {getattr(config, what)!r}: {path.name} not found (give an exported model "
                                     "directory and a `detailfusion index` directory)")
     from ..index import META_FILE, IndexMismatch
     from ..model import model_fingerprint
+    from ..model.inference import image_size
 
+    fingerprint = model_fingerprint(config.checkpoint)
     built_by = json.loads((Path(config.index) / META_FILE).read_text())["model_fingerprint"]
-    if built_by != model_fingerprint(config.checkpoint):  # refused here, before any replica starts
+    if built_by != fingerprint:  # refused here, before any replica starts
         raise IndexMismatch(f"index {config.index} was built by model {built_by}, not by {config.checkpoint}; "
                             "rebuild it with `detailfusion index` and this checkpoint")
     batch = config.max_batch_size if config.batching else 1
@@ -201,11 +204,11 @@ def build_app(config: ServeConfig):
                             "upscale_delay_s": config.upscale_delay_s, "downscale_delay_s": config.downscale_delay_s,
                             "look_back_period_s": config.look_back_period_s},
         ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": 1 if config.use_gpu else 0},
-    ).bind(config.checkpoint, config.index, batch, config.batch_wait_timeout_s, config.use_gpu)
+    ).bind(config.checkpoint, fingerprint, config.index, batch, config.batch_wait_timeout_s, config.use_gpu)
     limits = {"max_body_bytes": int(config.max_body_mb * 1024 * 1024), "max_image_pixels": config.max_image_pixels,
               "max_text_chars": config.max_text_chars, "max_top_k": config.max_top_k}
     return Frontend.options(ray_actor_options={"num_cpus": config.frontend_cpus}, max_ongoing_requests=256).bind(
-        retriever, config.checkpoint, config.index, limits)
+        retriever, config.index, image_size(config.checkpoint), limits)
 
 
 def app_builder(args: dict):
