@@ -224,3 +224,26 @@ def test_cli_errors_are_clear(tmp_path, capsys, cirr_root):
     broken.write_text("[{")
     assert main(["score-cirr", "--annotations", str(broken), "--recall", str(bad), "--recall-subset", str(bad)]) == 2
     assert "malformed JSON" in capsys.readouterr().err
+
+
+def test_in_process_encoding_equals_the_actor_pool(ray_local, tmp_path, cirr_root, model_dir):
+    """A small split with one encoder is encoded in the calling process (no actor start-up); Ray Data's actor pool
+    gives the same gallery index (embeddings, order, thumbnails) and the same query features."""
+    import pyarrow.parquet as pq
+
+    from detailfusion.config import PrepareConfig
+    from detailfusion.data.prepare import prepare
+    from detailfusion.eval.encode import EncodeOptions, encode_gallery, encode_queries
+
+    prepared = tmp_path / "prep"
+    prepare(PrepareConfig(dataset="cirr", root=str(cirr_root), split="val", out=str(prepared)))
+    here, pool = EncodeOptions(batch_size=16), EncodeOptions(batch_size=16, cpus_per_actor=0.5, in_process_max_rows=0)
+    assert here.in_process(100) and not pool.in_process(100)
+    local, pooled = (encode_gallery(prepared, model_dir, "fp", options) for options in (here, pool))
+    assert local.image_ids == pooled.image_ids and local.thumbnails == pooled.thumbnails
+    torch.testing.assert_close(local.embeddings, pooled.embeddings, rtol=0, atol=1e-6)
+    triplets = pq.read_table(prepared / "triplets")
+    a, b = (encode_queries(prepared, model_dir, triplets, options) for options in (here, pool))
+    assert a.sample_ids == b.sample_ids == triplets.column("sample_id").to_pylist()
+    for name in ("q_gm", "q_di", "text_gm", "unified", "weights"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=1e-6, equal_nan=True)

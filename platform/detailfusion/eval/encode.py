@@ -1,6 +1,8 @@
 """Distributed encoding for evaluation and indexing: Ray Data ``map_batches`` over an actor pool (any number of
 actors, one GPU each with ``use_gpu``). The whole gallery is encoded (never split by rank); queries are split
-over the actors.
+over the actors. With one actor asked for and at most ``EncodeOptions.in_process_max_rows`` rows, the same encoder
+runs in the calling process instead: a pool's actor costs a process, its imports and a model load (5-10 s on 2
+cores), more than a small split's whole encoding.
 
 ``encode_gallery`` -> ``GalleryIndex`` of the unified embedding ``[t_gm ; t_di] / sqrt 2`` [N, Nq, 2D], once per
 image, reused by every fusion rule. ``encode_queries`` -> ``QueryFeatures``: both branches' composed queries,
@@ -31,6 +33,10 @@ class EncodeOptions:
     cpus_per_actor: float = 1.0
     use_gpu: bool = False  # one GPU per actor
     batch_size: int = 64  # images or queries per batch
+    in_process_max_rows: int = 10_000  # with actors == 1, splits up to this many rows are encoded here (0: never)
+
+    def in_process(self, rows: int) -> bool:
+        return self.actors == 1 and rows <= self.in_process_max_rows
 
 
 def _load(model_dir: str, use_gpu: bool):
@@ -92,6 +98,18 @@ def _over_the_pool(dataset, options: EncodeOptions):
     return spread
 
 
+def _encode_here(encoder, table, batch_size: int) -> dict[str, np.ndarray]:
+    """``encoder`` over a pyarrow table's rows in batches of ``batch_size`` (numpy columns, as Ray Data gives an
+    actor), in this process -> the concatenated output columns."""
+    columns: dict[str, list] = {}
+    for start in range(0, table.num_rows, batch_size):
+        part = table.slice(start, batch_size)
+        batch = {name: part.column(name).to_numpy(zero_copy_only=False) for name in part.column_names}
+        for name, values in encoder(batch).items():
+            columns.setdefault(name, []).append(values)
+    return {name: np.concatenate(parts) for name, parts in columns.items()}
+
+
 def _collect(dataset, key: str) -> dict[str, np.ndarray]:
     """All rows of a small result dataset as concatenated numpy columns."""
     columns: dict[str, list] = {}
@@ -114,9 +132,13 @@ def encode_gallery(prepared_dir: str | Path, model_dir: str | Path, fingerprint:
     gallery = pq.read_table(Path(prepared_dir) / "gallery.parquet")
     ids = list(dict.fromkeys(gallery.column("image_id").to_pylist()))
     location = dict(zip(gallery.column("image_id").to_pylist(), gallery.column("location").to_pylist()))
-    images = ray.data.read_parquet(str(Path(prepared_dir) / "images")).select_columns(["image_id", "pixels"])
-    encoder = dict(fn_constructor_args=(str(model_dir), options.use_gpu), **_pool_kwargs(options))
-    encoded = _collect(_over_the_pool(images, options).map_batches(GalleryEncoder, **encoder), "embedding")
+    if options.in_process(len(ids)):
+        images = pq.read_table(Path(prepared_dir) / "images", columns=["image_id", "pixels"])
+        encoded = _encode_here(GalleryEncoder(str(model_dir), options.use_gpu), images, options.batch_size)
+    else:
+        images = ray.data.read_parquet(str(Path(prepared_dir) / "images")).select_columns(["image_id", "pixels"])
+        encoder = dict(fn_constructor_args=(str(model_dir), options.use_gpu), **_pool_kwargs(options))
+        encoded = _collect(_over_the_pool(images, options).map_batches(GalleryEncoder, **encoder), "embedding")
     if not len(encoded):
         raise DataError(f"{prepared_dir}: no images to encode")
     row = {str(name): i for i, name in enumerate(encoded["image_id"])}
@@ -139,9 +161,14 @@ def encode_queries(prepared_dir: str | Path, model_dir: str | Path, triplets,
     """The queries of ``triplets`` (a pyarrow table of canonical rows) -> ``QueryFeatures`` in table order."""
     import ray
 
-    rows = ray.data.from_arrow(triplets.select(["sample_id", "reference_id", "text"]))
-    encoder = dict(fn_constructor_args=(str(model_dir), str(prepared_dir), options.use_gpu), **_pool_kwargs(options))
-    encoded = _collect(_over_the_pool(rows, options).map_batches(QueryEncoder, **encoder), "unified")
+    columns = triplets.select(["sample_id", "reference_id", "text"])
+    if options.in_process(columns.num_rows):
+        encoder = QueryEncoder(str(model_dir), str(prepared_dir), options.use_gpu)
+        encoded = _encode_here(encoder, columns, options.batch_size) if columns.num_rows else {}
+    else:
+        rows = ray.data.from_arrow(columns)
+        encoder = dict(fn_constructor_args=(str(model_dir), str(prepared_dir), options.use_gpu), **_pool_kwargs(options))
+        encoded = _collect(_over_the_pool(rows, options).map_batches(QueryEncoder, **encoder), "unified")
     wanted = triplets.column("sample_id").to_pylist()
     position = {str(s): i for i, s in enumerate(encoded["sample_id"])}
     order = [position[s] for s in wanted]
