@@ -316,7 +316,8 @@ def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
     score.add_argument("--out", help="also write the metrics JSON here")
     score.set_defaults(run=_score_cirr)
 
-    idx = commands.add_parser("index", help="encode a split's gallery once into a search index (safetensors + parquet)")
+    idx = commands.add_parser("index", help="encode a split's gallery once into a search index: exact, or compressed "
+                              "with --set index_backend.kind=ivfpq (docs/evaluation.md)")
     _eval_arguments(idx)
     idx.add_argument("--out", help="index directory")
     idx.set_defaults(run=_index)

@@ -20,8 +20,9 @@ and an 8-byte id, plus centroids and codebooks; disk (``store_bytes``): the stor
 in float16.
 
 On disk (``build``/``load``): ``gm.faiss`` + ``di.faiss`` (branch_max) or ``tokens.faiss`` (joint_max),
-``store.npy``, ``images.parquet`` (image_id, location) and ``index.json`` (backend ``ivfpq``, model fingerprint,
-fusion score, config, shape), written last: its presence marks a whole index.
+``store.npy``, ``images.parquet`` (image_id, location, thumbnail) and ``index.json`` (backend ``ivfpq``, model
+fingerprint, fusion score, config, shape), written last: its presence marks a whole index. The settings,
+``CompressedIndexConfig``, live in ``config.py`` (``EvalConfig.index_backend.ivfpq``).
 """
 
 from __future__ import annotations
@@ -29,75 +30,20 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import ConfigError
-from .index import IMAGES_FILE, META_FILE, GalleryIndex, IndexMismatch
+from .config import STORE_DTYPES, CompressedIndexConfig  # re-exported: callers import them from here
+from .index import IMAGES_FILE, META_FILE, GalleryIndex, check_fingerprint
 from .model.fusion import check_rule, fused_scores
 from .ranking import top_k
 
 BACKEND, STORE_FILE = "ivfpq", "store.npy"
-STORE_DTYPES = ("float16", "float32")
+FAISS_FILES = ("gm.faiss", "di.faiss", "tokens.faiss")  # branch_max: the first two; joint_max: the last
 CHUNK_BYTES = 64 << 20  # float32 token vectors read at a time while building (bounds the build's extra memory)
-
-
-@dataclass(frozen=True)
-class CompressedIndexConfig:
-    """How the index compresses and searches; the defaults aim at BLIP-2 scale (Nq = 32 tokens, D = 256 per branch).
-    On ``benchmarks/catalogue.py``'s 20,000-image synthetic catalogue (nlist 512) they keep 0.997 of exact search's
-    top-10, with 2.6 KiB of RAM per image; with 2,048 hits, 0.95. Larger catalogues need more hits for the same recall.
-
-    nlist: IVF lists per FAISS index; None: the power of two at or below ``4 sqrt(token vectors)``, at most
-        ``train_sample / 39`` (FAISS's fewest training points per centroid).
-    m: PQ sub-quantizers per token vector per branch half (its code bytes at ``nbits = 8``); must divide D.
-        joint_max codes the whole 2D token with ``2 m``.
-    nbits: bits per sub-quantizer code.
-    nprobe: IVF lists scanned per query and index (a search may override it).
-    candidates: token hits kept per branch half and query (a search may override it); more: better recall, more
-        images re-ranked.
-    rerank: at most this many candidate images (but at least k) are re-ranked exactly: the best by the approximate
-        fusion score of their hits (a search may override it); 0: every candidate.
-    store_dtype: the re-ranking store's dtype: float16 (half the disk) or float32 (GalleryIndex's exact values).
-    train_sample: token vectors sampled (whole images) to train the IVF centroids and the PQ codebooks.
-    seed: the training sample's and k-means' seed.
-    """
-
-    nlist: int | None = None
-    m: int = 32
-    nbits: int = 8
-    nprobe: int = 64
-    candidates: int = 8192
-    rerank: int = 512
-    store_dtype: str = "float16"
-    train_sample: int = 262_144
-    seed: int = 0
-
-    def __post_init__(self):
-        for name in ("m", "nbits", "nprobe", "candidates", "train_sample"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"compressed index: {name}={getattr(self, name)} must be at least 1")
-        if self.nlist is not None and self.nlist < 1:
-            raise ConfigError(f"compressed index: nlist={self.nlist} must be at least 1 (or None: automatic)")
-        if self.rerank < 0:
-            raise ConfigError(f"compressed index: rerank={self.rerank} must be at least 0 (0: every candidate)")
-        if self.nbits > 16:
-            raise ConfigError(f"compressed index: nbits={self.nbits} must be at most 16")
-        if self.store_dtype not in STORE_DTYPES:
-            raise ConfigError(f"compressed index: store_dtype={self.store_dtype!r}; known: {', '.join(STORE_DTYPES)}")
-
-    def resolved(self, vectors: int, width: int) -> "CompressedIndexConfig":
-        """This config for ``vectors`` token vectors of ``width`` dims per FAISS index: nlist set, m checked."""
-        if width % self.m:
-            raise ConfigError(f"compressed index: m={self.m} does not divide the branch width D={width}")
-        sample = min(self.train_sample, vectors)
-        nlist = self.nlist or 2 ** int(math.log2(max(1.0, min(4 * math.sqrt(vectors), sample / 39))))
-        if nlist > sample:
-            raise ConfigError(f"compressed index: nlist={nlist} exceeds the {sample} training vectors (train_sample)")
-        return replace(self, nlist=nlist)
 
 
 def exact_search(embeddings, queries: torch.Tensor, k: int, fusion_score: str, chunk: int = 2048
@@ -143,21 +89,29 @@ class CompressedIndex:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def check_model(self, fingerprint: str, where: str = "index") -> None:
+        """Refuse (``IndexMismatch``) a model other than the one that built the index."""
+        check_fingerprint(self.model_fingerprint, fingerprint, where)
+
     # -- building ------------------------------------------------------------------------------------
 
     @classmethod
     def from_gallery(cls, index: GalleryIndex, directory: str | Path,
                      config: CompressedIndexConfig = CompressedIndexConfig()) -> "CompressedIndex":
-        """Compress an exact ``GalleryIndex`` (its embeddings, ids, locations, model fingerprint, fusion score)."""
+        """Compress an exact ``GalleryIndex`` (its embeddings, ids, locations, thumbnails, model fingerprint, fusion
+        score, source)."""
         return cls.build(index.embeddings, index.image_ids, index.model_fingerprint, directory, config,
-                         fusion_score=index.fusion_score, locations=index.locations, source=index.source)
+                         fusion_score=index.fusion_score, locations=index.locations, source=index.source,
+                         thumbnails=index.thumbnails)
 
     @classmethod
     def build(cls, embeddings, image_ids: list[str], model_fingerprint: str, directory: str | Path,
               config: CompressedIndexConfig = CompressedIndexConfig(), fusion_score: str = "branch_max",
-              locations: list[str | None] | None = None, source: dict | None = None) -> "CompressedIndex":
+              locations: list[str | None] | None = None, source: dict | None = None,
+              thumbnails: list[bytes | None] | None = None) -> "CompressedIndex":
         """Build from unified embeddings [N, Nq, 2D] (torch or numpy, e.g. a memmap; any float dtype), read in chunks:
-        train the codec(s) on a sample, add every token vector, write the store, then the ids and ``index.json``."""
+        train the codec(s) on a sample, add every token vector, write the store, then the ids (with their locations
+        and JPEG thumbnails for serving, where given) and ``index.json``."""
         import faiss
 
         check_rule(fusion_score)
@@ -167,7 +121,7 @@ class CompressedIndex:
         images, tokens, width = (int(n) for n in embeddings.shape)
         config = config.resolved(images * tokens, width // 2)
         joint = fusion_score == "joint_max"
-        parts, names = _parts(width, joint), ["tokens.faiss"] if joint else ["gm.faiss", "di.faiss"]
+        parts, names = _parts(width, joint), list(FAISS_FILES[2:] if joint else FAISS_FILES[:2])
         code = replace(config, m=2 * config.m) if joint else config  # joint_max: whole 2D tokens, 2 m bytes
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -188,7 +142,7 @@ class CompressedIndex:
         del store
         for searcher, name in zip(searchers, names):
             faiss.write_index(searcher, str(directory / name))
-        _write_images(directory / IMAGES_FILE, image_ids, locations)
+        _write_images(directory / IMAGES_FILE, image_ids, locations, thumbnails)
         meta = {"backend": BACKEND, "model_fingerprint": model_fingerprint, "fusion_score": fusion_score,
                 "images": images, "shape": [images, tokens, width], "config": asdict(config), "faiss_files": names,
                 "faiss_version": faiss.__version__, "source": source or {}}
@@ -207,12 +161,9 @@ class CompressedIndex:
         meta = json.loads(meta_path.read_text())
         if meta.get("backend") != BACKEND:
             raise ValueError(f"{directory}: backend {meta.get('backend')!r} is not a compressed ({BACKEND}) index")
-        if model_fingerprint is not None and model_fingerprint != meta["model_fingerprint"]:
-            raise IndexMismatch(
-                f"index {directory} was built by model {meta['model_fingerprint']}, but the model in use is "
-                f"{model_fingerprint}; rebuild the index with this model (detailfusion index)"
-            )
-        table = pq.read_table(directory / IMAGES_FILE)
+        if model_fingerprint is not None:
+            check_fingerprint(meta["model_fingerprint"], model_fingerprint, where=f"index {directory}")
+        table = pq.read_table(directory / IMAGES_FILE, columns=["image_id", "location"])  # thumbnails: serving's
         return cls(directory, meta, table.column("image_id").to_pylist(), table.column("location").to_pylist())
 
     # -- search --------------------------------------------------------------------------------------
@@ -321,9 +272,13 @@ def _trained(sample: np.ndarray, config: CompressedIndexConfig):
     return searcher  # FAISS's Python wrapper keeps the quantizer alive with it
 
 
-def _write_images(path: Path, image_ids: list[str], locations: list[str | None] | None) -> None:
+def _write_images(path: Path, image_ids: list[str], locations: list[str | None] | None,
+                  thumbnails: list[bytes | None] | None) -> None:
+    """``images.parquet`` as ``GalleryIndex.save`` writes it: image_id, location, thumbnail (JPEG or null)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     locations = locations or [None] * len(image_ids)
-    pq.write_table(pa.table({"image_id": image_ids, "location": pa.array(locations, type=pa.string())}), path)
+    thumbnails = thumbnails or [None] * len(image_ids)
+    pq.write_table(pa.table({"image_id": image_ids, "location": pa.array(locations, type=pa.string()),
+                             "thumbnail": pa.array(thumbnails, type=pa.binary())}), path)

@@ -8,6 +8,7 @@ An unknown or mistyped key raises ``ConfigError`` naming the key and the file (o
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -145,6 +146,75 @@ class PrepareConfig:
     num_cpus: int | None = None  # CPUs of a local Ray started by the job (ignored when joining a cluster)
 
 
+STORE_DTYPES = ("float16", "float32")  # of the compressed index's re-ranking store
+
+
+@dataclass(frozen=True)
+class CompressedIndexConfig:
+    """The compressed index (``compressed_index.py``): how it compresses and searches; the defaults aim at BLIP-2
+    scale (Nq = 32 tokens, D = 256 per branch). On ``benchmarks/catalogue.py``'s 20,000-image synthetic catalogue
+    (nlist 512) they keep 0.997 of exact search's top-10, with 2.6 KiB of RAM per image; with 2,048 hits, 0.95.
+    Larger catalogues need more hits for the same recall.
+
+    nlist: IVF lists per FAISS index; None: the power of two at or below ``4 sqrt(token vectors)``, at most
+        ``train_sample / 39`` (FAISS's fewest training points per centroid).
+    m: PQ sub-quantizers per token vector per branch half (its code bytes at ``nbits = 8``); must divide D.
+        joint_max codes the whole 2D token with ``2 m``.
+    nbits: bits per sub-quantizer code.
+    nprobe: IVF lists scanned per query and index (a search may override it).
+    candidates: token hits kept per branch half and query (a search may override it); more: better recall, more
+        images re-ranked.
+    rerank: at most this many candidate images (but at least k) are re-ranked exactly: the best by the approximate
+        fusion score of their hits (a search may override it); 0: every candidate.
+    store_dtype: the re-ranking store's dtype: float16 (half the disk) or float32 (GalleryIndex's exact values).
+    train_sample: token vectors sampled (whole images) to train the IVF centroids and the PQ codebooks.
+    seed: the training sample's and k-means' seed.
+    """
+
+    nlist: int | None = None
+    m: int = 32
+    nbits: int = 8
+    nprobe: int = 64
+    candidates: int = 8192
+    rerank: int = 512
+    store_dtype: str = "float16"
+    train_sample: int = 262_144
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("m", "nbits", "nprobe", "candidates", "train_sample"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"compressed index: {name}={getattr(self, name)} must be at least 1")
+        if self.nlist is not None and self.nlist < 1:
+            raise ConfigError(f"compressed index: nlist={self.nlist} must be at least 1 (or None: automatic)")
+        if self.rerank < 0:
+            raise ConfigError(f"compressed index: rerank={self.rerank} must be at least 0 (0: every candidate)")
+        if self.nbits > 16:
+            raise ConfigError(f"compressed index: nbits={self.nbits} must be at most 16")
+        if self.store_dtype not in STORE_DTYPES:
+            raise ConfigError(f"compressed index: store_dtype={self.store_dtype!r}; known: {', '.join(STORE_DTYPES)}")
+
+    def resolved(self, vectors: int, width: int) -> "CompressedIndexConfig":
+        """This config for ``vectors`` token vectors of ``width`` dims per FAISS index: nlist set, m checked."""
+        if width % self.m:
+            raise ConfigError(f"compressed index: m={self.m} does not divide the branch width D={width}")
+        sample = min(self.train_sample, vectors)
+        nlist = self.nlist or 2 ** int(math.log2(max(1.0, min(4 * math.sqrt(vectors), sample / 39))))
+        if nlist > sample:
+            raise ConfigError(f"compressed index: nlist={nlist} exceeds the {sample} training vectors (train_sample)")
+        return dataclasses.replace(self, nlist=nlist)
+
+
+@dataclass(frozen=True)
+class IndexBackendConfig:
+    """The index ``detailfusion index`` writes and ``serve`` opens (``index_store.py``). exact: every token of every
+    image in float32 (``index.py``), exact search; ivfpq: FAISS IVF-PQ candidates + exact re-ranking from a float16
+    store (``compressed_index.py``), set by ``ivfpq``. ``evaluate`` always ranks with the exact index."""
+
+    kind: Literal["exact", "ivfpq"] = "exact"
+    ivfpq: CompressedIndexConfig = field(default_factory=CompressedIndexConfig)
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """``evaluate`` / ``index``: a split (prepared here unless ``prepared`` is given), a model, the protocol."""
@@ -164,6 +234,7 @@ class EvalConfig:
     batch_size: int = 64
     num_cpus: int | None = None  # CPUs of a local Ray started by the job (ignored when joining a cluster)
     seed: int = 0  # of the random baseline
+    index_backend: IndexBackendConfig = field(default_factory=IndexBackendConfig)  # `index` only; evaluate: exact
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 

@@ -5,7 +5,9 @@ optional.
 Every blend of the branches searches the same index: a unified query ``u`` [2D] scores image k by the model's
 fusion score (``model/fusion.py``: ``branch_max``, one max per branch half, or ``joint_max``, one max over both).
 On disk (``save``/``load``): ``embeddings.safetensors`` (tensor ``embeddings`` [N, Nq, 2D] float32),
-``images.parquet`` (image_id, location), ``index.json`` (model fingerprint, fusion score, shapes, source).
+``images.parquet`` (image_id, location, thumbnail), ``index.json`` (backend ``exact``, model fingerprint, fusion
+score, shapes, source). The compressed backend for catalogues is ``compressed_index.py``; ``index_store.open_index``
+opens either.
 """
 
 from __future__ import annotations
@@ -21,10 +23,20 @@ from .ranking import top_k
 from .model.fusion import check_rule, fused_scores
 
 EMBEDDINGS_FILE, IMAGES_FILE, META_FILE = "embeddings.safetensors", "images.parquet", "index.json"
+BACKEND = "exact"  # index.json's "backend" (an index from before the key is one)
 
 
 class IndexMismatch(DataError):
     """An index used with a model other than the one that built it."""
+
+
+def check_fingerprint(built_by: str, in_use: str, where: str = "index") -> None:
+    """Refuse (``IndexMismatch``) an index built by model ``built_by`` for the model ``in_use`` (fingerprints)."""
+    if in_use != built_by:
+        raise IndexMismatch(
+            f"{where} was built by model {built_by}, but the model in use is {in_use}; "
+            "rebuild the index with this model (detailfusion index)"
+        )
 
 
 @dataclass
@@ -118,11 +130,8 @@ class GalleryIndex:
         return best_scores, best
 
     def check_model(self, fingerprint: str, where: str = "index") -> None:
-        if fingerprint != self.model_fingerprint:
-            raise IndexMismatch(
-                f"{where} was built by model {self.model_fingerprint}, but the model in use is {fingerprint}; "
-                "rebuild the index with this model (detailfusion index)"
-            )
+        """Refuse (``IndexMismatch``) a model other than the one that built the index."""
+        check_fingerprint(self.model_fingerprint, fingerprint, where)
 
     # -- files ---------------------------------------------------------------------------------------
 
@@ -139,8 +148,8 @@ class GalleryIndex:
         table = pa.table({"image_id": self.image_ids, "location": locations,
                           "thumbnail": pa.array(thumbnails, type=pa.binary())})
         pq.write_table(table, directory / IMAGES_FILE)
-        meta = {"model_fingerprint": self.model_fingerprint, "fusion_score": self.fusion_score, "images": len(self),
-                "shape": list(self.embeddings.shape), "source": self.source}
+        meta = {"backend": BACKEND, "model_fingerprint": self.model_fingerprint, "fusion_score": self.fusion_score,
+                "images": len(self), "shape": list(self.embeddings.shape), "source": self.source}
         (directory / META_FILE).write_text(json.dumps(meta, indent=1))  # last: its presence marks a whole index
         return directory
 
@@ -155,6 +164,9 @@ class GalleryIndex:
         if not meta_path.is_file():
             raise FileNotFoundError(f"{directory}: no {META_FILE}; not a complete gallery index")
         meta = json.loads(meta_path.read_text())
+        if meta.get("backend", BACKEND) != BACKEND:
+            raise ValueError(f"{directory}: a {meta['backend']!r} index, not an exact one (index_store.open_index "
+                             "opens either)")
         table = pq.read_table(directory / IMAGES_FILE)
         index = cls(
             embeddings=load_file(str(directory / EMBEDDINGS_FILE))["embeddings"],

@@ -13,6 +13,7 @@ files before they are written: every query of the annotations must be answered.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -20,10 +21,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
+from ..compressed_index import CompressedIndex
 from ..config import EvalConfig, PrepareConfig
 from ..data.manifest import read_manifest
 from ..errors import ConfigError, DataError
 from ..index import GalleryIndex
+from ..index_store import stored_backend, write_index
 from ..model.inference import image_size
 from .encode import EncodeOptions, encode_gallery, encode_queries
 from .metrics import TIE_RULE
@@ -74,9 +77,16 @@ def gallery_index(config: EvalConfig, prepared: Path, fingerprint: str, director
             return index
     except (FileNotFoundError, ValueError):
         pass
+    index = _encode(config, prepared, fingerprint, directory)
+    write_index(index, directory)  # exact
+    return index
+
+
+def _encode(config: EvalConfig, prepared: Path, fingerprint: str, directory: Path) -> GalleryIndex:
+    """The split's gallery encoded (Ray Data actors) into an exact index in memory, for ``directory``; its speed
+    printed."""
     start = time.perf_counter()
     index = encode_gallery(prepared, config.checkpoint, fingerprint, _options(config))
-    index.save(directory)
     seconds = time.perf_counter() - start
     nodes = ", ".join(f"{ip}: {n}" for ip, n in index.source["encoded_on"].items())
     print(f"index: encoded {len(index)} gallery images in {seconds:.1f} s ({len(index) / seconds:.0f} images/s) "
@@ -84,14 +94,30 @@ def gallery_index(config: EvalConfig, prepared: Path, fingerprint: str, director
     return index
 
 
-def build_index(config: EvalConfig) -> GalleryIndex:
-    """The ``index`` job: the split's gallery index in ``config.index`` (or ``config.out``)."""
+def build_index(config: EvalConfig) -> GalleryIndex | CompressedIndex:
+    """The ``index`` job: the split's gallery index in ``config.index`` (or ``config.out``), of the backend
+    ``config.index_backend`` names: exact (reused when this model built it from this split) or ivfpq (compressed,
+    built anew each run)."""
     from ..ray_setup import init_ray
 
     _, fingerprint = _model_facts(config.checkpoint)
+    exact = config.index_backend.kind == "exact"
+    if not exact and importlib.util.find_spec("faiss") is None:  # refused before anything is encoded
+        raise ConfigError("index_backend.kind=ivfpq needs FAISS: pip install -e \".[faiss]\"")
     init_ray(config.num_cpus)
     prepared = prepared_split(config, image_size(config.checkpoint))
-    return gallery_index(config, prepared, fingerprint, Path(config.index or config.out))
+    directory = Path(config.index or config.out)
+    if exact:
+        return gallery_index(config, prepared, fingerprint, directory)
+    # compressed from the exact embeddings, all in memory; a catalogue-scale build streams the encoder's shards
+    # into CompressedIndex.build instead
+    gallery = _encode(config, prepared, fingerprint, directory)
+    start = time.perf_counter()
+    index = write_index(gallery, directory, config.index_backend)
+    print(f"index: compressed {len(index)} images (ivfpq, nlist {index.config.nlist}, m {index.config.m}) in "
+          f"{time.perf_counter() - start:.1f} s: {index.memory_bytes() / len(index):.0f} B of RAM and "
+          f"{index.store_bytes() / len(index):.0f} B of store per image", flush=True)
+    return index
 
 
 def evaluate(config: EvalConfig) -> dict:
@@ -101,13 +127,17 @@ def evaluate(config: EvalConfig) -> dict:
     start = time.perf_counter()
     if not config.out:
         raise ConfigError("give --out (the output directory)")
-    model_config, fingerprint = _model_facts(config.checkpoint)
     out = Path(config.out)
+    index_dir = Path(config.index) if config.index else out / "index"
+    if stored_backend(index_dir) not in (None, "exact"):  # never overwritten by the exact one evaluate builds
+        raise ConfigError(f"--index {index_dir} holds an index of backend {stored_backend(index_dir)!r}; evaluate "
+                          "ranks with the exact index (the reference): give another --index")
+    model_config, fingerprint = _model_facts(config.checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     init_ray(config.num_cpus)
     prepared = prepared_split(config, image_size(config.checkpoint))
     annotations = caption_records(prepared, config.dataset)  # read (and refused if unreadable) before any encoding
-    index = gallery_index(config, prepared, fingerprint, Path(config.index) if config.index else out / "index")
+    index = gallery_index(config, prepared, fingerprint, index_dir)
     triplets = pq.read_table(prepared / "triplets")
     labelled = triplets.column("target_id").null_count == 0
     print(f"evaluate: encoding {triplets.num_rows} queries", flush=True)

@@ -1,5 +1,6 @@
 """The Ray Serve retrieval app: a FastAPI ingress (``Frontend``) in front of an autoscaled, dynamically batched
-model deployment (``Retriever``) that holds the exported model and its gallery index in memory.
+model deployment (``Retriever``) that holds the exported model and its gallery index (``index_store.open_index``:
+exact, in memory, or compressed, the FAISS codes in memory and the re-ranking store memory-mapped).
 
 HTTP (all errors are ``{"error": {"code", "message"}}`` with a 4xx status; the server keeps serving; the models
 and the OpenAPI declarations are in ``schema.py``: ``/openapi.json``, ``/docs``):
@@ -54,13 +55,13 @@ class Retriever:
 
     def __init__(self, checkpoint: str, fingerprint: str, index: str, max_batch_size: int, batch_wait_timeout_s: float,
                  use_gpu: bool):
-        from ..index import GalleryIndex
+        from ..index_store import open_index
         from ..model import load_model
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         model, self.tokenizer = load_model(checkpoint)
         self.model = model.to(self.device).eval()
-        self.index = GalleryIndex.load(index, fingerprint)  # refuses another model's index
+        self.index = open_index(index, fingerprint)  # exact or compressed; refuses another model's index
         self.static_weights = list(model.config.static_weights)
         self.search_batch.set_max_batch_size(max_batch_size)
         self.search_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
