@@ -145,3 +145,60 @@ def test_evaluate_refuses_a_compressed_index(tmp_path):
         evaluate(EvalConfig(checkpoint=str(tmp_path / "model"), out=str(tmp_path / "out"),
                             index=str(tmp_path / "index")))
     assert stored_backend(tmp_path / "index") == "ivfpq" and not (tmp_path / "out").exists()
+
+
+# -- shards ---------------------------------------------------------------------------------------------------
+
+
+def test_merge_top_k_keeps_the_best_and_breaks_ties_by_gallery_row():
+    from detailfusion.sharded_index import merge_top_k
+
+    shard_a = (torch.tensor([[0.9, 0.5, 0.5]]), torch.tensor([[7, 2, 9]]))
+    shard_b = (torch.tensor([[0.5, 0.1]]), torch.tensor([[1, 4]]))
+    scores, rows = merge_top_k([shard_a, shard_b], 4)
+    assert rows.tolist() == [[7, 1, 2, 9]] and scores[0].tolist() == pytest.approx([0.9, 0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="fewer than k=6"):
+        merge_top_k([shard_a, shard_b], 6)
+
+
+def test_shard_bounds_cover_the_gallery_without_gaps():
+    from detailfusion.sharded_index import shard_bounds
+
+    assert shard_bounds(10, 3) == [(0, 3), (3, 7), (7, 10)] and shard_bounds(5, 5)[-1] == (4, 5)
+    with pytest.raises(ValueError, match="between 1 and 5"):
+        shard_bounds(5, 6)
+
+
+@pytest.mark.parametrize("kind", ["exact", "ivfpq"])
+@pytest.mark.parametrize("rule", ["branch_max", "joint_max"])
+def test_sharded_search_equals_one_index(tmp_path, kind, rule):
+    """Fan-out over 3 shards and merge = one exact index over the whole gallery (ids, scores, tie order), with
+    duplicate images across shard borders so that ties between shards occur; the shards reopen from disk."""
+    from detailfusion.sharded_index import ShardedIndex
+
+    whole = gallery(rule)
+    whole.embeddings[45] = whole.embeddings[30]  # images 30 (shard 0) and 45 (shard 1) tie for every query
+    backend = IndexBackendConfig(kind=kind, ivfpq=COVER_ALL, shards=3)
+    written = write_index(whole, tmp_path / "index", backend)
+    opened = open_index(tmp_path / "index", model_fingerprint="model-a")
+    assert isinstance(opened, ShardedIndex) and len(opened.shards) == 3 and opened.image_ids == whole.image_ids
+    assert pq.read_table(tmp_path / "index" / IMAGES_FILE).column("image_id").to_pylist() == whole.image_ids
+    q = torch.cat([queries(20, rule), fused_query(whole.embeddings[30, :1, :WIDTH] * 2 ** 0.5,
+                                                   whole.embeddings[30, :1, WIDTH:] * 2 ** 0.5,
+                                                   torch.tensor([[0.5, 0.5]]), rule)])
+    want_scores, want_rows = whole.search(q, 10)
+    assert want_rows[-1, :2].tolist() == [30, 45]  # the planted tie is at the top of the last query
+    for index in (written, opened):
+        scores, rows = index.search(q, 10)
+        assert torch.equal(rows, want_rows)
+        torch.testing.assert_close(scores, want_scores, rtol=0, atol=1e-5)
+    with pytest.raises(IndexMismatch):
+        open_index(tmp_path / "index", model_fingerprint="model-b")
+
+
+def test_rewriting_unsharded_removes_the_shards(tmp_path):
+    write_index(gallery(), tmp_path / "index", IndexBackendConfig(shards=2))
+    write_index(gallery(), tmp_path / "index")
+    assert not list((tmp_path / "index").glob("shard-*")) and isinstance(open_index(tmp_path / "index"), GalleryIndex)
+    with pytest.raises(ConfigError, match="shards must be >= 1"):
+        IndexBackendConfig(shards=0)

@@ -142,7 +142,7 @@ class CompressedIndex:
         del store
         for searcher, name in zip(searchers, names):
             faiss.write_index(searcher, str(directory / name))
-        _write_images(directory / IMAGES_FILE, image_ids, locations, thumbnails)
+        write_images(directory / IMAGES_FILE, image_ids, locations, thumbnails)
         meta = {"backend": BACKEND, "model_fingerprint": model_fingerprint, "fusion_score": fusion_score,
                 "images": images, "shape": [images, tokens, width], "config": asdict(config), "faiss_files": names,
                 "faiss_version": faiss.__version__, "source": source or {}}
@@ -272,7 +272,7 @@ def _trained(sample: np.ndarray, config: CompressedIndexConfig):
     return searcher  # FAISS's Python wrapper keeps the quantizer alive with it
 
 
-def _write_images(path: Path, image_ids: list[str], locations: list[str | None] | None,
+def write_images(path: Path, image_ids: list[str], locations: list[str | None] | None,
                   thumbnails: list[bytes | None] | None) -> None:
     """``images.parquet`` as ``GalleryIndex.save`` writes it: image_id, location, thumbnail (JPEG or null)."""
     import pyarrow as pa

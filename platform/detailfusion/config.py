@@ -213,6 +213,12 @@ class IndexBackendConfig:
 
     kind: Literal["exact", "ivfpq"] = "exact"
     ivfpq: CompressedIndexConfig = field(default_factory=CompressedIndexConfig)
+    shards: int = 1  # contiguous gallery slices, each a whole index of ``kind`` (sharded_index.py); serving runs
+    # one deployment per shard and merges their top-k
+
+    def __post_init__(self):
+        if self.shards < 1:
+            raise ConfigError(f"index_backend.shards must be >= 1, got {self.shards}")
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,15 @@ gallery indices [Q, k]) best first with ties by gallery order, ``check_model``, 
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from .compressed_index import BACKEND as IVFPQ, FAISS_FILES, STORE_FILE, CompressedIndex
 from .config import IndexBackendConfig
 from .errors import ConfigError, DataError
-from .index import BACKEND as EXACT, EMBEDDINGS_FILE, META_FILE, GalleryIndex
+from .index import BACKEND as EXACT, EMBEDDINGS_FILE, IMAGES_FILE, META_FILE, GalleryIndex, check_fingerprint
+from .sharded_index import SHARDED, ShardedIndex, shard_bounds, shard_directories, shard_name
 
 # each backend's own files (images.parquet and index.json are common): removed when the other backend is written
 BACKEND_FILES = {EXACT: (EMBEDDINGS_FILE,), IVFPQ: (STORE_FILE, *FAISS_FILES)}
@@ -28,11 +31,17 @@ def stored_backend(directory: str | Path) -> str | None:
 
 
 def open_index(directory: str | Path, model_fingerprint: str | None = None) -> GalleryIndex | CompressedIndex:
-    """Open the index in ``directory``, exact or compressed; with ``model_fingerprint``, refuse one built by another
-    model (``IndexMismatch``)."""
+    """Open the index in ``directory``, exact, compressed or sharded; with ``model_fingerprint``, refuse one built by
+    another model (``IndexMismatch``)."""
     backend = stored_backend(directory)
     if backend is None:
         raise FileNotFoundError(f"{directory}: no {META_FILE}; not a complete gallery index")
+    if backend == SHARDED:
+        meta = json.loads((Path(directory) / META_FILE).read_text())
+        if model_fingerprint is not None:
+            check_fingerprint(meta["model_fingerprint"], model_fingerprint, where=f"index {directory}")
+        shards = [open_index(Path(directory) / name, model_fingerprint) for name in meta["shards"]]
+        return ShardedIndex(shards, meta["offsets"], meta["model_fingerprint"], meta["fusion_score"])
     if backend == EXACT:
         return GalleryIndex.load(directory, model_fingerprint)
     if backend == IVFPQ:
@@ -50,7 +59,33 @@ def write_index(gallery: GalleryIndex, directory: str | Path,
     (directory / META_FILE).unlink(missing_ok=True)  # first: a half-rewritten index is no index
     for name in (n for kind, names in BACKEND_FILES.items() if kind != backend.kind for n in names):
         (directory / name).unlink(missing_ok=True)
+    for old in shard_directories(directory):
+        shutil.rmtree(old)
+    if backend.shards > 1:
+        return _write_sharded(gallery, directory, backend)
     if backend.kind == EXACT:
         gallery.save(directory)
         return gallery
     return CompressedIndex.from_gallery(gallery, directory, backend.ivfpq)
+
+
+def _write_sharded(gallery: GalleryIndex, directory: Path, backend: IndexBackendConfig) -> ShardedIndex:
+    """``backend.shards`` contiguous slices of ``gallery``, each written as a ``backend.kind`` index in
+    ``shard-<s>/``; the whole gallery's images.parquet; index.json last."""
+    from .compressed_index import write_images
+
+    directory.mkdir(parents=True, exist_ok=True)
+    bounds = shard_bounds(len(gallery), backend.shards)
+    one = replace(backend, shards=1)
+    shards = []
+    for number, (start, end) in enumerate(bounds):
+        part = GalleryIndex(gallery.embeddings[start:end], gallery.image_ids[start:end], gallery.model_fingerprint,
+                            locations=gallery.locations[start:end], source={**gallery.source, "rows": [start, end]},
+                            thumbnails=gallery.thumbnails[start:end], fusion_score=gallery.fusion_score)
+        shards.append(write_index(part, directory / shard_name(number), one))
+    write_images(directory / IMAGES_FILE, gallery.image_ids, gallery.locations, gallery.thumbnails)
+    meta = {"backend": SHARDED, "shard_backend": backend.kind, "model_fingerprint": gallery.model_fingerprint,
+            "fusion_score": gallery.fusion_score, "images": len(gallery), "shards": [shard_name(s) for s in range(len(bounds))],
+            "offsets": [start for start, _ in bounds], "source": gallery.source}
+    (directory / META_FILE).write_text(json.dumps(meta, indent=1))  # last: its presence marks a whole index
+    return ShardedIndex(shards, meta["offsets"], gallery.model_fingerprint, gallery.fusion_score)
