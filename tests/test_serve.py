@@ -238,6 +238,36 @@ def test_health_gallery_thumbnails_and_page(server, trained):
     assert page.status_code == 200 and "DetailFusion" in page.text and 'id="results"' in page.text
 
 
+def test_a_sharded_index_answers_as_the_whole_one(server, trained, tmp_path):
+    """The trained index written as 2 shards and served as a second app: each shard its own deployment, the model
+    deployment fans every batch out to both and merges; its answers equal the one-piece server's, for queries
+    whose top 40 crosses the shard border."""
+    from ray import serve
+
+    from detailfusion.config import IndexBackendConfig
+    from detailfusion.index_store import write_index
+    from detailfusion.serving.app import build_app
+
+    write_index(GalleryIndex.load(trained["index"]), tmp_path / "sharded", IndexBackendConfig(shards=2))
+    config = ServeConfig(checkpoint=str(trained["model"]), index=str(tmp_path / "sharded"), replica_cpus=0.25,
+                         shard_cpus=0.1, frontend_cpus=0.1, max_replicas=1, max_top_k=50)
+    serve.run(build_app(config), name="sharded", route_prefix="/sharded")
+    try:
+        deployments = serve.status().applications["sharded"].deployments
+        assert {"IndexShard0", "IndexShard1", "Retriever", "Frontend"} <= set(deployments)
+        query, half = trained["query"], trained["gallery"] // 2
+        for body in ({"reference_id": query["reference_id"], "text": query["text"], "top_k": 40},
+                     {"reference_id": query["target_id"], "text": "make it blue", "top_k": 40}):
+            whole = requests.post(f"{server}/search", json=body, timeout=60).json()["results"]
+            sharded = requests.post(f"{server}/sharded/search", json=body, timeout=60).json()["results"]
+            assert [r["image_id"] for r in sharded] == [r["image_id"] for r in whole]
+            assert [r["score"] for r in sharded] == pytest.approx([r["score"] for r in whole], abs=1e-5)
+            rows = [GalleryIndex.load(trained["index"]).position[r["image_id"]] for r in whole]
+            assert min(rows) < half <= max(rows)  # both shards contributed
+    finally:
+        serve.delete("sharded")
+
+
 def find_chromium() -> str | None:
     return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 

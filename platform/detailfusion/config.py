@@ -263,6 +263,7 @@ class ServeConfig:
     look_back_period_s: float = 30.0  # window the autoscaler averages ongoing requests over
     max_replicas_per_node: int | None = None  # 1: every model replica on its own node (spread over hosts)
     replica_cpus: float = 1.0
+    shard_cpus: float = 0.5  # per replica of an index shard's deployment (a sharded index: `index_backend.shards`)
     frontend_cpus: float = 0.25
     use_gpu: bool = False  # one GPU per model replica
     max_body_mb: float = 8.0

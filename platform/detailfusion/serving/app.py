@@ -50,18 +50,45 @@ def error(exc: RequestError) -> JSONResponse:
 
 
 @serve.deployment
+class IndexShard:
+    """One shard of a sharded index (``sharded_index.py``, gallery rows from ``offset`` on): unified queries ->
+    its best k as whole-gallery rows. Each shard is its own deployment and scales on its own."""
+
+    def __init__(self, directory: str, fingerprint: str, offset: int):
+        from ..index_store import open_index
+
+        self.index, self.offset = open_index(directory, fingerprint), offset
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """queries float32 [Q, 2D] -> (scores [Q, k'], gallery rows [Q, k']), k' = min(k, shard size)."""
+        scores, rows = self.index.search(torch.from_numpy(queries), min(k, len(self.index)))
+        return scores.numpy(), (rows + self.offset).numpy()
+
+
+@serve.deployment
 class Retriever:
-    """Model + gallery index; ``search`` calls are batched (``@serve.batch``) into one forward pass."""
+    """Model + gallery index; ``search`` calls are batched (``@serve.batch``) into one forward pass. With ``shards``
+    (handles of ``IndexShard`` deployments, in gallery order) each batch fans out to every shard and their top-k
+    lists are merged (``sharded_index.merge_top_k``); else the index is held here."""
 
     def __init__(self, checkpoint: str, fingerprint: str, index: str, max_batch_size: int, batch_wait_timeout_s: float,
-                 use_gpu: bool):
+                 use_gpu: bool, shards: list | None = None):
+        import pyarrow.parquet as pq
+
+        from ..index import IMAGES_FILE
         from ..index_store import open_index
         from ..model import load_model
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         model, self.tokenizer = load_model(checkpoint)
         self.model = model.to(self.device).eval()
-        self.index = open_index(index, fingerprint)  # exact or compressed; refuses another model's index
+        self.shards = shards or []
+        if self.shards:  # the shards hold the index; here only its ids (build_app checked the fingerprint)
+            self.index = None
+            self.image_ids = pq.read_table(Path(index) / IMAGES_FILE, columns=["image_id"]).column(0).to_pylist()
+        else:
+            self.index = open_index(index, fingerprint)  # exact or compressed; refuses another model's index
+            self.image_ids = self.index.image_ids
         self.static_weights = list(model.config.static_weights)
         self.search_batch.set_max_batch_size(max_batch_size)
         self.search_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -77,18 +104,29 @@ class Retriever:
 
         pixels = torch.from_numpy(np.stack([q["pixels"] for q in queries])).to(self.device)
         features = embed_queries(self.model, self.tokenizer, pixels, [q["text"] for q in queries])
-        k = min(len(self.index), max(q["top_k"] + (q.get("exclude") is not None) for q in queries))
-        scores, rows = self.index.search(features["unified"], k)
+        k = min(len(self.image_ids), max(q["top_k"] + (q.get("exclude") is not None) for q in queries))
+        scores, rows = await self._search(features["unified"], k)
         out = []
         for q, score_row, index_row, weights in zip(queries, scores.tolist(), rows.tolist(), features["weights"].tolist()):
             if any(w != w for w in weights):  # NaN: a compositor without per-query weights (static)
                 weights = self.static_weights
-            ranked = [(s, self.index.image_ids[i]) for s, i in zip(score_row, index_row)]
+            ranked = [(s, self.image_ids[i]) for s, i in zip(score_row, index_row)]
             results = [{"image_id": image_id, "score": round(s, 6)}
                        for s, image_id in ranked if image_id != q.get("exclude")][:q["top_k"]]
             out.append({"results": results, "weights": {"gm": weights[0], "di": weights[1]},
                         "batch_size": len(queries)})
         return out
+
+    async def _search(self, unified: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.shards:
+            return self.index.search(unified, k)
+        import asyncio
+
+        from ..sharded_index import merge_top_k
+
+        queries = unified.detach().float().cpu().numpy()
+        parts = await asyncio.gather(*(shard.search.remote(queries, k) for shard in self.shards))
+        return merge_top_k([(torch.from_numpy(s), torch.from_numpy(r)) for s, r in parts], k)
 
 
 @serve.deployment
@@ -197,6 +235,7 @@ def build_app(config: ServeConfig):
         raise IndexMismatch(f"index {config.index} was built by model {built_by}, not by {config.checkpoint}; "
                             "rebuild it with `detailfusion index` and this checkpoint")
     batch = config.max_batch_size if config.batching else 1
+    shards = _shard_deployments(config, fingerprint)
     retriever = Retriever.options(
         max_ongoing_requests=max(2 * batch, 2),
         **({"max_replicas_per_node": config.max_replicas_per_node} if config.max_replicas_per_node else {}),
@@ -205,11 +244,29 @@ def build_app(config: ServeConfig):
                             "upscale_delay_s": config.upscale_delay_s, "downscale_delay_s": config.downscale_delay_s,
                             "look_back_period_s": config.look_back_period_s},
         ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": 1 if config.use_gpu else 0},
-    ).bind(config.checkpoint, fingerprint, config.index, batch, config.batch_wait_timeout_s, config.use_gpu)
+    ).bind(config.checkpoint, fingerprint, config.index, batch, config.batch_wait_timeout_s, config.use_gpu, shards)
     limits = {"max_body_bytes": int(config.max_body_mb * 1024 * 1024), "max_image_pixels": config.max_image_pixels,
               "max_text_chars": config.max_text_chars, "max_top_k": config.max_top_k}
     return Frontend.options(ray_actor_options={"num_cpus": config.frontend_cpus}, max_ongoing_requests=256).bind(
         retriever, config.index, image_size(config.checkpoint), limits)
+
+
+def _shard_deployments(config: ServeConfig, fingerprint: str) -> list:
+    """One bound ``IndexShard`` deployment per shard of a sharded index (none for an index in one piece), each
+    autoscaled like the model deployment, between 1 and ``max_replicas`` replicas of ``shard_cpus``."""
+    from ..index import META_FILE
+    from ..sharded_index import SHARDED
+
+    meta = json.loads((Path(config.index) / META_FILE).read_text())
+    if meta.get("backend") != SHARDED:
+        return []
+    return [IndexShard.options(
+        name=f"IndexShard{number}", max_ongoing_requests=8,
+        autoscaling_config={"min_replicas": 1, "max_replicas": config.max_replicas, "target_ongoing_requests": 2,
+                            "upscale_delay_s": config.upscale_delay_s, "downscale_delay_s": config.downscale_delay_s},
+        ray_actor_options={"num_cpus": config.shard_cpus},
+    ).bind(str(Path(config.index) / name), fingerprint, offset) for number, (name, offset) in
+        enumerate(zip(meta["shards"], meta["offsets"]))]
 
 
 def app_builder(args: dict):
