@@ -268,6 +268,73 @@ def test_a_sharded_index_answers_as_the_whole_one(server, trained, tmp_path):
         serve.delete("sharded")
 
 
+def running_replicas(app: str, deployment: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    return status.deployments[deployment].replica_states.get("RUNNING", 0) if status else 0
+
+
+def test_a_killed_shard_replica_is_replaced_under_load(server, trained, tmp_path):
+    """Two replicas per deployment, 8 clients posting searches; one replica of shard 0 is killed mid-load: Serve
+    starts another, the only server errors are requests that were in flight on the dead one (at most its
+    max_ongoing_requests, 8), and every request once it is replaced succeeds."""
+    import threading
+    import time
+
+    import ray
+    from ray import serve
+
+    from detailfusion.config import IndexBackendConfig
+    from detailfusion.index_store import write_index
+    from detailfusion.serving.app import build_app
+
+    write_index(GalleryIndex.load(trained["index"]), tmp_path / "sharded", IndexBackendConfig(shards=2))
+    config = ServeConfig(checkpoint=str(trained["model"]), index=str(tmp_path / "sharded"), replica_cpus=0.2,
+                         shard_cpus=0.05, frontend_cpus=0.1, min_replicas=2, max_replicas=2, max_top_k=50)
+    serve.run(build_app(config), name="shardkill", route_prefix="/shardkill")
+    query, statuses, stop = trained["query"], [], threading.Event()
+    body = {"reference_id": query["reference_id"], "text": query["text"], "top_k": 5}
+
+    def client():
+        while not stop.is_set():
+            try:
+                code = requests.post(f"{server}/shardkill/search", json=body, timeout=60).status_code
+            except requests.RequestException:
+                code = 599  # no answer counts as a server error
+            statuses.append((time.monotonic(), code))
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(8)]
+    try:
+        assert running_replicas("shardkill", "IndexShard0") == 2
+        for thread in threads:
+            thread.start()
+        time.sleep(3)
+        victims = [a for a in ray.util.list_named_actors(all_namespaces=True) if "IndexShard0" in a["name"]]
+        assert len(victims) == 2, victims
+        ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
+        killed_at = time.monotonic()
+        while running_replicas("shardkill", "IndexShard0") == 2 and time.monotonic() < killed_at + 30:
+            time.sleep(0.2)  # the controller notices the death
+        deadline = time.monotonic() + 120
+        while running_replicas("shardkill", "IndexShard0") < 2:
+            assert time.monotonic() < deadline, "the killed replica was not replaced within 2 minutes"
+            time.sleep(0.5)
+        replaced_at = time.monotonic()
+        time.sleep(3)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        serve.delete("shardkill")
+    errors = [code for _, code in statuses if code >= 500]
+    after = [code for t, code in statuses if t > replaced_at + 1]
+    print(f"shard replica killed under load: {len(statuses)} requests, {len(errors)} server errors, replaced in "
+          f"{replaced_at - killed_at:.1f} s")
+    assert len(errors) <= 8, errors
+    assert after and all(code == 200 for code in after), after
+
+
 def find_chromium() -> str | None:
     return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 

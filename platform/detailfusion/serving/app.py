@@ -253,7 +253,7 @@ def build_app(config: ServeConfig):
 
 def _shard_deployments(config: ServeConfig, fingerprint: str) -> list:
     """One bound ``IndexShard`` deployment per shard of a sharded index (none for an index in one piece), each
-    autoscaled like the model deployment, between 1 and ``max_replicas`` replicas of ``shard_cpus``."""
+    autoscaled like the model deployment, between ``min_replicas`` and ``max_replicas`` replicas of ``shard_cpus``."""
     from ..index import META_FILE
     from ..sharded_index import SHARDED
 
@@ -262,7 +262,8 @@ def _shard_deployments(config: ServeConfig, fingerprint: str) -> list:
         return []
     return [IndexShard.options(
         name=f"IndexShard{number}", max_ongoing_requests=8,
-        autoscaling_config={"min_replicas": 1, "max_replicas": config.max_replicas, "target_ongoing_requests": 2,
+        autoscaling_config={"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
+                            "target_ongoing_requests": 2,
                             "upscale_delay_s": config.upscale_delay_s, "downscale_delay_s": config.downscale_delay_s},
         ray_actor_options={"num_cpus": config.shard_cpus},
     ).bind(str(Path(config.index) / name), fingerprint, offset) for number, (name, offset) in
