@@ -125,3 +125,15 @@ def ray_resources_returned(request):
         groups = [g.placement_group_id for g in list_placement_groups(filters=[("state", "=", "CREATED")])]
         pytest.fail(f"{request.module.__name__} left {total - free} of {total} CPUs held after 60 s: alive actors "
                     f"{actors}, placement groups {groups}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """FAISS's OpenMP threads only contend on the tests' small indexes (k-means on a loaded 2-core machine: 3x
+    slower with 2 threads)."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)

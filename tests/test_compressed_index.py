@@ -14,15 +14,7 @@ TOKENS, WIDTH = 8, 16  # Nq, D per branch
 EVERYTHING = dict(nlist=8, m=4, nbits=4, nprobe=8, candidates=10**6, rerank=0)  # every list, token and image
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """FAISS's OpenMP threads only contend on these small indexes (k-means on a loaded machine: 3x slower)."""
-    import faiss
-
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # conftest.py
 
 
 def unified(tokens: torch.Tensor) -> torch.Tensor:

@@ -20,15 +20,7 @@ COVER_ALL = CompressedIndexConfig(nlist=8, m=4, nbits=4, nprobe=8, candidates=IM
 IVFPQ = IndexBackendConfig(kind="ivfpq", ivfpq=COVER_ALL)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """FAISS's OpenMP threads only contend on these small indexes."""
-    import faiss
-
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # conftest.py
 
 
 def gallery(rule: str = "branch_max", fingerprint: str = "model-a") -> GalleryIndex:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .config import STORE_DTYPES, CompressedIndexConfig  # re-exported: callers import them from here
-from .index import IMAGES_FILE, META_FILE, GalleryIndex, check_fingerprint
+from .index import IMAGES_FILE, META_FILE, GalleryIndex, check_fingerprint, read_meta, write_images
 from .model.fusion import check_rule, fused_scores
 from .ranking import top_k
 
@@ -155,12 +155,7 @@ class CompressedIndex:
         import pyarrow.parquet as pq
 
         directory = Path(directory)
-        meta_path = directory / META_FILE
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{directory}: no {META_FILE}; not a complete compressed index")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("backend") != BACKEND:
-            raise ValueError(f"{directory}: backend {meta.get('backend')!r} is not a compressed ({BACKEND}) index")
+        meta = read_meta(directory, BACKEND)
         if model_fingerprint is not None:
             check_fingerprint(meta["model_fingerprint"], model_fingerprint, where=f"index {directory}")
         table = pq.read_table(directory / IMAGES_FILE, columns=["image_id", "location"])  # thumbnails: serving's
@@ -270,15 +265,3 @@ def _trained(sample: np.ndarray, config: CompressedIndexConfig):
     searcher.cp.seed = searcher.pq.cp.seed = config.seed
     searcher.train(sample)
     return searcher  # FAISS's Python wrapper keeps the quantizer alive with it
-
-
-def write_images(path: Path, image_ids: list[str], locations: list[str | None] | None,
-                  thumbnails: list[bytes | None] | None) -> None:
-    """``images.parquet`` as ``GalleryIndex.save`` writes it: image_id, location, thumbnail (JPEG or null)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    locations = locations or [None] * len(image_ids)
-    thumbnails = thumbnails or [None] * len(image_ids)
-    pq.write_table(pa.table({"image_id": image_ids, "location": pa.array(locations, type=pa.string()),
-                             "thumbnail": pa.array(thumbnails, type=pa.binary())}), path)

@@ -39,6 +39,32 @@ def check_fingerprint(built_by: str, in_use: str, where: str = "index") -> None:
         )
 
 
+def read_meta(directory: Path, backend: str) -> dict:
+    """``index.json`` of a complete index of ``backend`` in ``directory`` (an index from before the key: exact);
+    FileNotFoundError without one, ValueError for another backend (``index_store.open_index`` opens any)."""
+    kind = {BACKEND: ("gallery", "an exact"), "ivfpq": ("compressed", "a compressed")}.get(backend, (backend, f"a {backend}"))
+    meta_path = Path(directory) / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory}: no {META_FILE}; not a complete {kind[0]} index")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("backend", BACKEND) != backend:
+        raise ValueError(f"{directory}: a {meta.get('backend', BACKEND)!r} index, not {kind[1]} one "
+                         "(index_store.open_index opens any)")
+    return meta
+
+
+def write_images(path: Path, image_ids: list[str], locations: list[str | None] | None,
+                 thumbnails: list[bytes | None] | None) -> None:
+    """``images.parquet`` of every backend: image_id, location, thumbnail (JPEG or null)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    locations = locations or [None] * len(image_ids)
+    thumbnails = thumbnails or [None] * len(image_ids)
+    pq.write_table(pa.table({"image_id": image_ids, "location": pa.array(locations, type=pa.string()),
+                             "thumbnail": pa.array(thumbnails, type=pa.binary())}), path)
+
+
 @dataclass
 class GalleryIndex:
     embeddings: torch.Tensor  # [N, Nq, 2D] float32, L2-normalised per token and scaled by 1/sqrt 2
@@ -136,18 +162,12 @@ class GalleryIndex:
     # -- files ---------------------------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> Path:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file({"embeddings": self.embeddings.float().contiguous()}, str(directory / EMBEDDINGS_FILE))
-        locations = self.locations or [None] * len(self)
-        thumbnails = self.thumbnails or [None] * len(self)
-        table = pa.table({"image_id": self.image_ids, "location": locations,
-                          "thumbnail": pa.array(thumbnails, type=pa.binary())})
-        pq.write_table(table, directory / IMAGES_FILE)
+        write_images(directory / IMAGES_FILE, self.image_ids, self.locations, self.thumbnails)
         meta = {"backend": BACKEND, "model_fingerprint": self.model_fingerprint, "fusion_score": self.fusion_score,
                 "images": len(self), "shape": list(self.embeddings.shape), "source": self.source}
         (directory / META_FILE).write_text(json.dumps(meta, indent=1))  # last: its presence marks a whole index
@@ -160,13 +180,7 @@ class GalleryIndex:
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        meta_path = directory / META_FILE
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{directory}: no {META_FILE}; not a complete gallery index")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("backend", BACKEND) != BACKEND:
-            raise ValueError(f"{directory}: a {meta['backend']!r} index, not an exact one (index_store.open_index "
-                             "opens either)")
+        meta = read_meta(directory, BACKEND)
         table = pq.read_table(directory / IMAGES_FILE)
         index = cls(
             embeddings=load_file(str(directory / EMBEDDINGS_FILE))["embeddings"],

@@ -17,7 +17,7 @@ from pathlib import Path
 from .compressed_index import BACKEND as IVFPQ, FAISS_FILES, STORE_FILE, CompressedIndex
 from .config import IndexBackendConfig
 from .errors import ConfigError, DataError
-from .index import BACKEND as EXACT, EMBEDDINGS_FILE, IMAGES_FILE, META_FILE, GalleryIndex, check_fingerprint
+from .index import BACKEND as EXACT, EMBEDDINGS_FILE, IMAGES_FILE, META_FILE, GalleryIndex, check_fingerprint, read_meta
 from .sharded_index import SHARDED, ShardedIndex, shard_bounds, shard_directories, shard_name
 
 # each backend's own files (images.parquet and index.json are common): removed when the other backend is written
@@ -37,7 +37,7 @@ def open_index(directory: str | Path, model_fingerprint: str | None = None) -> G
     if backend is None:
         raise FileNotFoundError(f"{directory}: no {META_FILE}; not a complete gallery index")
     if backend == SHARDED:
-        meta = json.loads((Path(directory) / META_FILE).read_text())
+        meta = read_meta(Path(directory), SHARDED)
         if model_fingerprint is not None:
             check_fingerprint(meta["model_fingerprint"], model_fingerprint, where=f"index {directory}")
         shards = [open_index(Path(directory) / name, model_fingerprint) for name in meta["shards"]]
@@ -72,7 +72,7 @@ def write_index(gallery: GalleryIndex, directory: str | Path,
 def _write_sharded(gallery: GalleryIndex, directory: Path, backend: IndexBackendConfig) -> ShardedIndex:
     """``backend.shards`` contiguous slices of ``gallery``, each written as a ``backend.kind`` index in
     ``shard-<s>/``; the whole gallery's images.parquet; index.json last."""
-    from .compressed_index import write_images
+    from .index import write_images
 
     directory.mkdir(parents=True, exist_ok=True)
     bounds = shard_bounds(len(gallery), backend.shards)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConfigError
 from .index import check_fingerprint
 
 SHARDED = "sharded"
@@ -27,7 +28,8 @@ def shard_name(shard: int) -> str:
 def shard_bounds(images: int, shards: int) -> list[tuple[int, int]]:
     """``shards`` contiguous row ranges [start, end) of near-equal size covering ``images`` rows (none empty)."""
     if not 1 <= shards <= max(images, 1):
-        raise ValueError(f"{shards} shards for {images} images: give between 1 and {max(images, 1)}")
+        raise ConfigError(f"index_backend.shards={shards} for a gallery of {images} images: give between 1 and "
+                          f"{max(images, 1)}")
     edges = [round(s * images / shards) for s in range(shards + 1)]
     return list(zip(edges[:-1], edges[1:]))
 
