@@ -146,3 +146,35 @@ def test_bad_settings_name_the_field(tmp_path):
         CompressedIndexConfig(store_dtype="int8")
     with pytest.raises(ConfigError, match="rerank=-1"):
         CompressedIndexConfig(rerank=-1)
+
+
+def test_a_writer_fed_out_of_order_builds_the_same_index_and_refuses_gaps_and_repeats(tmp_path):
+    """Chunks of rows in any order (as a shard's builder gets them from the encoder pool) give the same answers as
+    ``build``; a row given twice, out of range or never given is an error naming it."""
+    from detailfusion.compressed_index import Codec, IndexWriter, sample_rows
+
+    embeddings, ids = random_gallery(300), [str(n) for n in range(300)]
+    config = CompressedIndexConfig(nlist=16, m=4, nbits=4, nprobe=4, candidates=64)
+    built = CompressedIndex.build(embeddings, ids, "m", tmp_path / "built", config)
+    codec = Codec.train(embeddings[sample_rows(300, TOKENS, config.resolved(300 * TOKENS, WIDTH))], 300 * TOKENS,
+                        config)
+    import pickle
+
+    codec = pickle.loads(pickle.dumps(codec))  # as Ray ships it to the builders
+    writer = IndexWriter(tmp_path / "written", codec, 300, "m")
+    for rows in torch.randperm(300, generator=torch.Generator().manual_seed(4)).split(64):
+        writer.add(rows.numpy(), embeddings[rows])
+    written = writer.finish(ids)
+    queries = random_queries(30, "branch_max")
+    for a, b in zip(built.search(queries, 10), written.search(queries, 10)):
+        assert torch.equal(a, b)
+
+    writer = IndexWriter(tmp_path / "partial", codec, 300, "m")
+    writer.add([0, 1], embeddings[:2])
+    with pytest.raises(ValueError, match="added twice"):
+        writer.add([1, 2], embeddings[1:3])
+    with pytest.raises(ValueError, match="outside this index"):
+        writer.add([300], embeddings[:1])
+    with pytest.raises(ValueError, match="298 of 300 rows never added"):
+        writer.finish(ids)
+    assert not (tmp_path / "partial" / "index.json").exists()

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .config import STORE_DTYPES, CompressedIndexConfig  # re-exported: callers import them from here
+from .errors import ConfigError
 from .index import IMAGES_FILE, META_FILE, GalleryIndex, check_fingerprint, read_meta, write_images
 from .model.fusion import check_rule, fused_scores
 from .ranking import top_k
@@ -110,44 +111,21 @@ class CompressedIndex:
               locations: list[str | None] | None = None, source: dict | None = None,
               thumbnails: list[bytes | None] | None = None) -> "CompressedIndex":
         """Build from unified embeddings [N, Nq, 2D] (torch or numpy, e.g. a memmap; any float dtype), read in chunks:
-        train the codec(s) on a sample, add every token vector, write the store, then the ids (with their locations
-        and JPEG thumbnails for serving, where given) and ``index.json``."""
-        import faiss
-
-        check_rule(fusion_score)
+        a ``Codec`` trained on a sample of whole images, every row added by an ``IndexWriter``, then the ids (with
+        their locations and JPEG thumbnails for serving, where given) and ``index.json``."""
         if len(embeddings.shape) != 3 or embeddings.shape[0] != len(image_ids) or embeddings.shape[2] % 2:
             raise ValueError(f"embeddings {tuple(embeddings.shape)} do not match {len(image_ids)} image ids "
                              "as [N, Nq, 2D]")
         images, tokens, width = (int(n) for n in embeddings.shape)
         config = config.resolved(images * tokens, width // 2)
-        joint = fusion_score == "joint_max"
-        parts, names = _parts(width, joint), list(FAISS_FILES[2:] if joint else FAISS_FILES[:2])
-        code = replace(config, m=2 * config.m) if joint else config  # joint_max: whole 2D tokens, 2 m bytes
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / META_FILE).unlink(missing_ok=True)  # a half-rewritten index is no index
-
-        sample = _float32(embeddings, _sample_images(images, tokens, config)).reshape(-1, width)[:config.train_sample]
-        searchers = [_trained(np.ascontiguousarray(sample[:, part].numpy()), code) for part in parts]
-        store = np.lib.format.open_memmap(directory / STORE_FILE, mode="w+", dtype=config.store_dtype,
-                                          shape=(images, tokens, width))
+        codec = Codec.train(_float32(embeddings, sample_rows(images, tokens, config)), images * tokens, config,
+                            fusion_score)
+        writer = IndexWriter(directory, codec, images, model_fingerprint)
         step = max(1, CHUNK_BYTES // (tokens * width * 4))
         for start in range(0, images, step):
-            rows = slice(start, min(start + step, images))
-            chunk = _float32(embeddings, rows).numpy()
-            store[rows] = chunk
-            for searcher, part in zip(searchers, parts):
-                searcher.add(np.ascontiguousarray(chunk[..., part].reshape(-1, chunk[..., part].shape[-1])))
-        store.flush()
-        del store
-        for searcher, name in zip(searchers, names):
-            faiss.write_index(searcher, str(directory / name))
-        write_images(directory / IMAGES_FILE, image_ids, locations, thumbnails)
-        meta = {"backend": BACKEND, "model_fingerprint": model_fingerprint, "fusion_score": fusion_score,
-                "images": images, "shape": [images, tokens, width], "config": asdict(config), "faiss_files": names,
-                "faiss_version": faiss.__version__, "source": source or {}}
-        (directory / META_FILE).write_text(json.dumps(meta, indent=1))
-        return cls.load(directory)
+            rows = np.arange(start, min(start + step, images))
+            writer.add(rows, _float32(embeddings, slice(rows[0], rows[-1] + 1)).numpy())
+        return writer.finish(image_ids, locations, thumbnails, source)
 
     @classmethod
     def load(cls, directory: str | Path, model_fingerprint: str | None = None) -> "CompressedIndex":
@@ -244,13 +222,114 @@ class CompressedIndex:
         return (self.directory / STORE_FILE).stat().st_size
 
 
+class Codec:
+    """The trained, still empty FAISS indexes of one gallery (one per branch half, or one over the whole token for
+    joint_max) with the resolved config and fusion rule: what every ``IndexWriter`` of the gallery (one per shard)
+    starts from. Picklable (FAISS's own serialisation), so a Ray task can ship it to the shards' builders."""
+
+    def __init__(self, searchers: list, config: CompressedIndexConfig, fusion_score: str, tokens: int, width: int):
+        self.searchers, self.config, self.fusion_score = searchers, config, fusion_score
+        self.tokens, self.width = tokens, width  # Nq, 2D
+
+    @classmethod
+    def train(cls, sample, vectors: int, config: CompressedIndexConfig = CompressedIndexConfig(),
+              fusion_score: str = "branch_max") -> "Codec":
+        """Train on the unified embeddings of whole sample images [S, Nq, 2D] (torch or numpy) for indexes of
+        ``vectors`` token vectors each (it sets the automatic nlist): IVF centroids and PQ codebooks per searcher,
+        on at most ``config.train_sample`` token vectors."""
+        check_rule(fusion_score)
+        if len(sample.shape) != 3 or sample.shape[2] % 2:
+            raise ValueError(f"codec sample {tuple(sample.shape)} is not [S, Nq, 2D]")
+        _, tokens, width = (int(n) for n in sample.shape)
+        config = config.resolved(vectors, width // 2)
+        joint = fusion_score == "joint_max"
+        code = replace(config, m=2 * config.m) if joint else config  # joint_max: whole 2D tokens, 2 m bytes
+        flat = _float32(sample, slice(None)).reshape(-1, width)[:config.train_sample].numpy()
+        if len(flat) < max(config.nlist, 2 ** config.nbits):
+            raise ConfigError(f"compressed index: {len(flat)} training token vectors (train_sample, at most the "
+                              f"gallery's) cannot train nlist={config.nlist} lists and 2^nbits={2 ** config.nbits} "
+                              "codes per sub-quantizer; lower nlist or nbits")
+        searchers = [_trained(np.ascontiguousarray(flat[:, part]), code) for part in _parts(width, joint)]
+        return cls(searchers, config, fusion_score, tokens, width)
+
+    def __getstate__(self) -> dict:
+        import faiss
+
+        return {**self.__dict__, "searchers": [faiss.serialize_index(s) for s in self.searchers]}
+
+    def __setstate__(self, state: dict) -> None:
+        import faiss
+
+        self.__dict__.update(state, searchers=[faiss.deserialize_index(s) for s in state["searchers"]])
+
+
+class IndexWriter:
+    """Writes one compressed index of ``images`` rows into ``directory`` from chunks of rows in any order (one
+    writer per shard; a Ray actor in ``detailfusion index``): ``add`` codes the rows' token vectors into copies of
+    the codec's indexes and writes them into the store; ``finish`` checks every row came, then writes the FAISS
+    files, ``images.parquet`` and ``index.json`` (last) and opens the index."""
+
+    def __init__(self, directory: str | Path, codec: Codec, images: int, model_fingerprint: str):
+        import faiss
+
+        self.directory, self.codec, self.model_fingerprint = Path(directory), codec, model_fingerprint
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / META_FILE).unlink(missing_ok=True)  # a half-rewritten index is no index
+        self.searchers = [faiss.clone_index(s) for s in codec.searchers]
+        self.parts = _parts(codec.width, joint=len(self.searchers) == 1)
+        self.store = np.lib.format.open_memmap(self.directory / STORE_FILE, mode="w+", dtype=codec.config.store_dtype,
+                                               shape=(images, codec.tokens, codec.width))
+        self.added = np.zeros(images, dtype=bool)
+
+    def add(self, rows, embeddings) -> None:
+        """Rows of this index [B] (each once) and their unified embeddings [B, Nq, 2D] (numpy or torch, any float)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        if embeddings.shape != (len(rows), self.codec.tokens, self.codec.width):
+            raise ValueError(f"{len(rows)} rows with embeddings {embeddings.shape}; expected "
+                             f"[{len(rows)}, {self.codec.tokens}, {self.codec.width}]")
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self.added)):
+            raise ValueError(f"rows {rows.min()}..{rows.max()} outside this index's 0..{len(self.added) - 1}")
+        if self.added[rows].any() or len(np.unique(rows)) < len(rows):
+            raise ValueError(f"rows added twice, e.g. {rows[self.added[rows]][:3].tolist() or 'within one call'}")
+        self.store[rows] = embeddings
+        ids = (rows[:, None] * self.codec.tokens + np.arange(self.codec.tokens)).reshape(-1)
+        for searcher, part in zip(self.searchers, self.parts):
+            vectors = embeddings[..., part].reshape(len(ids), -1)
+            searcher.add_with_ids(np.ascontiguousarray(vectors), ids)
+        self.added[rows] = True
+
+    def finish(self, image_ids: list[str], locations: list[str | None] | None = None,
+               thumbnails: list[bytes | None] | None = None, source: dict | None = None) -> "CompressedIndex":
+        """The ids (with locations and JPEG thumbnails, where given) of rows 0..N-1 -> the written index, opened."""
+        import faiss
+
+        missing = np.flatnonzero(~self.added)
+        if len(missing) or len(image_ids) != len(self.added):
+            raise ValueError(f"{self.directory}: {len(missing)} of {len(self.added)} rows never added (first: "
+                             f"{missing[:3].tolist()}), {len(image_ids)} image ids")
+        self.store.flush()
+        del self.store
+        names = list(FAISS_FILES[2:] if len(self.searchers) == 1 else FAISS_FILES[:2])
+        for searcher, name in zip(self.searchers, names):
+            faiss.write_index(searcher, str(self.directory / name))
+        write_images(self.directory / IMAGES_FILE, image_ids, locations, thumbnails)
+        codec, images = self.codec, len(self.added)
+        meta = {"backend": BACKEND, "model_fingerprint": self.model_fingerprint, "fusion_score": codec.fusion_score,
+                "images": images, "shape": [images, codec.tokens, codec.width], "config": asdict(codec.config),
+                "faiss_files": names, "faiss_version": faiss.__version__, "source": source or {}}
+        (self.directory / META_FILE).write_text(json.dumps(meta, indent=1))
+        return CompressedIndex.load(self.directory)
+
+
 def _parts(width: int, joint: bool) -> list[slice]:
     """The columns of a unified vector [2D] that each FAISS index holds: both halves (joint_max) or one each."""
     return [slice(None)] if joint else [slice(None, width // 2), slice(width // 2, None)]
 
 
-def _sample_images(images: int, tokens: int, config: CompressedIndexConfig) -> np.ndarray:
-    """Sorted indices of the whole images whose token vectors train the codec: enough for ``train_sample``."""
+def sample_rows(images: int, tokens: int, config: CompressedIndexConfig) -> np.ndarray:
+    """Sorted rows of the whole images (of ``images`` with ``tokens`` tokens each) whose token vectors train the
+    codec: enough for ``config.train_sample`` vectors, drawn with ``config.seed``."""
     count = min(images, math.ceil(config.train_sample / tokens))
     return np.sort(np.random.default_rng(config.seed).choice(images, size=count, replace=False))
 

@@ -215,10 +215,14 @@ class IndexBackendConfig:
     ivfpq: CompressedIndexConfig = field(default_factory=CompressedIndexConfig)
     shards: int = 1  # contiguous gallery slices, each a whole index of ``kind`` (sharded_index.py); serving runs
     # one deployment per shard and merges their top-k
+    build_cpus: float = 1.0  # CPUs of each shard's builder actor (ivfpq: ``detailfusion index`` codes and stores
+    # every shard in parallel while the encoder pool streams the gallery to them)
 
     def __post_init__(self):
         if self.shards < 1:
             raise ConfigError(f"index_backend.shards must be >= 1, got {self.shards}")
+        if self.build_cpus <= 0:
+            raise ConfigError(f"index_backend.build_cpus must be > 0, got {self.build_cpus}")
 
 
 @dataclass(frozen=True)

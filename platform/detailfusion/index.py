@@ -65,6 +65,15 @@ def write_images(path: Path, image_ids: list[str], locations: list[str | None] |
                              "thumbnail": pa.array(thumbnails, type=pa.binary())}), path)
 
 
+def concat_images(parts: list[Path], path: Path) -> None:
+    """One ``images.parquet`` from several (the shards' in order), read one at a time."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetWriter(path, pq.read_schema(parts[0])) as writer:
+        for part in parts:
+            writer.write_table(pq.read_table(part))
+
+
 @dataclass
 class GalleryIndex:
     embeddings: torch.Tensor  # [N, Nq, 2D] float32, L2-normalised per token and scaled by 1/sqrt 2

@@ -49,18 +49,35 @@ def open_index(directory: str | Path, model_fingerprint: str | None = None) -> G
     raise DataError(f"{directory}: unknown index backend {backend!r} (known: {', '.join(BACKEND_FILES)})")
 
 
+def clear_index(directory: str | Path, kind: str) -> Path:
+    """Ready ``directory`` for a new index of backend ``kind``: its index.json removed first (a half-rewritten index
+    is no index), then the other backend's files and any shards."""
+    if kind not in BACKEND_FILES:
+        raise ConfigError(f"index_backend.kind={kind!r}; known: {', '.join(BACKEND_FILES)}")
+    directory = Path(directory)
+    (directory / META_FILE).unlink(missing_ok=True)
+    for name in (n for other, names in BACKEND_FILES.items() if other != kind for n in names):
+        (directory / name).unlink(missing_ok=True)
+    for old in shard_directories(directory):
+        shutil.rmtree(old)
+    return directory
+
+
+def write_sharded_meta(directory: Path, kind: str, bounds: list[tuple[int, int]], model_fingerprint: str,
+                       fusion_score: str, source: dict) -> dict:
+    """The sharded index's ``index.json`` (written last: its presence marks a whole index), its content returned."""
+    meta = {"backend": SHARDED, "shard_backend": kind, "model_fingerprint": model_fingerprint,
+            "fusion_score": fusion_score, "images": bounds[-1][1], "shards": [shard_name(s) for s in range(len(bounds))],
+            "offsets": [start for start, _ in bounds], "source": source}
+    (Path(directory) / META_FILE).write_text(json.dumps(meta, indent=1))
+    return meta
+
+
 def write_index(gallery: GalleryIndex, directory: str | Path,
                 backend: IndexBackendConfig = IndexBackendConfig()) -> GalleryIndex | CompressedIndex:
     """Write ``gallery`` into ``directory`` as ``backend.kind`` says (ivfpq: compressed by ``backend.ivfpq``),
     replacing any index there (the other backend's files removed); returns the open index."""
-    if backend.kind not in BACKEND_FILES:
-        raise ConfigError(f"index_backend.kind={backend.kind!r}; known: {', '.join(BACKEND_FILES)}")
-    directory = Path(directory)
-    (directory / META_FILE).unlink(missing_ok=True)  # first: a half-rewritten index is no index
-    for name in (n for kind, names in BACKEND_FILES.items() if kind != backend.kind for n in names):
-        (directory / name).unlink(missing_ok=True)
-    for old in shard_directories(directory):
-        shutil.rmtree(old)
+    directory = clear_index(directory, backend.kind)
     if backend.shards > 1:
         return _write_sharded(gallery, directory, backend)
     if backend.kind == EXACT:
@@ -84,8 +101,6 @@ def _write_sharded(gallery: GalleryIndex, directory: Path, backend: IndexBackend
                             thumbnails=gallery.thumbnails[start:end], fusion_score=gallery.fusion_score)
         shards.append(write_index(part, directory / shard_name(number), one))
     write_images(directory / IMAGES_FILE, gallery.image_ids, gallery.locations, gallery.thumbnails)
-    meta = {"backend": SHARDED, "shard_backend": backend.kind, "model_fingerprint": gallery.model_fingerprint,
-            "fusion_score": gallery.fusion_score, "images": len(gallery), "shards": [shard_name(s) for s in range(len(bounds))],
-            "offsets": [start for start, _ in bounds], "source": gallery.source}
-    (directory / META_FILE).write_text(json.dumps(meta, indent=1))  # last: its presence marks a whole index
+    meta = write_sharded_meta(directory, backend.kind, bounds, gallery.model_fingerprint, gallery.fusion_score,
+                              gallery.source)
     return ShardedIndex(shards, meta["offsets"], gallery.model_fingerprint, gallery.fusion_score)

@@ -11,10 +11,13 @@ the text-only feature and the model's own compositor output, per query.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
@@ -98,62 +101,88 @@ def _over_the_pool(dataset, options: EncodeOptions):
     return spread
 
 
-def _encode_here(encoder, table, batch_size: int) -> dict[str, np.ndarray]:
+def _batches_here(encoder, table, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """``encoder`` over a pyarrow table's rows in batches of ``batch_size`` (numpy columns, as Ray Data gives an
-    actor), in this process -> the concatenated output columns."""
-    columns: dict[str, list] = {}
+    actor), in this process: its output batches."""
     for start in range(0, table.num_rows, batch_size):
         part = table.slice(start, batch_size)
-        batch = {name: part.column(name).to_numpy(zero_copy_only=False) for name in part.column_names}
-        for name, values in encoder(batch).items():
+        yield encoder({name: part.column(name).to_numpy(zero_copy_only=False) for name in part.column_names})
+
+
+def _concatenated(batches) -> dict[str, np.ndarray]:
+    """Batches of numpy columns -> the concatenated columns ({} for none)."""
+    columns: dict[str, list] = {}
+    for batch in batches:
+        for name, values in batch.items():
             columns.setdefault(name, []).append(values)
     return {name: np.concatenate(parts) for name, parts in columns.items()}
 
 
 def _collect(dataset, key: str) -> dict[str, np.ndarray]:
     """All rows of a small result dataset as concatenated numpy columns."""
-    columns: dict[str, list] = {}
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        for name, values in batch.items():
-            columns.setdefault(name, []).append(values)
-    if key not in columns:
-        return {}
-    return {name: np.concatenate(parts) for name, parts in columns.items()}
+    columns = _concatenated(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    return columns if key in columns else {}
+
+
+def gallery_order(prepared_dir: str | Path) -> tuple[list[str], list[str | None]]:
+    """A prepared gallery-layout split's image ids in gallery.parquet order (each once) and their locations."""
+    manifest = read_manifest(prepared_dir)
+    if manifest.layout != "gallery":
+        raise DataError(f"{prepared_dir}: a {manifest.dataset} split has no gallery to encode")
+    gallery = pq.read_table(Path(prepared_dir) / "gallery.parquet", columns=["image_id", "location"])
+    location = dict(zip(gallery.column("image_id").to_pylist(), gallery.column("location").to_pylist()))
+    return list(location), list(location.values())
+
+
+def stream_gallery(prepared_dir: str | Path, model_dir: str | Path, options: EncodeOptions = EncodeOptions(),
+                   image_ids: list[str] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """The split's decoded images (only ``image_ids`` when given), encoded: batches {image_id, embedding float32
+    [B, Nq, 2D], thumbnail JPEG, node_ip} in the order they come off the encoder (in this process for a small split
+    and one actor, else the Ray Data pool, streamed: only batches in flight are held)."""
+    import ray
+
+    path, columns = Path(prepared_dir) / "images", ["image_id", "pixels"]
+    rows = len(image_ids) if image_ids is not None else ds.dataset(path, format="parquet").count_rows()
+    if options.in_process(rows):
+        wanted = None if image_ids is None else pc.field("image_id").isin(image_ids)
+        table = pq.read_table(path, columns=columns, filters=wanted)
+        yield from _batches_here(GalleryEncoder(str(model_dir), options.use_gpu), table, options.batch_size)
+        return
+    images = ray.data.read_parquet(str(path)).select_columns(columns)
+    if image_ids is not None:
+        from ray.data.expressions import col
+
+        images = images.filter(expr=col("image_id").is_in(list(image_ids)))
+    encoder = dict(fn_constructor_args=(str(model_dir), options.use_gpu), **_pool_kwargs(options))
+    encoded = _over_the_pool(images, options).map_batches(GalleryEncoder, **encoder)
+    yield from encoded.iter_batches(batch_size=None, batch_format="numpy")
 
 
 def encode_gallery(prepared_dir: str | Path, model_dir: str | Path, fingerprint: str,
                    options: EncodeOptions = EncodeOptions()) -> GalleryIndex:
     """Every decoded image of a prepared gallery-layout split -> a ``GalleryIndex`` (rows in gallery.parquet order)."""
-    import ray
+    from ..model import DetailFusionConfig
 
     manifest = read_manifest(prepared_dir)
-    if manifest.layout != "gallery":
-        raise DataError(f"{prepared_dir}: a {manifest.dataset} split has no gallery to encode")
-    gallery = pq.read_table(Path(prepared_dir) / "gallery.parquet")
-    ids = list(dict.fromkeys(gallery.column("image_id").to_pylist()))
-    location = dict(zip(gallery.column("image_id").to_pylist(), gallery.column("location").to_pylist()))
-    if options.in_process(len(ids)):
-        images = pq.read_table(Path(prepared_dir) / "images", columns=["image_id", "pixels"])
-        encoded = _encode_here(GalleryEncoder(str(model_dir), options.use_gpu), images, options.batch_size)
-    else:
-        images = ray.data.read_parquet(str(Path(prepared_dir) / "images")).select_columns(["image_id", "pixels"])
-        encoder = dict(fn_constructor_args=(str(model_dir), options.use_gpu), **_pool_kwargs(options))
-        encoded = _collect(_over_the_pool(images, options).map_batches(GalleryEncoder, **encoder), "embedding")
+    ids, locations = gallery_order(prepared_dir)
+    encoded = _concatenated(stream_gallery(prepared_dir, model_dir, options))
     if not len(encoded):
         raise DataError(f"{prepared_dir}: no images to encode")
     row = {str(name): i for i, name in enumerate(encoded["image_id"])}
     nodes, counts = np.unique(encoded["node_ip"].astype(str), return_counts=True)
     order = [row[name] for name in ids]
-    from ..model import DetailFusionConfig
-
     return GalleryIndex(
         embeddings=torch.from_numpy(encoded["embedding"][order]), image_ids=ids, model_fingerprint=fingerprint,
         fusion_score=DetailFusionConfig.from_pretrained(str(model_dir)).fusion_score,
-        locations=[location[name] for name in ids], thumbnails=[bytes(encoded["thumbnail"][i]) for i in order],
-        source={"dataset": manifest.dataset, "split": manifest.split, "prepared": str(prepared_dir),
-                "source": manifest.source, "config_hash": manifest.config_hash,
-                "encoded_on": {str(n): int(c) for n, c in zip(nodes, counts)}},  # node IP -> images encoded there
+        locations=locations, thumbnails=[bytes(encoded["thumbnail"][i]) for i in order],
+        source=gallery_source(prepared_dir, manifest, {str(n): int(c) for n, c in zip(nodes, counts)}),
     )
+
+
+def gallery_source(prepared_dir: str | Path, manifest, encoded_on: dict[str, int]) -> dict:
+    """An index's ``source``: the split it was encoded from and where (node IP -> images encoded there)."""
+    return {"dataset": manifest.dataset, "split": manifest.split, "prepared": str(prepared_dir),
+            "source": manifest.source, "config_hash": manifest.config_hash, "encoded_on": encoded_on}
 
 
 def encode_queries(prepared_dir: str | Path, model_dir: str | Path, triplets,
@@ -164,7 +193,7 @@ def encode_queries(prepared_dir: str | Path, model_dir: str | Path, triplets,
     columns = triplets.select(["sample_id", "reference_id", "text"])
     if options.in_process(columns.num_rows):
         encoder = QueryEncoder(str(model_dir), str(prepared_dir), options.use_gpu)
-        encoded = _encode_here(encoder, columns, options.batch_size) if columns.num_rows else {}
+        encoded = _concatenated(_batches_here(encoder, columns, options.batch_size))
     else:
         rows = ray.data.from_arrow(columns)
         encoder = dict(fn_constructor_args=(str(model_dir), str(prepared_dir), options.use_gpu), **_pool_kwargs(options))

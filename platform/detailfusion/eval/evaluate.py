@@ -17,11 +17,11 @@ import importlib.util
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
 import torch
 
-from ..compressed_index import CompressedIndex
 from ..config import EvalConfig, PrepareConfig
 from ..data.manifest import read_manifest
 from ..errors import ConfigError, DataError
@@ -33,6 +33,10 @@ from .metrics import TIE_RULE
 from .fashioniq_predictions import check_predictions, predictions, write_predictions
 from .protocols import CIRR_PROTOCOL, FASHIONIQ_PROTOCOL, CirrQueries, fashioniq_rankings, fashioniq_variant_metrics
 from .submission import FILE_NAMES, check_submission, submission
+
+if TYPE_CHECKING:
+    from ..compressed_index import CompressedIndex
+    from ..sharded_index import ShardedIndex
 from .variants import variant_names, variant_queries, variant_scores
 
 
@@ -94,13 +98,13 @@ def _encode(config: EvalConfig, prepared: Path, fingerprint: str, directory: Pat
     return index
 
 
-def build_index(config: EvalConfig) -> GalleryIndex | CompressedIndex:
+def build_index(config: EvalConfig) -> GalleryIndex | CompressedIndex | ShardedIndex:
     """The ``index`` job: the split's gallery index in ``config.index`` (or ``config.out``), of the backend
     ``config.index_backend`` names: exact (reused when this model built it from this split) or ivfpq (compressed,
     built anew each run)."""
     from ..ray_setup import init_ray
 
-    _, fingerprint = _model_facts(config.checkpoint)
+    model_config, fingerprint = _model_facts(config.checkpoint)
     exact = config.index_backend.kind == "exact"
     if not exact and importlib.util.find_spec("faiss") is None:  # refused before anything is encoded
         raise ConfigError("index_backend.kind=ivfpq needs FAISS: pip install -e \".[faiss]\"")
@@ -108,16 +112,15 @@ def build_index(config: EvalConfig) -> GalleryIndex | CompressedIndex:
     prepared = prepared_split(config, image_size(config.checkpoint))
     directory = Path(config.index or config.out)
     if exact:
-        return gallery_index(config, prepared, fingerprint, directory)
-    # compressed from the exact embeddings, all in memory; a catalogue-scale build streams the encoder's shards
-    # into CompressedIndex.build instead
-    gallery = _encode(config, prepared, fingerprint, directory)
-    start = time.perf_counter()
-    index = write_index(gallery, directory, config.index_backend)
-    print(f"index: compressed {len(index)} images (ivfpq, nlist {index.config.nlist}, m {index.config.m}) in "
-          f"{time.perf_counter() - start:.1f} s: {index.memory_bytes() / len(index):.0f} B of RAM and "
-          f"{index.store_bytes() / len(index):.0f} B of store per image", flush=True)
-    return index
+        if config.index_backend.shards == 1:
+            return gallery_index(config, prepared, fingerprint, directory)
+        return write_index(_encode(config, prepared, fingerprint, directory), directory, config.index_backend)
+    from ..model import DetailFusionConfig
+    from .index_build import build_compressed
+
+    model = DetailFusionConfig.from_pretrained(config.checkpoint)
+    return build_compressed(prepared, config.checkpoint, fingerprint, model.fusion_score, model.num_query_tokens,
+                            directory, config.index_backend, _options(config))
 
 
 def evaluate(config: EvalConfig) -> dict:
