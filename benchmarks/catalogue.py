@@ -5,24 +5,32 @@ structure, in one run.
 The gallery, per branch (gm, di) independently, in D dims: ``--concepts`` unit "concept" directions, drawn at
 random. Each image takes ``--concepts-per-image`` of them, one image offset (a random Gaussian vector of norm about
 ``--image-noise``, shared by its tokens) and, per token, one of its concepts plus token noise (norm about
-``--token-noise``); each token is L2-normalised per branch and the unified tokens ``[t_gm ; t_di] / sqrt 2`` are
-written in chunks to a float16 .npy ([N, Nq, 2D], memory-mapped; 1M x 32 x 512 is 32 GiB). A query aims at a
-random image: per branch the mean of that image's concepts plus noise (``--query-noise``), normalised, blended with
-weights ``(a, 1 - a)``, a uniform in [0.2, 0.8], by the fusion rule (``model/fusion.py``'s ``fused_query``).
+``--token-noise``); each token is L2-normalised per branch and the unified tokens are ``[t_gm ; t_di] / sqrt 2``,
+made 1,024 images at a time (seeded per chunk) and never stored whole: each chunk goes, rounded to float16 as the
+re-ranking store keeps it, into the index's writers (``IndexWriter``, one per shard; the codec is trained on the
+first images' tokens, a fair sample since images are drawn independently) and into the exact reference. A query
+aims at a random image: per branch the mean of that image's concepts plus noise (``--query-noise``), normalised,
+blended with weights ``(a, 1 - a)``, a uniform in [0.2, 0.8], by the fusion rule (``model/fusion.py``'s
+``fused_query``).
 
 A query scores the same for every image holding one of its concepts (a max over tokens counts one), so the exact
 top-50 is decided by the noise among hundreds of near ties per concept (N = 20,000: about 600 images per branch):
 a hard case for approximate search, whose recall needs hits in proportion to N.
 
-The exact reference is ``exact_search`` over the index's float16 store, read in chunks (the values the index
-re-ranks). Reported, for each ``nprobe:candidates[:rerank]`` setting: recall@10 and recall@50 (the share of the
-exact top-10 / top-50 in the index's top-10 / top-50, all queries), the latency of one query at a time (top-50;
-p50, p99 over ``--latency-queries``; the candidate stage alone and the whole search), the mean number of images
-re-ranked, plus build time, RAM bytes per image (the FAISS indexes) and disk bytes per image (the re-ranking
-store). Printed as a table and written as JSON (``--out``).
+The exact reference is the exact top-50 (``RunningTopK``, ``GalleryIndex.search``'s answer) over the same float16
+values as they are made. Reported, for each ``nprobe:candidates[:rerank]`` setting: recall@10 and recall@50 (the
+share of the exact top-10 / top-50 in the index's top-10 / top-50, all queries), the latency of one query at a time
+inside the index (top-50; p50, p99 over ``--latency-queries``; several shards are searched one after another
+here; in one piece also the candidate stage alone and the mean number of images re-ranked), plus build time (codec
+training, coding and storing, writing; generation and the exact reference timed apart), RAM bytes per image (the
+FAISS indexes), disk bytes per image (the re-ranking store) and the peak RSS. With ``--endpoint``: the same index
+behind the Serve app (``detailfusion serve``'s: frontend, one model replica of an untrained tiny-architecture model
+of the gallery's shape, one deployment per shard, each searching at the first setting), POST /search p50/p99 at
+concurrency 1 and 16 and queries/s at 16. Printed as a table and written as JSON (``--out``).
 
-    python benchmarks/catalogue.py --images 20000 [--queries 1000] [--dim 256] [--tokens 32]
-        [--settings 64:8192:512 64:2048] [--m 32] [--nlist N] [--train-sample 262144] [--workdir DIR] [--out FILE]
+    python benchmarks/catalogue.py --images 20000 [--queries 1000] [--dim 256] [--tokens 32] [--shards 1]
+        [--settings 64:8192:512 64:2048] [--m 32] [--nlist N] [--train-sample 262144] [--endpoint]
+        [--workdir DIR] [--out FILE]
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import tempfile
 import time
@@ -42,7 +51,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from detailfusion.compressed_index import CompressedIndex, CompressedIndexConfig, exact_search
+from detailfusion.compressed_index import Codec, CompressedIndex, CompressedIndexConfig, IndexWriter, RunningTopK
+from detailfusion.index import IMAGES_FILE, concat_images
+from detailfusion.index_store import open_index, write_sharded_meta
+from detailfusion.sharded_index import shard_bounds, shard_name
 from detailfusion.model.fusion import fused_query
 
 CHUNK = 1024  # images generated (and exactly scored) at a time
@@ -87,17 +99,6 @@ def gaussian(rng, shape: tuple, norm: float) -> torch.Tensor:
     return torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)) * (norm / math.sqrt(shape[-1]))
 
 
-def write_gallery(concepts: Concepts, path: Path) -> np.ndarray:
-    args = concepts.args
-    gallery = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16,
-                                        shape=(args.images, args.tokens, 2 * args.dim))
-    for start in range(0, args.images, CHUNK):
-        rows = slice(start, min(start + CHUNK, args.images))
-        gallery[rows] = concepts.tokens(rows, seed=args.seed + 2 + start // CHUNK).numpy()
-    gallery.flush()
-    return np.load(path, mmap_mode="r")
-
-
 def recall(found: torch.Tensor, exact: torch.Tensor) -> float:
     """The share of each query's exact list [Q, k] that ``found`` [Q, k] holds, averaged over queries."""
     return sum(len(set(a) & set(b)) for a, b in zip(found.tolist(), exact.tolist())) / exact.numel()
@@ -113,18 +114,142 @@ def latencies(fn, queries: torch.Tensor) -> dict:
     return {"p50_ms": float(np.percentile(times, 50)) * 1e3, "p99_ms": float(np.percentile(times, 99)) * 1e3}
 
 
-def measure(index: CompressedIndex, queries: torch.Tensor, exact: torch.Tensor, setting: dict, timed: int) -> dict:
-    """Recall of the top-50 (all queries) and one-query latencies (the first ``timed``) at one search setting."""
+def measure(index, queries: torch.Tensor, exact: torch.Tensor, setting: dict, timed: int) -> dict:
+    """Recall of the top-50 (all queries) and one-query latencies (the first ``timed``) at one search setting; the
+    candidate stage alone where the index is in one piece."""
     nprobe, candidates, rerank = setting["nprobe"], setting["candidates"], setting["rerank"]
     keep = max(rerank, 50) if rerank else None
     found = index.search(queries, 50, **setting)[1]
-    images = [len(c) for c in index.candidates(queries, candidates, nprobe, keep)]
-    stage = latencies(lambda q: index.candidates(q, candidates, nprobe, keep), queries[:timed])
     whole = latencies(lambda q: index.search(q, 50, **setting), queries[:timed])
-    return {**setting, "recall@10": recall(found[:, :10], exact[:, :10]),
-            "recall@50": recall(found, exact), "reranked_images_mean": float(np.mean(images)),
-            "candidates_p50_ms": stage["p50_ms"], "candidates_p99_ms": stage["p99_ms"],
-            "search_p50_ms": whole["p50_ms"], "search_p99_ms": whole["p99_ms"]}
+    row = {**setting, "recall@10": recall(found[:, :10], exact[:, :10]), "recall@50": recall(found, exact),
+           "search_p50_ms": whole["p50_ms"], "search_p99_ms": whole["p99_ms"]}
+    if isinstance(index, CompressedIndex):
+        images = [len(c) for c in index.candidates(queries, candidates, nprobe, keep)]
+        stage = latencies(lambda q: index.candidates(q, candidates, nprobe, keep), queries[:timed])
+        row.update(reranked_images_mean=float(np.mean(images)), candidates_p50_ms=stage["p50_ms"],
+                   candidates_p99_ms=stage["p99_ms"])
+    return row
+
+
+def build(concepts: Concepts, directory: Path, config: CompressedIndexConfig, shards: int, fingerprint: str,
+          queries: torch.Tensor) -> dict:
+    """The gallery made chunk by chunk (never stored whole; float16 as the store keeps it) into ``shards``
+    ``IndexWriter`` s (one codec, trained on the first images' tokens: the images are i.i.d.), and the exact top-50
+    of ``queries`` on the same values as they pass. Returns the seconds of each part and the exact lists."""
+    args = concepts.args
+    times = {"generate_s": 0.0, "build_s": 0.0, "exact_reference_s": 0.0}
+
+    def chunk(start: int) -> torch.Tensor:
+        begin = time.perf_counter()
+        rows = slice(start, min(start + CHUNK, args.images))
+        values = concepts.tokens(rows, seed=args.seed + 2 + start // CHUNK).half().float()  # the store's values
+        times["generate_s"] += time.perf_counter() - begin
+        return values
+
+    bounds = shard_bounds(args.images, shards)
+    config = config.resolved(max(b - a for a, b in bounds) * args.tokens, args.dim)
+    sample_images = min(args.images, math.ceil(config.train_sample / args.tokens))
+    sample = torch.cat([chunk(start) for start in range(0, sample_images, CHUNK)])[:sample_images]
+    begin = time.perf_counter()
+    codec = Codec.train(sample, max(b - a for a, b in bounds) * args.tokens, config, args.rule)
+    times["build_s"] += time.perf_counter() - begin
+    del sample
+    sharded = shards > 1
+    writers = [IndexWriter(directory / shard_name(s) if sharded else directory, codec, b - a, fingerprint)
+               for s, (a, b) in enumerate(bounds)]
+    running = RunningTopK(queries, 50, args.rule)
+    report = time.perf_counter()
+    for start in range(0, args.images, CHUNK):
+        values = chunk(start)
+        begin = time.perf_counter()
+        for writer, (a, b) in zip(writers, bounds):
+            lo, hi = max(a, start), min(b, start + len(values))
+            if lo < hi:
+                writer.add(np.arange(lo - a, hi - a), values[lo - start:hi - start].numpy())
+        times["build_s"] += time.perf_counter() - begin
+        begin = time.perf_counter()
+        running.add(start, values)
+        times["exact_reference_s"] += time.perf_counter() - begin
+        if time.perf_counter() - report > 60:
+            print(f"  {start + len(values):,} of {args.images:,} images ({times})", flush=True)
+            report = time.perf_counter()
+    begin = time.perf_counter()
+    ids = [str(n) for n in range(args.images)]
+    for writer, (a, b) in zip(writers, bounds):
+        writer.finish(ids[a:b], source={"benchmark": "catalogue", "rows": [a, b]})
+    if sharded:
+        concat_images([directory / shard_name(s) / IMAGES_FILE for s in range(shards)], directory / IMAGES_FILE)
+        write_sharded_meta(directory, "ivfpq", bounds, fingerprint, args.rule, {"benchmark": "catalogue"})
+    times["build_s"] += time.perf_counter() - begin
+    return {**times, "exact": running.result()[1]}
+
+
+def shaped_model(args, directory: Path) -> str:
+    """An untrained tiny-architecture model whose embeddings have the gallery's shape (Nq tokens, D per branch), for
+    the endpoint: the Serve app refuses an index another model built."""
+    from detailfusion.model import build_model, model_fingerprint, save_model
+
+    torch.manual_seed(args.seed)
+    save_model(*build_model("tiny", embed_dim=args.dim, num_query_tokens=args.tokens), directory)
+    return model_fingerprint(directory)
+
+
+def endpoint(args, model_dir: Path, index_dir: Path, requests_per_client: int) -> dict:
+    """p50/p99 of POST /search (top_k 50) at concurrency 1 and 16 through the Serve app (frontend, model replica,
+    one deployment per shard) on this machine; queries/s at 16."""
+    import base64
+    import io
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+    from PIL import Image
+    from ray import serve
+
+    from detailfusion.config import ServeConfig
+    from detailfusion.model.inference import image_size
+    from detailfusion.serving.run import start
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    side, rng = image_size(str(model_dir)), np.random.default_rng(args.seed)
+    bodies = []
+    for n in range(64):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buffer, "PNG")
+        bodies.append({"image": base64.b64encode(buffer.getvalue()).decode(), "text": f"make it number {n}", "top_k": 50})
+    config = ServeConfig(checkpoint=str(model_dir), index=str(index_dir), port=port, num_cpus=args.threads,
+                         min_replicas=1, max_replicas=1, replica_cpus=0.5, shard_cpus=0.5, batch_wait_timeout_s=0.002)
+    start(config, name="catalogue")
+    url = f"http://127.0.0.1:{port}/search"
+    try:
+        session = requests.Session()
+
+        def one(body: dict, client=None) -> float:
+            begin = time.perf_counter()
+            response = (client or session).post(url, json=body, timeout=60)
+            response.raise_for_status()
+            return time.perf_counter() - begin
+
+        for body in bodies[:8]:
+            one(body)  # warm-up
+        single = [one(bodies[n % len(bodies)]) for n in range(args.latency_queries)]
+
+        def client(c: int) -> list[float]:
+            own = requests.Session()
+            return [one(bodies[(c * 7 + n) % len(bodies)], own) for n in range(requests_per_client)]
+
+        begin = time.perf_counter()
+        with ThreadPoolExecutor(16) as pool:
+            parallel = [t for times in pool.map(client, range(16)) for t in times]
+        seconds = time.perf_counter() - begin
+    finally:
+        serve.shutdown()
+    ms = lambda times, q: float(np.percentile(times, q)) * 1e3  # noqa: E731
+    return {"concurrency_1": {"p50_ms": ms(single, 50), "p99_ms": ms(single, 99), "requests": len(single)},
+            "concurrency_16": {"p50_ms": ms(parallel, 50), "p99_ms": ms(parallel, 99), "requests": len(parallel),
+                               "queries_per_s": len(parallel) / seconds}}
 
 
 def main() -> None:
@@ -147,6 +272,9 @@ def main() -> None:
     parser.add_argument("--train-sample", type=int, default=defaults.train_sample)
     parser.add_argument("--settings", nargs="+", default=["64:8192:512", "64:2048"],
                         help="nprobe:candidates[:rerank] to measure (rerank: images re-ranked, at least 50; 0: all)")
+    parser.add_argument("--shards", type=int, default=1, help="index shards (the endpoint: one deployment each)")
+    parser.add_argument("--endpoint", action="store_true", help="also time POST /search through Ray Serve")
+    parser.add_argument("--endpoint-requests", type=int, default=25, help="requests per client at concurrency 16")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, help="kept (gallery, index); default: a temporary folder, removed")
@@ -162,24 +290,30 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     out = args.out or Path(tempfile.gettempdir()) / f"catalogue_{args.images}.json"
     try:
-        start = time.perf_counter()
         concepts = Concepts(args)
-        gallery = write_gallery(concepts, workdir / "gallery.npy")
-        generate_s = time.perf_counter() - start
-
-        config = CompressedIndexConfig(nlist=args.nlist, m=args.m, nbits=args.nbits, train_sample=args.train_sample,
-                                       seed=args.seed)
-        start = time.perf_counter()
-        index = CompressedIndex.build(gallery, [str(n) for n in range(args.images)], "benchmark", workdir / "index",
-                                      config, fusion_score=args.rule)
-        build_s = time.perf_counter() - start
-
         queries = concepts.queries(args.rule)
-        start = time.perf_counter()
-        exact = exact_search(index.store, queries, 50, args.rule, chunk=CHUNK)[1]
-        exact_s = time.perf_counter() - start
+        fingerprint = shaped_model(args, workdir / "model") if args.endpoint else "benchmark"
+        served = settings[0]  # the index's own search setting: what the endpoint uses
+        config = CompressedIndexConfig(nlist=args.nlist, m=args.m, nbits=args.nbits, train_sample=args.train_sample,
+                                       seed=args.seed, nprobe=served["nprobe"], candidates=served["candidates"],
+                                       rerank=served["rerank"])
+        made = build(concepts, workdir / "index", config, args.shards, fingerprint, queries)
+        print(f"built: { {k: round(v, 1) for k, v in made.items() if k != 'exact'} }", flush=True)
+        exact = made.pop("exact")
+        index = open_index(workdir / "index", fingerprint)
+        shards = getattr(index, "shards", [index])
         rows = [measure(index, queries, exact, setting, args.latency_queries) for setting in settings]
-        ram, disk = index.memory_bytes(), index.store_bytes()
+        ram, disk = sum(s.memory_bytes() for s in shards), sum(s.store_bytes() for s in shards)
+        nlist = shards[0].config.nlist
+        resident = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        del index, shards
+        out.write_text(json.dumps({"settings": rows, **made, "ram_bytes": ram, "store_bytes": disk}, indent=1))
+        served_figures = None
+        if args.endpoint:
+            try:
+                served_figures = endpoint(args, workdir / "model", workdir / "index", args.endpoint_requests)
+            except Exception as exc:  # noqa: BLE001  (the in-index figures are kept; the failure is reported)
+                served_figures = {"error": repr(exc)}
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -191,24 +325,31 @@ def main() -> None:
                     "concepts": args.concepts, "concepts_per_image": args.concepts_per_image,
                     "image_noise": args.image_noise, "token_noise": args.token_noise,
                     "query_noise": args.query_noise, "queries": args.queries, "seed": args.seed},
-        "config": asdict(index.config),
-        "generate_s": generate_s, "build_s": build_s, "exact_reference_s": exact_s,
+        "config": {**asdict(config), "nlist": nlist}, "shards": args.shards, **made,
         "ram_bytes_per_image": ram / args.images, "disk_bytes_per_image": disk / args.images,
-        "settings": rows,
+        "peak_rss_bytes": resident, "settings": rows, "endpoint": served_figures,
     }
     out.write_text(json.dumps(result, indent=1))
     print(result["machine"])
     print(f"gallery {args.images:,} images x {args.tokens} tokens x 2 x {args.dim} ({args.rule}); {args.queries} "
-          f"queries; nlist {index.config.nlist}, m {args.m}, nbits {args.nbits}")
-    print(f"build {build_s:.1f} s (generate {generate_s:.1f} s, exact reference {exact_s:.1f} s); "
-          f"RAM {result['ram_bytes_per_image']:,.0f} B/image; disk {result['disk_bytes_per_image']:,.0f} B/image")
+          f"queries; {args.shards} shard(s), nlist {nlist}, m {args.m}, nbits {args.nbits}")
+    print(f"build {made['build_s']:.1f} s (beside it: generate {made['generate_s']:.1f} s, exact reference "
+          f"{made['exact_reference_s']:.1f} s); FAISS RAM {result['ram_bytes_per_image']:,.0f} B/image; store "
+          f"{result['disk_bytes_per_image']:,.0f} B/image on disk; peak RSS {resident / 2**30:.1f} GiB")
     print(f"{'nprobe':>6} {'cands':>6} {'rerank':>6} {'R@10':>6} {'R@50':>6} {'reranked':>8} {'cand p50':>9} "
           f"{'cand p99':>9} {'p50 ms':>7} {'p99 ms':>7}")
     for row in rows:
+        extra = (f"{row['reranked_images_mean']:>8.0f} {row['candidates_p50_ms']:>9.2f} {row['candidates_p99_ms']:>9.2f}"
+                 if "candidates_p50_ms" in row else f"{'':>8} {'':>9} {'':>9}")
         print(f"{row['nprobe']:>6} {row['candidates']:>6} {str(row['rerank'] or 'all'):>6} {row['recall@10']:>6.3f} "
-              f"{row['recall@50']:>6.3f} "
-              f"{row['reranked_images_mean']:>8.0f} {row['candidates_p50_ms']:>9.2f} {row['candidates_p99_ms']:>9.2f} "
-              f"{row['search_p50_ms']:>7.2f} {row['search_p99_ms']:>7.2f}")
+              f"{row['recall@50']:>6.3f} {extra} {row['search_p50_ms']:>7.2f} {row['search_p99_ms']:>7.2f}")
+    if served_figures and "error" in served_figures:
+        print(f"endpoint failed: {served_figures['error']}")
+    elif served_figures:
+        one, many = served_figures["concurrency_1"], served_figures["concurrency_16"]
+        print(f"endpoint (POST /search, top 50, setting {settings[0]}): concurrency 1 p50/p99 {one['p50_ms']:.1f} / "
+              f"{one['p99_ms']:.1f} ms; concurrency 16 p50/p99 {many['p50_ms']:.1f} / {many['p99_ms']:.1f} ms, "
+              f"{many['queries_per_s']:.1f} queries/s")
     print(f"written: {out}")
 
 

@@ -194,3 +194,20 @@ def test_rewriting_unsharded_removes_the_shards(tmp_path):
     assert not list((tmp_path / "index").glob("shard-*")) and isinstance(open_index(tmp_path / "index"), GalleryIndex)
     with pytest.raises(ConfigError, match="shards must be >= 1"):
         IndexBackendConfig(shards=0)
+
+
+def test_thumbnails_are_read_a_row_group_at_a_time(tmp_path):
+    """Serving's thumbnails: images.parquet in row groups of THUMBNAIL_ROWS, one group read per thumbnail asked for,
+    at most ``cached_groups`` kept; every image's own bytes, None where it has none or is unknown."""
+    from detailfusion.index import THUMBNAIL_ROWS, Thumbnails, write_images
+
+    ids = [f"img{n}" for n in range(1000)]
+    jpegs = [n.to_bytes(2, "big") * 8 if n % 7 else None for n in range(1000)]
+    write_images(tmp_path / "images.parquet", ids, None, jpegs)
+    thumbnails = Thumbnails(tmp_path / "images.parquet", cached_groups=2)
+    assert thumbnails.file.num_row_groups == -(-1000 // THUMBNAIL_ROWS) > 1
+    assert thumbnails.image_ids == ids
+    for n in (1, 255, 256, 999, 300, 500, 8):
+        assert thumbnails.get(ids[n]) == jpegs[n]
+    assert thumbnails.get(ids[7]) is None and thumbnails.get("unknown") is None
+    assert thumbnails.group.cache_info().currsize <= 2

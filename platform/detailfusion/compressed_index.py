@@ -51,17 +51,33 @@ def exact_search(embeddings, queries: torch.Tensor, k: int, fusion_score: str, c
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """``GalleryIndex.search`` over embeddings [N, Nq, 2D] (torch or numpy, e.g. a float16 memmap) read ``chunk``
     images at a time: (scores [Q, k], indices [Q, k]), best first, ties by gallery order."""
-    best_scores = torch.zeros(len(queries), 0)
-    best = torch.zeros(len(queries), 0, dtype=torch.long)
+    running = RunningTopK(queries, k, fusion_score)
     for start in range(0, len(embeddings), chunk):
-        rows = slice(start, min(start + chunk, len(embeddings)))
-        scores = torch.cat([best_scores, fused_scores(queries, _float32(embeddings, rows), fusion_score)], dim=1)
-        indices = torch.cat([best, torch.arange(rows.start, rows.stop).expand(len(queries), -1)], dim=1)
-        keep = top_k(scores, min(k, scores.shape[1]))  # earlier images come first: the stable sort keeps ties in order
-        best_scores, best = scores.gather(1, keep), indices.gather(1, keep)
-    if best.shape[1] < k:
-        raise ValueError(f"the gallery holds {best.shape[1]} images, fewer than k={k}")
-    return best_scores, best
+        running.add(start, _float32(embeddings, slice(start, min(start + chunk, len(embeddings)))))
+    return running.result()
+
+
+class RunningTopK:
+    """Exact top-k of unified queries [Q, 2D] over a gallery seen in consecutive chunks of images (e.g. as they are
+    made, never stored whole): ``add`` each chunk, ``result`` -> (scores [Q, k], gallery indices [Q, k]), best
+    first, ties by gallery order (``GalleryIndex.search``'s answer)."""
+
+    def __init__(self, queries: torch.Tensor, k: int, fusion_score: str):
+        self.queries, self.k, self.fusion_score = queries.float(), k, fusion_score
+        self.scores, self.indices = torch.zeros(len(queries), 0), torch.zeros(len(queries), 0, dtype=torch.long)
+
+    def add(self, start: int, embeddings: torch.Tensor) -> None:
+        """Gallery images ``start`` .. ``start + n - 1`` as unified embeddings [n, Nq, 2D] float32, in gallery order
+        after every earlier chunk."""
+        scores = torch.cat([self.scores, fused_scores(self.queries, embeddings, self.fusion_score)], dim=1)
+        indices = torch.cat([self.indices, torch.arange(start, start + len(embeddings)).expand(len(scores), -1)], dim=1)
+        keep = top_k(scores, min(self.k, scores.shape[1]))  # earlier images come first: the stable sort keeps ties
+        self.scores, self.indices = scores.gather(1, keep), indices.gather(1, keep)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.indices.shape[1] < self.k:
+            raise ValueError(f"the gallery holds {self.indices.shape[1]} images, fewer than k={self.k}")
+        return self.scores, self.indices
 
 
 def _float32(embeddings, rows) -> torch.Tensor:

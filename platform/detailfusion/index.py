@@ -24,6 +24,7 @@ from .model.fusion import check_rule, fused_scores
 
 EMBEDDINGS_FILE, IMAGES_FILE, META_FILE = "embeddings.safetensors", "images.parquet", "index.json"
 BACKEND = "exact"  # index.json's "backend" (an index from before the key is one)
+THUMBNAIL_ROWS = 256  # images per row group of images.parquet: serving reads one group to show one thumbnail
 
 
 class IndexMismatch(DataError):
@@ -62,7 +63,8 @@ def write_images(path: Path, image_ids: list[str], locations: list[str | None] |
     locations = locations or [None] * len(image_ids)
     thumbnails = thumbnails or [None] * len(image_ids)
     pq.write_table(pa.table({"image_id": image_ids, "location": pa.array(locations, type=pa.string()),
-                             "thumbnail": pa.array(thumbnails, type=pa.binary())}), path)
+                             "thumbnail": pa.array(thumbnails, type=pa.binary())}), path,
+                   row_group_size=THUMBNAIL_ROWS)
 
 
 def concat_images(parts: list[Path], path: Path) -> None:
@@ -71,7 +73,42 @@ def concat_images(parts: list[Path], path: Path) -> None:
 
     with pq.ParquetWriter(path, pq.read_schema(parts[0])) as writer:
         for part in parts:
-            writer.write_table(pq.read_table(part))
+            writer.write_table(pq.read_table(part), row_group_size=THUMBNAIL_ROWS)
+
+
+class Thumbnails:
+    """The image ids of an index's ``images.parquet`` and their JPEG thumbnails, read on demand one row group
+    (``THUMBNAIL_ROWS`` images) at a time, the last ``cached_groups`` groups kept: a catalogue's thumbnails are
+    never all in memory (a file written before row groups were small has one group: read whole, once)."""
+
+    def __init__(self, path: str | Path, cached_groups: int = 16):
+        import functools
+        import threading
+
+        import pyarrow.parquet as pq
+
+        self.file = pq.ParquetFile(path)
+        self.image_ids: list[str] = self.file.read(columns=["image_id"]).column(0).to_pylist()
+        self.row = {name: row for row, name in enumerate(self.image_ids)}
+        sizes = [self.file.metadata.row_group(g).num_rows for g in range(self.file.num_row_groups)]
+        self.starts = [sum(sizes[:g]) for g in range(len(sizes))]
+        self.has_thumbnails = "thumbnail" in self.file.schema_arrow.names
+        self.lock = threading.Lock()  # one reader of the file at a time (handlers run in a thread pool)
+        self.group = functools.lru_cache(maxsize=cached_groups)(self._read_group)
+
+    def _read_group(self, group: int) -> list:
+        return self.file.read_row_group(group, columns=["thumbnail"]).column(0).to_pylist()
+
+    def get(self, image_id: str) -> bytes | None:
+        """The JPEG of ``image_id``; None for an unknown image or one without a thumbnail."""
+        row = self.row.get(image_id)
+        if row is None or not self.has_thumbnails:
+            return None
+        import bisect
+
+        group = bisect.bisect_right(self.starts, row) - 1
+        with self.lock:
+            return self.group(group)[row - self.starts[group]] or None
 
 
 @dataclass

@@ -60,11 +60,12 @@ class ShardedIndex:
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unified queries [Q, 2D] -> (scores [Q, k], gallery rows [Q, k]) best first, as one index would answer."""
+    def search(self, queries: torch.Tensor, k: int, **options) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unified queries [Q, 2D] -> (scores [Q, k], gallery rows [Q, k]) best first, as one index would answer.
+        ``options`` go to every shard's search (compressed shards: candidates, nprobe, rerank)."""
         parts = []
         for shard, offset in zip(self.shards, self.offsets):
-            scores, rows = shard.search(queries, min(k, len(shard)))
+            scores, rows = shard.search(queries, min(k, len(shard)), **options)
             parts.append((scores, rows + offset))
         return merge_top_k(parts, k)
 

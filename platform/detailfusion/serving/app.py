@@ -61,7 +61,8 @@ class IndexShard:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries float32 [Q, 2D] -> (scores [Q, k'], gallery rows [Q, k']), k' = min(k, shard size)."""
-        scores, rows = self.index.search(torch.from_numpy(queries), min(k, len(self.index)))
+        queries = torch.from_numpy(np.require(queries, requirements="W"))  # Ray hands over a read-only array
+        scores, rows = self.index.search(queries, min(k, len(self.index)))
         return scores.numpy(), (rows + self.offset).numpy()
 
 
@@ -135,17 +136,13 @@ class Frontend:
     """HTTP: parses and checks requests, answers errors, serves the page and thumbnails; forwards searches."""
 
     def __init__(self, retriever, index: str, image_size: int, limits: dict):
-        import pyarrow.parquet as pq
-
-        from ..index import IMAGES_FILE
+        from ..index import IMAGES_FILE, Thumbnails
 
         self.retriever = retriever
         self.limits = Limits(**limits)
         self.image_size = image_size  # the model's input side (px): requests and thumbnails are resized to it
-        table = pq.read_table(Path(index) / IMAGES_FILE)
-        self.image_ids = table.column("image_id").to_pylist()
-        thumbnails = table.column("thumbnail").to_pylist() if "thumbnail" in table.column_names else []
-        self.thumbnails = {i: t for i, t in zip(self.image_ids, thumbnails) if t}
+        self.thumbnails = Thumbnails(Path(index) / IMAGES_FILE)  # read on demand, a row group at a time
+        self.image_ids = self.thumbnails.image_ids
         self.page = resources.files("detailfusion.serving").joinpath("static/index.html").read_text()
 
     @api.get("/healthz")
