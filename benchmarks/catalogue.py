@@ -184,6 +184,14 @@ def build(concepts: Concepts, directory: Path, config: CompressedIndexConfig, sh
     return {**times, "exact": running.result()[1]}
 
 
+def build_args(args) -> dict:
+    """The arguments that decide the gallery, the queries and the built index (not the search settings)."""
+    keep = ("images", "queries", "dim", "tokens", "rule", "concepts", "concepts_per_image", "image_noise",
+            "token_noise", "query_noise", "m", "nbits", "nlist", "train_sample", "store_dtype", "shards", "seed",
+            "endpoint")
+    return {name: getattr(args, name) for name in keep} | {"served": args.settings[0]}
+
+
 def shaped_model(args, directory: Path) -> str:
     """An untrained tiny-architecture model whose embeddings have the gallery's shape (Nq tokens, D per branch), for
     the endpoint: the Serve app refuses an index another model built."""
@@ -270,11 +278,15 @@ def main() -> None:
     parser.add_argument("--nbits", type=int, default=defaults.nbits)
     parser.add_argument("--nlist", type=int, default=defaults.nlist, help="default: automatic (see the config)")
     parser.add_argument("--train-sample", type=int, default=defaults.train_sample)
+    parser.add_argument("--store-dtype", default=defaults.store_dtype, choices=["float16", "float32", "int8"],
+                        help="the re-ranking store's dtype (the exact reference is on float16 values either way)")
     parser.add_argument("--settings", nargs="+", default=["64:8192:512", "64:2048"],
                         help="nprobe:candidates[:rerank] to measure (rerank: images re-ranked, at least 50; 0: all)")
     parser.add_argument("--shards", type=int, default=1, help="index shards (the endpoint: one deployment each)")
     parser.add_argument("--endpoint", action="store_true", help="also time POST /search through Ray Serve")
     parser.add_argument("--endpoint-requests", type=int, default=25, help="requests per client at concurrency 16")
+    parser.add_argument("--reuse", action="store_true", help="reuse the index a finished run of the same gallery and "
+                        "build arguments left in --workdir (only the measurements run again)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, help="kept (gallery, index); default: a temporary folder, removed")
@@ -296,13 +308,24 @@ def main() -> None:
         served = settings[0]  # the index's own search setting: what the endpoint uses
         config = CompressedIndexConfig(nlist=args.nlist, m=args.m, nbits=args.nbits, train_sample=args.train_sample,
                                        seed=args.seed, nprobe=served["nprobe"], candidates=served["candidates"],
-                                       rerank=served["rerank"])
-        made = build(concepts, workdir / "index", config, args.shards, fingerprint, queries)
-        print(f"built: { {k: round(v, 1) for k, v in made.items() if k != 'exact'} }", flush=True)
-        exact = made.pop("exact")
+                                       rerank=served["rerank"], store_dtype=args.store_dtype)
+        built = workdir / "built.json"  # with exact_top50.npy: a finished build of these arguments, reused
+        if args.reuse and built.is_file() and json.loads(built.read_text())["args"] == build_args(args):
+            made, exact = json.loads(built.read_text())["made"], torch.from_numpy(np.load(workdir / "exact_top50.npy"))
+            print(f"reusing the index built in {workdir}: {made}", flush=True)
+        else:
+            built.unlink(missing_ok=True)
+            made = build(concepts, workdir / "index", config, args.shards, fingerprint, queries)
+            exact = made.pop("exact")
+            np.save(workdir / "exact_top50.npy", exact.numpy())
+            built.write_text(json.dumps({"args": build_args(args), "made": made}))
+            print(f"built: { {k: round(v, 1) for k, v in made.items()} }", flush=True)
         index = open_index(workdir / "index", fingerprint)
         shards = getattr(index, "shards", [index])
-        rows = [measure(index, queries, exact, setting, args.latency_queries) for setting in settings]
+        rows = []
+        for setting in settings:
+            rows.append(measure(index, queries, exact, setting, args.latency_queries))
+            print(f"measured: {rows[-1]}", flush=True)
         ram, disk = sum(s.memory_bytes() for s in shards), sum(s.store_bytes() for s in shards)
         nlist = shards[0].config.nlist
         resident = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -332,7 +355,7 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=1))
     print(result["machine"])
     print(f"gallery {args.images:,} images x {args.tokens} tokens x 2 x {args.dim} ({args.rule}); {args.queries} "
-          f"queries; {args.shards} shard(s), nlist {nlist}, m {args.m}, nbits {args.nbits}")
+          f"queries; {args.shards} shard(s), nlist {nlist}, m {args.m}, nbits {args.nbits}, store {args.store_dtype}")
     print(f"build {made['build_s']:.1f} s (beside it: generate {made['generate_s']:.1f} s, exact reference "
           f"{made['exact_reference_s']:.1f} s); FAISS RAM {result['ram_bytes_per_image']:,.0f} B/image; store "
           f"{result['disk_bytes_per_image']:,.0f} B/image on disk; peak RSS {resident / 2**30:.1f} GiB")

@@ -11,7 +11,8 @@ Search, for each unified query u [2D] (model/fusion.py's rules):
 2. **Shortlist** (``rerank`` > 0): only the best ``rerank`` candidates by an approximate fusion score from their
    hits' PQ inner products go on (``CompressedIndex.shortlist``).
 3. **Re-ranking.** The candidates are scored exactly by the fusion score from the re-ranking store (the unified
-   embeddings [N, Nq, 2D], float16 or float32, memory-mapped); the best k come back, ties by gallery order.
+   embeddings [N, Nq, 2D], float16, float32 or int8 with a float32 scale per token and branch half in
+   ``scales.npy``, memory-mapped); the best k come back, ties by gallery order.
 
 When every token is a hit (``nprobe = nlist``, ``candidates >= N * Nq``) and every image is re-ranked (``rerank``
 0 or at least N) the answer is exactly ``GalleryIndex.search``'s on the store's values (float32 store: the
@@ -42,7 +43,7 @@ from .index import IMAGES_FILE, META_FILE, GalleryIndex, check_fingerprint, read
 from .model.fusion import check_rule, fused_scores
 from .ranking import top_k
 
-BACKEND, STORE_FILE = "ivfpq", "store.npy"
+BACKEND, STORE_FILE, SCALES_FILE = "ivfpq", "store.npy", "scales.npy"  # scales: int8 stores only
 FAISS_FILES = ("gm.faiss", "di.faiss", "tokens.faiss")  # branch_max: the first two; joint_max: the last
 CHUNK_BYTES = 64 << 20  # float32 token vectors read at a time while building (bounds the build's extra memory)
 
@@ -100,6 +101,8 @@ class CompressedIndex:
         self.model_fingerprint, self.fusion_score = meta["model_fingerprint"], meta["fusion_score"]
         self.config = CompressedIndexConfig(**meta["config"])
         self.store = np.load(directory / STORE_FILE, mmap_mode="r")  # [N, Nq, 2D]
+        int8 = self.store.dtype == np.int8
+        self.scales = np.load(directory / SCALES_FILE, mmap_mode="r") if int8 else None  # [N, Nq, 2]
         self.searchers = [faiss.read_index(str(directory / name)) for name in meta["faiss_files"]]
         self.parts = _parts(self.store.shape[2], joint=len(self.searchers) == 1)  # query columns of each searcher
 
@@ -221,9 +224,18 @@ class CompressedIndex:
     def rerank(self, query: torch.Tensor, images: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One unified query [2D] and sorted candidate gallery indices [C] -> (scores [k'], indices [k']), the best
         k' = min(k, C) by the exact fusion score on the store, ties by gallery order."""
-        scores = fused_scores(query[None], _float32(self.store, images), self.fusion_score)
+        scores = fused_scores(query[None], self.tokens(images), self.fusion_score)
         order = top_k(scores, min(k, len(images)))[0]
         return scores[0, order], torch.from_numpy(images)[order]
+
+    def tokens(self, images) -> torch.Tensor:
+        """The store's unified embeddings of gallery rows ``images`` (sorted indices or a slice) as float32
+        [C, Nq, 2D]: the values re-ranking scores (an int8 store: times each token half's scale)."""
+        values = _float32(self.store, images)
+        if self.scales is None:
+            return values
+        halves = values.unflatten(-1, (2, -1)) * _float32(self.scales, images)[..., None]
+        return halves.flatten(-2)
 
     # -- sizes ---------------------------------------------------------------------------------------
 
@@ -234,8 +246,9 @@ class CompressedIndex:
                    for s in self.searchers)
 
     def store_bytes(self) -> int:
-        """Disk bytes of the re-ranking store (memory-mapped, read only at the candidates' rows)."""
-        return (self.directory / STORE_FILE).stat().st_size
+        """Disk bytes of the re-ranking store (memory-mapped, read only at the candidates' rows), with its scales."""
+        return sum((self.directory / name).stat().st_size for name in (STORE_FILE, SCALES_FILE)
+                   if self.scales is not None or name == STORE_FILE)
 
 
 class Codec:
@@ -295,6 +308,9 @@ class IndexWriter:
         self.parts = _parts(codec.width, joint=len(self.searchers) == 1)
         self.store = np.lib.format.open_memmap(self.directory / STORE_FILE, mode="w+", dtype=codec.config.store_dtype,
                                                shape=(images, codec.tokens, codec.width))
+        (self.directory / SCALES_FILE).unlink(missing_ok=True)
+        self.scales = None if codec.config.store_dtype != "int8" else np.lib.format.open_memmap(
+            self.directory / SCALES_FILE, mode="w+", dtype=np.float32, shape=(images, codec.tokens, 2))
         self.added = np.zeros(images, dtype=bool)
 
     def add(self, rows, embeddings) -> None:
@@ -308,7 +324,14 @@ class IndexWriter:
             raise ValueError(f"rows {rows.min()}..{rows.max()} outside this index's 0..{len(self.added) - 1}")
         if self.added[rows].any() or len(np.unique(rows)) < len(rows):
             raise ValueError(f"rows added twice, e.g. {rows[self.added[rows]][:3].tolist() or 'within one call'}")
-        self.store[rows] = embeddings
+        if self.scales is None:
+            self.store[rows] = embeddings
+        else:  # symmetric int8 per token and branch half: x ~ q * scale, |q| <= 127
+            halves = embeddings.reshape(len(rows), self.codec.tokens, 2, -1)
+            scale = np.abs(halves).max(axis=-1) / 127
+            scale[scale == 0] = 1.0
+            self.store[rows] = np.rint(halves / scale[..., None]).astype(np.int8).reshape(embeddings.shape)
+            self.scales[rows] = scale
         ids = (rows[:, None] * self.codec.tokens + np.arange(self.codec.tokens)).reshape(-1)
         for searcher, part in zip(self.searchers, self.parts):
             vectors = embeddings[..., part].reshape(len(ids), -1)
@@ -324,8 +347,10 @@ class IndexWriter:
         if len(missing) or len(image_ids) != len(self.added):
             raise ValueError(f"{self.directory}: {len(missing)} of {len(self.added)} rows never added (first: "
                              f"{missing[:3].tolist()}), {len(image_ids)} image ids")
-        self.store.flush()
-        del self.store
+        for array in (self.store, self.scales):
+            if array is not None:
+                array.flush()
+        del self.store, self.scales
         names = list(FAISS_FILES[2:] if len(self.searchers) == 1 else FAISS_FILES[:2])
         for searcher, name in zip(self.searchers, names):
             faiss.write_index(searcher, str(self.directory / name))

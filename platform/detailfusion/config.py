@@ -146,7 +146,8 @@ class PrepareConfig:
     num_cpus: int | None = None  # CPUs of a local Ray started by the job (ignored when joining a cluster)
 
 
-STORE_DTYPES = ("float16", "float32")  # of the compressed index's re-ranking store
+STORE_DTYPES = ("float16", "float32", "int8")  # of the compressed index's re-ranking store (int8: with a
+# float32 scale per token and branch half)
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,9 @@ class CompressedIndexConfig:
         images re-ranked.
     rerank: at most this many candidate images (but at least k) are re-ranked exactly: the best by the approximate
         fusion score of their hits (a search may override it); 0: every candidate.
-    store_dtype: the re-ranking store's dtype: float16 (half the disk) or float32 (GalleryIndex's exact values).
+    store_dtype: the re-ranking store's dtype: float16 (half the disk), float32 (GalleryIndex's exact values) or
+        int8 (a quarter, with a float32 scale per token and branch half: a 1 M-image store that fits a 24 GB
+        machine's page cache; re-ranking on the rounded values).
     train_sample: token vectors sampled (whole images) to train the IVF centroids and the PQ codebooks.
     seed: the training sample's and k-means' seed.
     """

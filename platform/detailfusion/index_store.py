@@ -14,14 +14,14 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from .compressed_index import BACKEND as IVFPQ, FAISS_FILES, STORE_FILE, CompressedIndex
+from .compressed_index import BACKEND as IVFPQ, FAISS_FILES, SCALES_FILE, STORE_FILE, CompressedIndex
 from .config import IndexBackendConfig
 from .errors import ConfigError, DataError
 from .index import BACKEND as EXACT, EMBEDDINGS_FILE, IMAGES_FILE, META_FILE, GalleryIndex, check_fingerprint, read_meta
 from .sharded_index import SHARDED, ShardedIndex, shard_bounds, shard_directories, shard_name
 
 # each backend's own files (images.parquet and index.json are common): removed when the other backend is written
-BACKEND_FILES = {EXACT: (EMBEDDINGS_FILE,), IVFPQ: (STORE_FILE, *FAISS_FILES)}
+BACKEND_FILES = {EXACT: (EMBEDDINGS_FILE,), IVFPQ: (STORE_FILE, SCALES_FILE, *FAISS_FILES)}
 
 
 def stored_backend(directory: str | Path) -> str | None:
