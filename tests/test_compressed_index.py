@@ -142,8 +142,8 @@ def test_bad_settings_name_the_field(tmp_path):
                               CompressedIndexConfig(m=4, nlist=1024))
     with pytest.raises(ConfigError, match="nprobe=0"):
         CompressedIndexConfig(nprobe=0)
-    with pytest.raises(ConfigError, match="store_dtype='int8'"):
-        CompressedIndexConfig(store_dtype="int8")
+    with pytest.raises(ConfigError, match="store_dtype='int4'"):
+        CompressedIndexConfig(store_dtype="int4")
     with pytest.raises(ConfigError, match="rerank=-1"):
         CompressedIndexConfig(rerank=-1)
 
