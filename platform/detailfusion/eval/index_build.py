@@ -86,9 +86,9 @@ def build_compressed(prepared: str | Path, model_dir: str | Path, fingerprint: s
     offsets = np.array([begin for begin, _ in bounds])
     pending, encoded_on, done, report = [], {}, 0, time.perf_counter()
     for batch in stream_gallery(prepared, model_dir, options):
-        rows = np.array([row_of[str(name)] for name in batch["image_id"]])
-        shard = np.searchsorted(offsets, rows, side="right") - 1
-        for s in np.unique(shard):
+        rows = np.array([row_of.get(str(name), -1) for name in batch["image_id"]])  # -1: not a gallery image
+        shard = np.where(rows >= 0, np.searchsorted(offsets, rows, side="right") - 1, -1)
+        for s in np.unique(shard[shard >= 0]):
             mine = shard == s
             pending.append(builders[s].add.remote(rows[mine] - offsets[s], batch["embedding"][mine],
                                                   [bytes(t) for t in batch["thumbnail"][mine]]))
