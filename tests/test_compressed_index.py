@@ -164,7 +164,7 @@ def test_a_writer_fed_out_of_order_builds_the_same_index_and_refuses_gaps_and_re
     writer = IndexWriter(tmp_path / "written", codec, 300, "m")
     for rows in torch.randperm(300, generator=torch.Generator().manual_seed(4)).split(64):
         writer.add(rows.numpy(), embeddings[rows])
-    written = writer.finish(ids)
+    written = CompressedIndex.load(writer.finish(ids))
     queries = random_queries(30, "branch_max")
     for a, b in zip(built.search(queries, 10), written.search(queries, 10)):
         assert torch.equal(a, b)

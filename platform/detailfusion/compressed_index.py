@@ -136,7 +136,6 @@ class CompressedIndex:
             raise ValueError(f"embeddings {tuple(embeddings.shape)} do not match {len(image_ids)} image ids "
                              "as [N, Nq, 2D]")
         images, tokens, width = (int(n) for n in embeddings.shape)
-        config = config.resolved(images * tokens, width // 2)
         codec = Codec.train(_float32(embeddings, sample_rows(images, tokens, config)), images * tokens, config,
                             fusion_score)
         writer = IndexWriter(directory, codec, images, model_fingerprint)
@@ -144,7 +143,7 @@ class CompressedIndex:
         for start in range(0, images, step):
             rows = np.arange(start, min(start + step, images))
             writer.add(rows, _float32(embeddings, slice(rows[0], rows[-1] + 1)).numpy())
-        return writer.finish(image_ids, locations, thumbnails, source)
+        return cls.load(writer.finish(image_ids, locations, thumbnails, source))
 
     @classmethod
     def load(cls, directory: str | Path, model_fingerprint: str | None = None) -> "CompressedIndex":
@@ -242,13 +241,11 @@ class CompressedIndex:
     def memory_bytes(self) -> int:
         """RAM of the FAISS indexes in bytes: per token vector its code and 8-byte id, plus the IVF centroids and the
         PQ codebooks (float32)."""
-        return sum(s.ntotal * (s.code_size + 8) + (s.nlist * s.d + s.pq.M * s.pq.ksub * s.pq.dsub) * 4
-                   for s in self.searchers)
+        return _memory_bytes(self.searchers)
 
     def store_bytes(self) -> int:
         """Disk bytes of the re-ranking store (memory-mapped, read only at the candidates' rows), with its scales."""
-        return sum((self.directory / name).stat().st_size for name in (STORE_FILE, SCALES_FILE)
-                   if self.scales is not None or name == STORE_FILE)
+        return store_file_bytes(self.directory)
 
 
 class Codec:
@@ -338,9 +335,14 @@ class IndexWriter:
             searcher.add_with_ids(np.ascontiguousarray(vectors), ids)
         self.added[rows] = True
 
+    def memory_bytes(self) -> int:
+        """RAM of the FAISS indexes written so far (``CompressedIndex.memory_bytes`` of the finished index)."""
+        return _memory_bytes(self.searchers)
+
     def finish(self, image_ids: list[str], locations: list[str | None] | None = None,
-               thumbnails: list[bytes | None] | None = None, source: dict | None = None) -> "CompressedIndex":
-        """The ids (with locations and JPEG thumbnails, where given) of rows 0..N-1 -> the written index, opened."""
+               thumbnails: list[bytes | None] | None = None, source: dict | None = None) -> Path:
+        """Write the ids (with locations and JPEG thumbnails, where given) of rows 0..N-1 and the rest of the index;
+        returns its directory (``CompressedIndex.load`` opens it)."""
         import faiss
 
         missing = np.flatnonzero(~self.added)
@@ -360,7 +362,18 @@ class IndexWriter:
                 "images": images, "shape": [images, codec.tokens, codec.width], "config": asdict(codec.config),
                 "faiss_files": names, "faiss_version": faiss.__version__, "source": source or {}}
         (self.directory / META_FILE).write_text(json.dumps(meta, indent=1))
-        return CompressedIndex.load(self.directory)
+        return self.directory
+
+
+def _memory_bytes(searchers: list) -> int:
+    """RAM of IVF-PQ indexes in bytes: per token vector its code and 8-byte id, plus the IVF centroids and the PQ
+    codebooks (float32)."""
+    return sum(s.ntotal * (s.code_size + 8) + (s.nlist * s.d + s.pq.M * s.pq.ksub * s.pq.dsub) * 4 for s in searchers)
+
+
+def store_file_bytes(directory: Path) -> int:
+    """Disk bytes of the re-ranking store in ``directory`` and its scales (int8 stores)."""
+    return sum((directory / name).stat().st_size for name in (STORE_FILE, SCALES_FILE) if (directory / name).is_file())
 
 
 def _parts(width: int, joint: bool) -> list[slice]:

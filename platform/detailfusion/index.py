@@ -12,6 +12,7 @@ opens either.
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,7 @@ class Thumbnails:
 
     def __init__(self, path: str | Path, cached_groups: int = 16):
         import functools
+        import itertools
         import threading
 
         import pyarrow.parquet as pq
@@ -91,7 +93,7 @@ class Thumbnails:
         self.image_ids: list[str] = self.file.read(columns=["image_id"]).column(0).to_pylist()
         self.row = {name: row for row, name in enumerate(self.image_ids)}
         sizes = [self.file.metadata.row_group(g).num_rows for g in range(self.file.num_row_groups)]
-        self.starts = [sum(sizes[:g]) for g in range(len(sizes))]
+        self.starts = [0, *itertools.accumulate(sizes)][:-1]  # first row of each group
         self.has_thumbnails = "thumbnail" in self.file.schema_arrow.names
         self.lock = threading.Lock()  # one reader of the file at a time (handlers run in a thread pool)
         self.group = functools.lru_cache(maxsize=cached_groups)(self._read_group)
@@ -104,8 +106,6 @@ class Thumbnails:
         row = self.row.get(image_id)
         if row is None or not self.has_thumbnails:
             return None
-        import bisect
-
         group = bisect.bisect_right(self.starts, row) - 1
         with self.lock:
             return self.group(group)[row - self.starts[group]] or None

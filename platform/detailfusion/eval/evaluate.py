@@ -33,11 +33,11 @@ from .metrics import TIE_RULE
 from .fashioniq_predictions import check_predictions, predictions, write_predictions
 from .protocols import CIRR_PROTOCOL, FASHIONIQ_PROTOCOL, CirrQueries, fashioniq_rankings, fashioniq_variant_metrics
 from .submission import FILE_NAMES, check_submission, submission
+from .variants import variant_names, variant_queries, variant_scores
 
 if TYPE_CHECKING:
     from ..compressed_index import CompressedIndex
     from ..sharded_index import ShardedIndex
-from .variants import variant_names, variant_queries, variant_scores
 
 
 def _model_facts(checkpoint: str) -> tuple[dict, str]:
@@ -104,7 +104,7 @@ def build_index(config: EvalConfig) -> GalleryIndex | CompressedIndex | ShardedI
     built anew each run)."""
     from ..ray_setup import init_ray
 
-    model_config, fingerprint = _model_facts(config.checkpoint)
+    _, fingerprint = _model_facts(config.checkpoint)
     exact = config.index_backend.kind == "exact"
     if not exact and importlib.util.find_spec("faiss") is None:  # refused before anything is encoded
         raise ConfigError("index_backend.kind=ivfpq needs FAISS: pip install -e \".[faiss]\"")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..compressed_index import Codec, IndexWriter, sample_rows
+from ..compressed_index import Codec, IndexWriter, store_file_bytes, sample_rows
 from ..config import IndexBackendConfig
 from ..data.manifest import read_manifest
 from ..errors import ConfigError, DataError
@@ -50,8 +50,9 @@ class ShardBuilder:
         return len(rows)
 
     def finish(self, image_ids: list[str], locations: list[str | None], source: dict) -> dict:
-        index = self.writer.finish(image_ids, locations, self.thumbnails, source)
-        return {"memory_bytes": index.memory_bytes(), "store_bytes": index.store_bytes(), "nlist": index.config.nlist}
+        directory = self.writer.finish(image_ids, locations, self.thumbnails, source)  # not loaded again here
+        return {"memory_bytes": self.writer.memory_bytes(), "store_bytes": store_file_bytes(directory),
+                "nlist": self.writer.codec.config.nlist}
 
 
 def build_compressed(prepared: str | Path, model_dir: str | Path, fingerprint: str, fusion_score: str,
