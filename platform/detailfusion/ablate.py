@@ -89,7 +89,7 @@ def run_ablation(config: AblationConfig) -> dict:
     work = Path(config.workdir).resolve()
     config = replace(config, workdir=str(work))
     started = time.perf_counter()
-    init_ray(config.num_cpus, dashboard=True)  # Train's placement-group cleaner polls the state API
+    init_ray(config.num_cpus)  # no dashboard: its stages run without Train's placement-group cleaner (run_stage)
     data = prepare_benchmark(work / "benchmark", cirr_pairs=config.cirr_pairs, test_pairs=config.test_pairs,
                              ipr2pr_pairs=config.ipr2pr_pairs, seed=config.data_seed, num_cpus=config.num_cpus)
     targets, edit_types = labelled_test1(data)

@@ -68,7 +68,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     stage_configs = [_stage_config(config, n) for n in (0, 1, 2, 3)]  # config errors before any work
     start = time.perf_counter()
     progress = Progress(steps=10)
-    init_ray(config.num_cpus, dashboard=True)  # Train's placement-group cleaner polls the state API
+    init_ray(config.num_cpus)  # no dashboard: its stages run without Train's placement-group cleaner (run_stage)
     data = progress.run("synth and prepare the detail benchmark (CIRR format) and IPr2Pr", prepare_benchmark, work,
                         cirr_pairs=config.cirr_pairs, test_pairs=config.test_pairs, ipr2pr_pairs=config.ipr2pr_pairs,
                         seed=config.seed, splits=("train", "val", "test1"), preset=config.preset,
