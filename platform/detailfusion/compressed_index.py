@@ -46,6 +46,7 @@ from .ranking import top_k
 BACKEND, STORE_FILE, SCALES_FILE = "ivfpq", "store.npy", "scales.npy"  # scales: int8 stores only
 FAISS_FILES = ("gm.faiss", "di.faiss", "tokens.faiss")  # branch_max: the first two; joint_max: the last
 CHUNK_BYTES = 64 << 20  # float32 token vectors read at a time while building (bounds the build's extra memory)
+RERANK_CHUNK = 128  # candidates scored at a time: their float32 tokens (8 MiB at Nq 32, 2D 512) stay in cache
 
 
 def exact_search(embeddings, queries: torch.Tensor, k: int, fusion_score: str, chunk: int = 2048
@@ -193,8 +194,13 @@ class CompressedIndex:
         hits = 2 * hits if len(self.searchers) == 1 else hits
         params = faiss.SearchParametersIVF(nprobe=min(nprobe, self.config.nlist))
         vectors = [np.ascontiguousarray(queries[:, part].numpy()) for part in self.parts]
-        found = [searcher.search(v, min(hits, searcher.ntotal), params=params)
-                 for searcher, v in zip(self.searchers, vectors)]  # (scores [Q, hits], token ids [Q, hits]) each
+        def search(pair):  # FAISS releases the GIL: the two branch searches run on two cores at once
+            searcher, v = pair
+            return searcher.search(v, min(hits, searcher.ntotal), params=params)
+
+        pairs = list(zip(self.searchers, vectors))
+        found = list(_branch_pool().map(search, pairs)) if len(pairs) > 1 else [search(pairs[0])]
+        # found: (scores [Q, hits], token ids [Q, hits]) per searcher
         if len(found) == 2:  # a zero half (weight 0) scores every image alike: the other half alone names candidates
             zero = [~v.any(axis=1) for v in vectors]
             found[0][1][zero[0] & ~zero[1]] = -1
@@ -223,9 +229,23 @@ class CompressedIndex:
     def rerank(self, query: torch.Tensor, images: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One unified query [2D] and sorted candidate gallery indices [C] -> (scores [k'], indices [k']), the best
         k' = min(k, C) by the exact fusion score on the store, ties by gallery order."""
-        scores = fused_scores(query[None], self.tokens(images), self.fusion_score)
-        order = top_k(scores, min(k, len(images)))[0]
-        return scores[0, order], torch.from_numpy(images)[order]
+        scores = torch.cat([self.scores(query, images[start:start + RERANK_CHUNK])
+                            for start in range(0, len(images), RERANK_CHUNK)])
+        order = top_k(scores[None], min(k, len(images)))[0]
+        return scores[order], torch.from_numpy(images)[order]
+
+    def scores(self, query: torch.Tensor, images) -> torch.Tensor:
+        """The exact fusion scores [C] of one unified query [2D] against the store's rows ``images`` (sorted indices
+        or a slice). An int8 store scales each token half's dot product [C, Nq, 2] rather than its values [C, Nq,
+        2D]: the score of ``tokens(images)`` up to float rounding, without a float32 copy of the scaled values."""
+        values = _float32(self.store, images)
+        if self.scales is None:
+            return fused_scores(query[None], values, self.fusion_score)[0]
+        halves = torch.einsum("hd,nkhd->nkh", query.float().view(2, -1), values.unflatten(-1, (2, -1)))
+        halves = halves * _float32(self.scales, images)  # [C, Nq, 2]: each half's token score
+        if self.fusion_score == "joint_max":
+            return halves.sum(dim=-1).amax(dim=-1)
+        return halves.amax(dim=1).sum(dim=-1)
 
     def tokens(self, images) -> torch.Tensor:
         """The store's unified embeddings of gallery rows ``images`` (sorted indices or a slice) as float32
@@ -374,6 +394,14 @@ def _memory_bytes(searchers: list) -> int:
 def store_file_bytes(directory: Path) -> int:
     """Disk bytes of the re-ranking store in ``directory`` and its scales (int8 stores)."""
     return sum((directory / name).stat().st_size for name in (STORE_FILE, SCALES_FILE) if (directory / name).is_file())
+
+
+@functools.cache
+def _branch_pool():
+    """The threads that search a query's two branch indexes at once (one process-wide pool of two)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="ivfpq-branch")
 
 
 def _parts(width: int, joint: bool) -> list[slice]:
