@@ -1,6 +1,6 @@
 """Catalogue-scale retrieval: the compressed index (``CompressedIndex``: FAISS IVF-PQ candidates over the token
-vectors, exact re-ranking from a float16 memory-mapped store) against exact search, on a synthetic gallery with
-structure, in one run.
+vectors, exact re-ranking from a memory-mapped store, float16 or ``--store-dtype int8``) against exact search, on a
+synthetic gallery with structure, in one run.
 
 The gallery, per branch (gm, di) independently, in D dims: ``--concepts`` unit "concept" directions, drawn at
 random. Each image takes ``--concepts-per-image`` of them, one image offset (a random Gaussian vector of norm about
@@ -21,7 +21,9 @@ The exact reference is the exact top-50 (``RunningTopK``, ``GalleryIndex.search`
 values as they are made. Reported, for each ``nprobe:candidates[:rerank]`` setting: recall@10 and recall@50 (the
 share of the exact top-10 / top-50 in the index's top-10 / top-50, all queries), the latency of one query at a time
 inside the index (top-50; p50, p99 over ``--latency-queries``; several shards are searched one after another
-here; in one piece also the candidate stage alone and the mean number of images re-ranked), plus build time (codec
+here; in one piece also the candidate stage alone and the mean number of images re-ranked), what the store alone
+allows (``store_limits``: the exact score gap between ranks 10 and 11, the store's score error on the exact
+top-10, and with ``--store-ceiling`` the recall when every image is re-ranked from the store), plus build time (codec
 training, coding and storing, writing; generation and the exact reference timed apart), RAM bytes per image (the
 FAISS indexes), disk bytes per image (the re-ranking store) and the peak RSS. With ``--endpoint``: the same index
 behind the Serve app (``detailfusion serve``'s: frontend, one model replica of an untrained tiny-architecture model
@@ -29,7 +31,8 @@ of the gallery's shape, one deployment per shard, each searching at the first se
 concurrency 1 and 16 and queries/s at 16. Printed as a table and written as JSON (``--out``).
 
     python benchmarks/catalogue.py --images 20000 [--queries 1000] [--dim 256] [--tokens 32] [--shards 1]
-        [--settings 64:8192:512 64:2048] [--m 32] [--nlist N] [--train-sample 262144] [--endpoint]
+        [--settings 64:8192:512 64:2048] [--m 32] [--nlist N] [--train-sample 262144] [--store-dtype int8]
+        [--store-ceiling] [--endpoint] [--reuse]
         [--workdir DIR] [--out FILE]
 """
 
@@ -131,6 +134,36 @@ def measure(index, queries: torch.Tensor, exact: torch.Tensor, setting: dict, ti
     return row
 
 
+def store_limits(index, queries: torch.Tensor, exact: torch.Tensor, exact_scores: torch.Tensor,
+                 ceiling: bool) -> dict:
+    """What the re-ranking store alone allows, apart from candidate generation: the exact score gap between ranks 10
+    and 11 (median, 10th percentile over queries: the margin a re-ranking score must keep), the store's score error
+    on each query's exact top-10 images (its fusion score from the store minus the exact one: sd, largest |error|)
+    and, with ``ceiling``, recall@10/@50 when every image is re-ranked from the store (a scan of the whole store)."""
+    shards = getattr(index, "shards", [index])
+    offsets = getattr(index, "offsets", [0])
+    gaps = (exact_scores[:, 9] - exact_scores[:, 10]).numpy()
+    errors = []
+    for q, (rows, want) in enumerate(zip(exact[:, :10].tolist(), exact_scores[:, :10])):
+        got = torch.empty(10)
+        for n, row in enumerate(rows):
+            s = int(np.searchsorted(offsets, row, side="right")) - 1
+            got[n] = shards[s].scores(queries[q], np.array([row - offsets[s]]))[0]
+        errors.append((got - want).numpy())
+    errors = np.concatenate(errors)
+    limits = {"gap_10_11": {"median": float(np.median(gaps)), "p10": float(np.percentile(gaps, 10))},
+              "store_error_top10": {"sd": float(errors.std()), "max_abs": float(np.abs(errors).max())}}
+    if ceiling:
+        running = RunningTopK(queries, 50, shards[0].fusion_score)
+        for shard, offset in zip(shards, offsets):
+            for start in range(0, len(shard), CHUNK):
+                running.add(offset + start, shard.tokens(slice(start, min(start + CHUNK, len(shard)))))
+        found = running.result()[1]
+        limits.update({"store_recall@10": recall(found[:, :10], exact[:, :10]),
+                       "store_recall@50": recall(found, exact)})
+    return limits
+
+
 def build(concepts: Concepts, directory: Path, config: CompressedIndexConfig, shards: int, fingerprint: str,
           queries: torch.Tensor) -> dict:
     """The gallery made chunk by chunk (never stored whole; float16 as the store keeps it) into ``shards``
@@ -181,14 +214,14 @@ def build(concepts: Concepts, directory: Path, config: CompressedIndexConfig, sh
         concat_images([directory / shard_name(s) / IMAGES_FILE for s in range(shards)], directory / IMAGES_FILE)
         write_sharded_meta(directory, "ivfpq", bounds, fingerprint, args.rule, {"benchmark": "catalogue"})
     times["build_s"] += time.perf_counter() - begin
-    return {**times, "exact": running.result()[1]}
+    exact_scores, exact = running.result()
+    return {**times, "exact": exact, "exact_scores": exact_scores}
 
 
 def build_args(args) -> dict:
     """The arguments that decide the gallery, the queries and the built index (not the search settings)."""
     keep = ("images", "queries", "dim", "tokens", "rule", "concepts", "concepts_per_image", "image_noise",
-            "token_noise", "query_noise", "m", "nbits", "nlist", "train_sample", "store_dtype", "shards", "seed",
-            "endpoint")
+            "token_noise", "query_noise", "m", "nbits", "nlist", "train_sample", "store_dtype", "shards", "seed")
     return {name: getattr(args, name) for name in keep} | {"served": args.settings[0]}
 
 
@@ -283,6 +316,8 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=["64:8192:512", "64:2048"],
                         help="nprobe:candidates[:rerank] to measure (rerank: images re-ranked, at least 50; 0: all)")
     parser.add_argument("--shards", type=int, default=1, help="index shards (the endpoint: one deployment each)")
+    parser.add_argument("--store-ceiling", action="store_true", help="also re-rank every image from the store (a full "
+                        "scan): the recall the store allows with every candidate")
     parser.add_argument("--endpoint", action="store_true", help="also time POST /search through Ray Serve")
     parser.add_argument("--endpoint-requests", type=int, default=25, help="requests per client at concurrency 16")
     parser.add_argument("--reuse", action="store_true", help="reuse the index a finished run of the same gallery and "
@@ -304,20 +339,23 @@ def main() -> None:
     try:
         concepts = Concepts(args)
         queries = concepts.queries(args.rule)
-        fingerprint = shaped_model(args, workdir / "model") if args.endpoint else "benchmark"
+        fingerprint = shaped_model(args, workdir / "model")  # always: a kept build can serve a later --endpoint run
         served = settings[0]  # the index's own search setting: what the endpoint uses
         config = CompressedIndexConfig(nlist=args.nlist, m=args.m, nbits=args.nbits, train_sample=args.train_sample,
                                        seed=args.seed, nprobe=served["nprobe"], candidates=served["candidates"],
                                        rerank=served["rerank"], store_dtype=args.store_dtype)
         built = workdir / "built.json"  # with exact_top50.npy: a finished build of these arguments, reused
-        if args.reuse and built.is_file() and json.loads(built.read_text())["args"] == build_args(args):
+        kept = [built, workdir / "exact_top50.npy", workdir / "exact_top50_scores.npy"]
+        if args.reuse and all(p.is_file() for p in kept) and json.loads(built.read_text())["args"] == build_args(args):
             made, exact = json.loads(built.read_text())["made"], torch.from_numpy(np.load(workdir / "exact_top50.npy"))
+            exact_scores = torch.from_numpy(np.load(workdir / "exact_top50_scores.npy"))
             print(f"reusing the index built in {workdir}: {made}", flush=True)
         else:
             built.unlink(missing_ok=True)
             made = build(concepts, workdir / "index", config, args.shards, fingerprint, queries)
-            exact = made.pop("exact")
+            exact, exact_scores = made.pop("exact"), made.pop("exact_scores")
             np.save(workdir / "exact_top50.npy", exact.numpy())
+            np.save(workdir / "exact_top50_scores.npy", exact_scores.numpy())
             built.write_text(json.dumps({"args": build_args(args), "made": made}))
             print(f"built: { {k: round(v, 1) for k, v in made.items()} }", flush=True)
         index = open_index(workdir / "index", fingerprint)
@@ -326,6 +364,8 @@ def main() -> None:
         for setting in settings:
             rows.append(measure(index, queries, exact, setting, args.latency_queries))
             print(f"measured: {rows[-1]}", flush=True)
+        limits = store_limits(index, queries, exact, exact_scores, args.store_ceiling)
+        print(f"store limits: {limits}", flush=True)
         ram, disk = sum(s.memory_bytes() for s in shards), sum(s.store_bytes() for s in shards)
         nlist = shards[0].config.nlist
         resident = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -350,7 +390,7 @@ def main() -> None:
                     "query_noise": args.query_noise, "queries": args.queries, "seed": args.seed},
         "config": {**asdict(config), "nlist": nlist}, "shards": args.shards, **made,
         "ram_bytes_per_image": ram / args.images, "disk_bytes_per_image": disk / args.images,
-        "peak_rss_bytes": resident, "settings": rows, "endpoint": served_figures,
+        "peak_rss_bytes": resident, "store_limits": limits, "settings": rows, "endpoint": served_figures,
     }
     out.write_text(json.dumps(result, indent=1))
     print(result["machine"])
@@ -359,6 +399,11 @@ def main() -> None:
     print(f"build {made['build_s']:.1f} s (beside it: generate {made['generate_s']:.1f} s, exact reference "
           f"{made['exact_reference_s']:.1f} s); FAISS RAM {result['ram_bytes_per_image']:,.0f} B/image; store "
           f"{result['disk_bytes_per_image']:,.0f} B/image on disk; peak RSS {resident / 2**30:.1f} GiB")
+    gap, error = limits["gap_10_11"], limits["store_error_top10"]
+    print(f"exact score gap between ranks 10 and 11: median {gap['median']:.2e}, p10 {gap['p10']:.2e}; the store's "
+          f"score error on the exact top-10: sd {error['sd']:.2e}"
+          + (f"; every image re-ranked from the store: R@10 {limits['store_recall@10']:.3f}, R@50 "
+             f"{limits['store_recall@50']:.3f}" if "store_recall@10" in limits else ""))
     print(f"{'nprobe':>6} {'cands':>6} {'rerank':>6} {'R@10':>6} {'R@50':>6} {'reranked':>8} {'cand p50':>9} "
           f"{'cand p99':>9} {'p50 ms':>7} {'p99 ms':>7}")
     for row in rows:

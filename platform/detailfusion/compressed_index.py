@@ -6,13 +6,14 @@ Search, for each unified query u [2D] (model/fusion.py's rules):
 1. **Candidates.** ``branch_max`` searches each half of u among that half's token vectors (one IVF-PQ index per
    branch); ``joint_max`` searches the whole u among the whole token vectors (one index, twice the code bytes).
    Each search keeps its best ``candidates`` token hits (joint_max: ``2 x candidates``); token id t is image
-   ``t // Nq``; the candidate set is the union over the searches. A branch half of u that is all zeros (weight 0)
-   gives every image the same score on that branch and names no candidates.
+   ``t // Nq``; the candidate set is the union over the searches (branch_max: the two run at once, on two
+   threads). A branch half of u that is all zeros (weight 0) gives every image the same score on that branch and
+   names no candidates.
 2. **Shortlist** (``rerank`` > 0): only the best ``rerank`` candidates by an approximate fusion score from their
    hits' PQ inner products go on (``CompressedIndex.shortlist``).
 3. **Re-ranking.** The candidates are scored exactly by the fusion score from the re-ranking store (the unified
    embeddings [N, Nq, 2D], float16, float32 or int8 with a float32 scale per token and branch half in
-   ``scales.npy``, memory-mapped); the best k come back, ties by gallery order.
+   ``scales.npy``, memory-mapped), ``RERANK_CHUNK`` images at a time; the best k come back, ties by gallery order.
 
 When every token is a hit (``nprobe = nlist``, ``candidates >= N * Nq``) and every image is re-ranked (``rerank``
 0 or at least N) the answer is exactly ``GalleryIndex.search``'s on the store's values (float32 store: the

@@ -127,7 +127,7 @@ class Retriever:
 
         queries = unified.detach().float().cpu().numpy()
         parts = await asyncio.gather(*(shard.search.remote(queries, k) for shard in self.shards))
-        return merge_top_k([(torch.from_numpy(s), torch.from_numpy(r)) for s, r in parts], k)
+        return merge_top_k([(torch.tensor(s), torch.tensor(r)) for s, r in parts], k)  # copies: Ray's are read-only
 
 
 @serve.deployment
