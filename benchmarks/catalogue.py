@@ -180,8 +180,8 @@ def build(concepts: Concepts, directory: Path, config: CompressedIndexConfig, sh
         return values
 
     bounds = shard_bounds(args.images, shards)
-    config = config.resolved(max(b - a for a, b in bounds) * args.tokens, args.dim)
-    sample_images = min(args.images, math.ceil(config.train_sample / args.tokens))
+    config = config.resolved(max(b - a for a, b in bounds) * (config.pool or args.tokens), args.dim)
+    sample_images = min(args.images, math.ceil(config.train_sample / (config.pool or args.tokens)))
     sample = torch.cat([chunk(start) for start in range(0, sample_images, CHUNK)])[:sample_images]
     begin = time.perf_counter()
     codec = Codec.train(sample, max(b - a for a, b in bounds) * args.tokens, config, args.rule)
@@ -221,7 +221,7 @@ def build(concepts: Concepts, directory: Path, config: CompressedIndexConfig, sh
 def build_args(args) -> dict:
     """The arguments that decide the gallery, the queries and the built index (not the search settings)."""
     keep = ("images", "queries", "dim", "tokens", "rule", "concepts", "concepts_per_image", "image_noise",
-            "token_noise", "query_noise", "m", "nbits", "nlist", "train_sample", "store_dtype", "shards", "seed")
+            "token_noise", "query_noise", "m", "nbits", "nlist", "train_sample", "store_dtype", "pool", "shards", "seed")
     return {name: getattr(args, name) for name in keep} | {"served": args.settings[0]}
 
 
@@ -316,6 +316,8 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=["64:8192:512", "64:2048"],
                         help="nprobe:candidates[:rerank] to measure (rerank: images re-ranked, at least 50; 0: all)")
     parser.add_argument("--shards", type=int, default=1, help="index shards (the endpoint: one deployment each)")
+    parser.add_argument("--pool", type=int, default=defaults.pool, help="pooled vectors per image and FAISS index "
+                        "(token pooling; 0: every token)")
     parser.add_argument("--store-ceiling", action="store_true", help="also re-rank every image from the store (a full "
                         "scan): the recall the store allows with every candidate")
     parser.add_argument("--endpoint", action="store_true", help="also time POST /search through Ray Serve")
@@ -343,7 +345,7 @@ def main() -> None:
         served = settings[0]  # the index's own search setting: what the endpoint uses
         config = CompressedIndexConfig(nlist=args.nlist, m=args.m, nbits=args.nbits, train_sample=args.train_sample,
                                        seed=args.seed, nprobe=served["nprobe"], candidates=served["candidates"],
-                                       rerank=served["rerank"], store_dtype=args.store_dtype)
+                                       rerank=served["rerank"], store_dtype=args.store_dtype, pool=args.pool)
         built = workdir / "built.json"  # with exact_top50.npy: a finished build of these arguments, reused
         kept = [built, workdir / "exact_top50.npy", workdir / "exact_top50_scores.npy"]
         if args.reuse and all(p.is_file() for p in kept) and json.loads(built.read_text())["args"] == build_args(args):

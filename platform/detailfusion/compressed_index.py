@@ -6,7 +6,7 @@ Search, for each unified query u [2D] (model/fusion.py's rules):
 1. **Candidates.** ``branch_max`` searches each half of u among that half's token vectors (one IVF-PQ index per
    branch); ``joint_max`` searches the whole u among the whole token vectors (one index, twice the code bytes).
    Each search keeps its best ``candidates`` token hits (joint_max: ``2 x candidates``); token id t is image
-   ``t // Nq``; the candidate set is the union over the searches (branch_max: the two run at once, on two
+   ``t // Nq`` (with ``pool`` = P, each image's tokens pooled into P vectors per index: ``t // P``); the candidate set is the union over the searches (branch_max: the two run at once, on two
    threads). A branch half of u that is all zeros (weight 0) gives every image the same score on that branch and
    names no candidates.
 2. **Shortlist** (``rerank`` > 0): only the best ``rerank`` candidates by an approximate fusion score from their
@@ -107,6 +107,7 @@ class CompressedIndex:
         self.scales = np.load(directory / SCALES_FILE, mmap_mode="r") if int8 else None  # [N, Nq, 2]
         self.searchers = [faiss.read_index(str(directory / name)) for name in meta["faiss_files"]]
         self.parts = _parts(self.store.shape[2], joint=len(self.searchers) == 1)  # query columns of each searcher
+        self.per_image = meta.get("vectors_per_image", self.store.shape[1])  # FAISS vector id v: image v // per_image
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -175,7 +176,7 @@ class CompressedIndex:
         keep = max(keep, k) if keep else None
         found = self.candidates(queries, hits, nprobe, keep)
         short = [q for q, images in enumerate(found) if len(images) < k]
-        total, nlist = self.store.shape[0] * self.store.shape[1], self.config.nlist
+        total, nlist = self.store.shape[0] * self.per_image, self.config.nlist
         while short and (hits < total or nprobe < nlist):
             hits, nprobe = min(2 * hits, total), min(2 * nprobe, nlist)
             for q, images in zip(short, self.candidates(queries[short], hits, nprobe, keep)):
@@ -215,7 +216,7 @@ class CompressedIndex:
         named = []
         for scores, ids in hits:
             scores, ids = scores[ids >= 0], ids[ids >= 0]
-            images, first = np.unique(ids // self.store.shape[1], return_index=True)
+            images, first = np.unique(ids // self.per_image, return_index=True)
             named.append((images, scores[first], scores[-1] if len(scores) else 0.0))
         union = functools.reduce(np.union1d, [images for images, _, _ in named])
         if keep is None or len(union) <= keep:
@@ -277,6 +278,13 @@ class Codec:
     def __init__(self, searchers: list, config: CompressedIndexConfig, fusion_score: str, tokens: int, width: int):
         self.searchers, self.config, self.fusion_score = searchers, config, fusion_score
         self.tokens, self.width = tokens, width  # Nq, 2D
+        self.per_image = config.pool or tokens  # vectors each image puts in each FAISS index
+
+    def vectors(self, embeddings: np.ndarray, part: slice) -> np.ndarray:
+        """The vectors [B, per_image, d] that images' unified embeddings [B, Nq, 2D] put in the FAISS index of the
+        columns ``part``: their tokens, or with ``config.pool`` the pooled ones (``pool_tokens``)."""
+        vectors = np.ascontiguousarray(embeddings[..., part])
+        return pool_tokens(vectors, self.config.pool) if self.config.pool else vectors
 
     @classmethod
     def train(cls, sample, vectors: int, config: CompressedIndexConfig = CompressedIndexConfig(),
@@ -288,16 +296,23 @@ class Codec:
         if len(sample.shape) != 3 or sample.shape[2] % 2:
             raise ValueError(f"codec sample {tuple(sample.shape)} is not [S, Nq, 2D]")
         _, tokens, width = (int(n) for n in sample.shape)
-        config = config.resolved(vectors, width // 2)
+        if config.pool >= tokens:
+            raise ConfigError(f"compressed index: pool={config.pool} must be below the {tokens} tokens per image "
+                              "(0: every token vector)")
+        config = config.resolved(vectors * (config.pool or tokens) // tokens, width // 2)
         joint = fusion_score == "joint_max"
         code = replace(config, m=2 * config.m) if joint else config  # joint_max: whole 2D tokens, 2 m bytes
-        flat = _float32(sample, slice(None)).reshape(-1, width)[:config.train_sample].numpy()
-        if len(flat) < max(config.nlist, 2 ** config.nbits):
-            raise ConfigError(f"compressed index: {len(flat)} training token vectors (train_sample, at most the "
-                              f"gallery's) cannot train nlist={config.nlist} lists and 2^nbits={2 ** config.nbits} "
-                              "codes per sub-quantizer; lower nlist or nbits")
-        searchers = [_trained(np.ascontiguousarray(flat[:, part]), code) for part in _parts(width, joint)]
-        return cls(searchers, config, fusion_score, tokens, width)
+        codec = cls([], config, fusion_score, tokens, width)
+        values = _float32(sample, slice(None)).numpy()
+        for part in _parts(width, joint):
+            vectors = codec.vectors(values, part)
+            flat = np.ascontiguousarray(vectors.reshape(-1, vectors.shape[-1])[:config.train_sample])
+            if len(flat) < max(config.nlist, 2 ** config.nbits):
+                raise ConfigError(f"compressed index: {len(flat)} training vectors (train_sample, at most the "
+                                  f"gallery's) cannot train nlist={config.nlist} lists and 2^nbits="
+                                  f"{2 ** config.nbits} codes per sub-quantizer; lower nlist or nbits")
+            codec.searchers.append(_trained(flat, code))
+        return codec
 
     def __getstate__(self) -> dict:
         import faiss
@@ -350,9 +365,10 @@ class IndexWriter:
             scale[scale == 0] = 1.0
             self.store[rows] = np.rint(halves / scale[..., None]).astype(np.int8).reshape(embeddings.shape)
             self.scales[rows] = scale
-        ids = (rows[:, None] * self.codec.tokens + np.arange(self.codec.tokens)).reshape(-1)
+        per_image = self.codec.per_image
+        ids = (rows[:, None] * per_image + np.arange(per_image)).reshape(-1)
         for searcher, part in zip(self.searchers, self.parts):
-            vectors = embeddings[..., part].reshape(len(ids), -1)
+            vectors = self.codec.vectors(embeddings, part).reshape(len(ids), -1)
             searcher.add_with_ids(np.ascontiguousarray(vectors), ids)
         self.added[rows] = True
 
@@ -381,6 +397,7 @@ class IndexWriter:
         codec, images = self.codec, len(self.added)
         meta = {"backend": BACKEND, "model_fingerprint": self.model_fingerprint, "fusion_score": codec.fusion_score,
                 "images": images, "shape": [images, codec.tokens, codec.width], "config": asdict(codec.config),
+                "vectors_per_image": codec.per_image,
                 "faiss_files": names, "faiss_version": faiss.__version__, "source": source or {}}
         (self.directory / META_FILE).write_text(json.dumps(meta, indent=1))
         return self.directory
@@ -395,6 +412,26 @@ def _memory_bytes(searchers: list) -> int:
 def store_file_bytes(directory: Path) -> int:
     """Disk bytes of the re-ranking store in ``directory`` and its scales (int8 stores)."""
     return sum((directory / name).stat().st_size for name in (STORE_FILE, SCALES_FILE) if (directory / name).is_file())
+
+
+def pool_tokens(vectors: np.ndarray, pool: int, iterations: int = 8) -> np.ndarray:
+    """Each image's token vectors [B, Nq, d] (float32) -> ``pool`` pooled vectors [B, P, d]: the cluster means of a
+    k-means (cosine) over that image's own tokens, started from P tokens picked farthest-first (deterministic)."""
+    x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    count, tokens, width = x.shape
+    similar = x @ x.transpose(1, 2)  # [B, Nq, Nq]
+    picked = torch.zeros(count, pool, dtype=torch.long)  # the first start: token 0
+    nearest = similar[:, 0].clone()  # each token's highest similarity to a picked one
+    for j in range(1, pool):
+        picked[:, j] = nearest.argmin(dim=1)
+        nearest = torch.maximum(nearest, similar.gather(1, picked[:, j, None, None].expand(-1, 1, tokens))[:, 0])
+    centres = x.gather(1, picked[..., None].expand(-1, -1, width))
+    for _ in range(iterations):
+        assign = torch.einsum("bnd,bpd->bnp", x, torch.nn.functional.normalize(centres, dim=-1)).argmax(dim=2)
+        members = torch.nn.functional.one_hot(assign, pool).float()  # [B, Nq, P]
+        counts = members.sum(dim=1)[..., None]  # [B, P, 1]
+        centres = torch.where(counts > 0, members.transpose(1, 2) @ x / counts.clamp(min=1), centres)
+    return centres.numpy()
 
 
 @functools.cache
@@ -413,7 +450,7 @@ def _parts(width: int, joint: bool) -> list[slice]:
 def sample_rows(images: int, tokens: int, config: CompressedIndexConfig) -> np.ndarray:
     """Sorted rows of the whole images (of ``images`` with ``tokens`` tokens each) whose token vectors train the
     codec: enough for ``config.train_sample`` vectors, drawn with ``config.seed``."""
-    count = min(images, math.ceil(config.train_sample / tokens))
+    count = min(images, math.ceil(config.train_sample / (config.pool or tokens)))
     return np.sort(np.random.default_rng(config.seed).choice(images, size=count, replace=False))
 
 

@@ -171,6 +171,10 @@ class CompressedIndexConfig:
         int8 (a quarter, with a float32 scale per token and branch half: a 1 M-image store that fits a 24 GB
         machine's page cache; re-ranking on the rounded values).
     train_sample: token vectors sampled (whole images) to train the IVF centroids and the PQ codebooks.
+    pool: 0: every token vector is searched; P (1 <= P < Nq): each image's Nq tokens are pooled into P vectors per
+        FAISS index (the means of a k-means of that image's own tokens: token pooling, as ColBERT engines do) and
+        only those are searched, P/Nq of the RAM and of the hits an image takes; re-ranking still scores all Nq
+        tokens from the store. ``candidates`` then counts pooled hits.
     seed: the training sample's and k-means' seed.
     """
 
@@ -182,6 +186,7 @@ class CompressedIndexConfig:
     rerank: int = 512
     store_dtype: str = "float16"
     train_sample: int = 262_144
+    pool: int = 0
     seed: int = 0
 
     def __post_init__(self):
@@ -190,6 +195,8 @@ class CompressedIndexConfig:
                 raise ConfigError(f"compressed index: {name}={getattr(self, name)} must be at least 1")
         if self.nlist is not None and self.nlist < 1:
             raise ConfigError(f"compressed index: nlist={self.nlist} must be at least 1 (or None: automatic)")
+        if self.pool < 0:
+            raise ConfigError(f"compressed index: pool={self.pool} must be at least 0 (0: every token vector)")
         if self.rerank < 0:
             raise ConfigError(f"compressed index: rerank={self.rerank} must be at least 0 (0: every candidate)")
         if self.nbits > 16:
