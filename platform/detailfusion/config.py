@@ -174,7 +174,9 @@ class CompressedIndexConfig:
     pool: 0: every token vector is searched; P (1 <= P < Nq): each image's Nq tokens are pooled into P vectors per
         FAISS index (the means of a k-means of that image's own tokens: token pooling, as ColBERT engines do) and
         only those are searched, P/Nq of the RAM and of the hits an image takes; re-ranking still scores all Nq
-        tokens from the store. ``candidates`` then counts pooled hits.
+        tokens from the store. ``candidates`` then counts pooled hits. The shortlist (``rerank`` below the
+        candidates) then ranks images by a pooled mean, which under-scores a noisy cluster's best token: keep
+        ``rerank`` high (or 0) where an image's tokens are noisy.
     seed: the training sample's and k-means' seed.
     """
 
