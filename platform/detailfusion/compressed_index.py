@@ -107,7 +107,7 @@ class CompressedIndex:
         self.scales = np.load(directory / SCALES_FILE, mmap_mode="r") if int8 else None  # [N, Nq, 2]
         self.searchers = [faiss.read_index(str(directory / name)) for name in meta["faiss_files"]]
         self.parts = _parts(self.store.shape[2], joint=len(self.searchers) == 1)  # query columns of each searcher
-        self.per_image = meta.get("vectors_per_image", self.store.shape[1])  # FAISS vector id v: image v // per_image
+        self.per_image = self.config.pool or self.store.shape[1]  # FAISS vector id v: image v // per_image
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -397,7 +397,6 @@ class IndexWriter:
         codec, images = self.codec, len(self.added)
         meta = {"backend": BACKEND, "model_fingerprint": self.model_fingerprint, "fusion_score": codec.fusion_score,
                 "images": images, "shape": [images, codec.tokens, codec.width], "config": asdict(codec.config),
-                "vectors_per_image": codec.per_image,
                 "faiss_files": names, "faiss_version": faiss.__version__, "source": source or {}}
         (self.directory / META_FILE).write_text(json.dumps(meta, indent=1))
         return self.directory

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..compressed_index import Codec, IndexWriter, store_file_bytes, sample_rows
+from ..compressed_index import Codec, IndexWriter, sample_rows, store_file_bytes
 from ..config import IndexBackendConfig
 from ..data.manifest import read_manifest
 from ..errors import ConfigError, DataError
