@@ -92,7 +92,7 @@ def run_ablation(config: AblationConfig) -> dict:
     init_ray(config.num_cpus)  # no dashboard: its stages run without Train's placement-group cleaner (run_stage)
     data = prepare_benchmark(work / "benchmark", cirr_pairs=config.cirr_pairs, test_pairs=config.test_pairs,
                              ipr2pr_pairs=config.ipr2pr_pairs, seed=config.data_seed, num_cpus=config.num_cpus)
-    targets, edit_types = labelled_test1(data)
+    targets, tags = labelled_test1(data)
     seeds = list(range(config.first_seed, config.first_seed + config.seeds))
     outcomes: dict[str, list[Outcomes]] = {name: [] for name in CHAINS}
     total = len(seeds) * len(CHAINS)
@@ -108,7 +108,7 @@ def run_ablation(config: AblationConfig) -> dict:
         "preset": config.preset, "seeds": seeds, "benchmark": data["manifest"], "bootstrap": config.bootstrap,
         "queries": len(targets), "overrides": list(config.overrides),
         "rows": [_row(label, chain, variant, outcomes) for label, chain, variant in ROWS],
-        "claims": check_claims(outcomes, [edit_types.get(s) for s in outcomes["main"][0].sample_ids], config.bootstrap),
+        "claims": check_claims(outcomes, [getattr(tags.get(s), 'edit_type', None) for s in outcomes["main"][0].sample_ids], config.bootstrap),
         "seconds": round(time.perf_counter() - started, 1),
     }
     (work / "ablation.json").write_text(json.dumps(result, indent=1))

@@ -156,8 +156,8 @@ def _claims(work: Path, model: Path, data: dict, resamples: int) -> dict:
     from .eval.claims import check_claims
     from .eval.outcomes import model_outcomes
 
-    targets, edit_types = labelled_test1(data)
+    targets, tags = labelled_test1(data)
     compositor = json.loads((Path(model) / "config.json").read_text())["compositor"]
     outcomes = model_outcomes(work / "eval" / "cirr-test1" / "outcomes.npz", model, data["cirr-test1"], targets,
                               list(dict.fromkeys(["gm", "di", "static", compositor])))
-    return check_claims({"main": [outcomes]}, [edit_types.get(s) for s in outcomes.sample_ids], resamples, compositor)
+    return check_claims({"main": [outcomes]}, [getattr(tags.get(s), 'edit_type', None) for s in outcomes.sample_ids], resamples, compositor)

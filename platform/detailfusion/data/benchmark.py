@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .query_tags import QueryTag, read_query_tags
+
 BENCHMARK = "detail"  # synthetic.write_synthetic's layout with distractors that share objects, colours and layouts
 
 
@@ -51,10 +53,9 @@ def prepare_benchmark(out: str | Path, cirr_pairs: int = 2000, test_pairs: int =
     return found
 
 
-def labelled_test1(data: dict) -> tuple[dict[str, str], dict[str, str]]:
-    """({sample_id: hidden target image}, {sample_id: edit type}) of the benchmark's test1 queries."""
+def labelled_test1(data: dict) -> tuple[dict[str, str], dict[str, QueryTag]]:
+    """({sample_id: hidden target image}, {sample_id: QueryTag (edit type, family, direction, scene root)}) of the
+    benchmark's test1 queries."""
     root = Path(data["root"])
     targets = json.loads((root / "synthetic" / "test1_targets.json").read_text())
-    kinds = json.loads((root / "synthetic" / "edit_types.test1.json").read_text())
-    return ({f"cirr/test1/{pairid}": name for pairid, name in targets.items()},
-            {f"cirr/test1/{pairid}": kind for pairid, kind in kinds.items()})
+    return {f"cirr/test1/{pairid}": name for pairid, name in targets.items()}, read_query_tags(root, "test1")
