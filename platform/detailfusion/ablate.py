@@ -2,13 +2,15 @@
 
 Every row is trained by the platform's own stage jobs (``run_stage``: Ray Train + DeepSpeed) and scored on the
 benchmark's held-out test1 split (its hidden targets restored) under the CIRR protocol, per query, so that each
-claim's difference gets a 95 % paired bootstrap interval (eval/claims.py). A seed changes initialisation and data
-order (``train.seed``), never the benchmark (``--data-seed``). Rows that share training reuse it: five training
-chains per seed (``CHAINS``) give all rows (``ROWS``); a finished stage or evaluation is reused when rerun.
+claim is judged by docs/claims.md's rules (eval/claims.py: a bootstrap over scene roots and a t-interval over >= 5
+seeds). A seed changes initialisation and data order (``train.seed``), never the benchmark (``--data-seed``). Rows
+that share training reuse it: six training chains per seed (``CHAINS``) give all rows (``ROWS``); a finished stage
+or evaluation is reused when rerun.
 
-Output (``DIR``): ``ablation.json`` (rows: per-metric mean, std and per-seed values; claims), ``ablation.md`` (the
-table as mean ± std, the claims with their intervals), ``ablation.png`` (Avg and Rs@1 per row with seed std), and
-per seed ``seed<k>/<chain>/stage<N>/`` (each run) and ``seed<k>/<chain>/outcomes.npz`` (per-query values).
+Output (``DIR``): ``ablation.json`` (rows: per-metric mean, std and per-seed values, and the same by edit family;
+claims with both intervals), ``ablation.md`` (the tables as mean ± std, the claims), ``ablation.png`` (Avg and Rs@1
+per row with seed std), and per seed ``seed<k>/<chain>/stage<N>/`` (each run) and ``seed<k>/<chain>/outcomes.npz``
+(per-query values).
 """
 
 from __future__ import annotations
@@ -36,10 +38,14 @@ class Chain:
     start: tuple[str, int] | None = None
 
 
+NO_SUBSET = ("loss.subset_negatives=0",)
+NO_REFERENCE = ("loss.subset_negatives=0", "loss.reference_negative=false")
 CHAINS = {  # stage 0 (the Q-Former pre-training) is where both branches start, as BLIP-2's weights in the paper
     "main": Chain(((0, ()), (1, ()), (2, ()), (3, ("model.compositor=afc",)))),
-    "no_reference_negative": Chain(((1, ("loss.reference_negative=false",)), (2, ("loss.reference_negative=false",))),
-                                   start=("main", 0)),
+    # the reference negative's two arms (docs/claims.md): img_set negatives off in both, the reference on vs off;
+    # the first shares main's stage 1, which has no img_set negatives (checked by run_ablation)
+    "no_subset_negatives": Chain(((2, NO_SUBSET),), start=("main", 1)),
+    "no_reference_negative": Chain(((1, NO_REFERENCE), (2, NO_REFERENCE)), start=("main", 0)),
     "no_stage1": Chain(((2, ()),), start=("main", 0)),
     "joint_max": Chain(((3, ("model.compositor=afc", "model.fusion_score=joint_max")),), start=("main", 2)),
     "concat_linear": Chain(((3, ("model.compositor=concat_linear",)),), start=("main", 2)),
@@ -48,7 +54,8 @@ CHAINS = {  # stage 0 (the Q-Former pre-training) is where both branches start, 
 ROWS = (  # (label, chain, variant of that chain's final model)
     ("GM only", "main", "gm"),
     ("DI only", "main", "di"),
-    ("DI w/o reference negative (L_DI -> L_GM)", "no_reference_negative", "di"),
+    ("DI w/o img_set negatives", "no_subset_negatives", "di"),
+    ("DI w/o img_set and reference negatives", "no_reference_negative", "di"),
     ("DI w/o stage 1", "no_stage1", "di"),
     ("static fusion (.5, .5)", "main", "static"),
     ("AFC (branch_max)", "main", "afc"),
@@ -79,7 +86,7 @@ class AblationConfig:
 def run_ablation(config: AblationConfig) -> dict:
     """Train and score every row for every seed (reusing what is done); write and return ablation.json's content."""
     from .data.benchmark import labelled_test1, prepare_benchmark
-    from .eval.claims import check_claims
+    from .eval.claims import check_claims, query_set, read_img_sets
     from .ray_setup import init_ray
 
     if config.preset != "tiny":
@@ -93,6 +100,9 @@ def run_ablation(config: AblationConfig) -> dict:
     data = prepare_benchmark(work / "benchmark", cirr_pairs=config.cirr_pairs, test_pairs=config.test_pairs,
                              ipr2pr_pairs=config.ipr2pr_pairs, seed=config.data_seed, num_cpus=config.num_cpus)
     targets, tags = labelled_test1(data)
+    if _stage_config(config, "main", 1, (), config.first_seed, data["ipr2pr-train"], None).loss.subset_negatives:
+        raise ConfigError("stage 1 uses img_set negatives (loss.subset_negatives): the no_subset_negatives arm "
+                          "shares main's stage 1 and would keep them; give that chain its own stage 1")
     seeds = list(range(config.first_seed, config.first_seed + config.seeds))
     outcomes: dict[str, list[Outcomes]] = {name: [] for name in CHAINS}
     total = len(seeds) * len(CHAINS)
@@ -104,11 +114,12 @@ def run_ablation(config: AblationConfig) -> dict:
             outcomes[name].append(model_outcomes(work / f"seed{seed}" / name / "outcomes.npz", model,
                                                  data["cirr-test1"], targets, [v for _, chain, v in ROWS if chain == name]))
     print(f"\n[ablate] checking the claims ({config.bootstrap} bootstrap resamples)", flush=True)
+    queries = query_set(outcomes["main"][0].sample_ids, tags, read_img_sets(data["root"], "test1"))
     result = {
         "preset": config.preset, "seeds": seeds, "benchmark": data["manifest"], "bootstrap": config.bootstrap,
-        "queries": len(targets), "overrides": list(config.overrides),
-        "rows": [_row(label, chain, variant, outcomes) for label, chain, variant in ROWS],
-        "claims": check_claims(outcomes, [getattr(tags.get(s), 'edit_type', None) for s in outcomes["main"][0].sample_ids], config.bootstrap),
+        "queries": len(targets), "clusters": queries.cluster_kind, "overrides": list(config.overrides),
+        "rows": [_row(label, chain, variant, outcomes, queries.families) for label, chain, variant in ROWS],
+        "claims": check_claims(outcomes, queries, config.bootstrap),
         "seconds": round(time.perf_counter() - started, 1),
     }
     (work / "ablation.json").write_text(json.dumps(result, indent=1))
@@ -150,25 +161,50 @@ def _train_chain(config: AblationConfig, name: str, seed: int, data: dict) -> Pa
     return model
 
 
-def _row(label: str, chain: str, variant: str, outcomes: dict[str, list[Outcomes]]) -> dict:
-    per_seed = {m: [float(o.values[variant][m].mean()) for o in outcomes[chain]] for m in METRICS}
-    return {"row": label, "chain": chain, "variant": variant,
-            "mean": {m: round(float(np.mean(v)), 2) for m, v in per_seed.items()},
+def _summary(per_seed: dict[str, list[float]]) -> dict:
+    """{mean, std (over seeds, ddof 1; 0 for one seed), per_seed} of {metric: per-seed values}."""
+    return {"mean": {m: round(float(np.mean(v)), 2) for m, v in per_seed.items()},
             "std": {m: round(float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, 2) for m, v in per_seed.items()},
             "per_seed": {m: [round(x, 2) for x in v] for m, v in per_seed.items()}}
 
 
+def _row(label: str, chain: str, variant: str, outcomes: dict[str, list[Outcomes]],
+         families: list[str | None]) -> dict:
+    """One row: its metrics' mean, seed std and per-seed values, overall and by edit family (``families``: one per
+    query)."""
+    runs = outcomes[chain]
+    by_family = [o.family_means(families) for o in runs]
+    return {"row": label, "chain": chain, "variant": variant,
+            **_summary({m: [float(o.values[variant][m].mean()) for o in runs] for m in METRICS}),
+            "by_family": {f: _summary({m: [seed[f][variant][m] for seed in by_family] for m in METRICS})
+                          for f in by_family[0]}}
+
+
+FAMILY_METRICS = ("R@5", "Rs@1", "Avg")
+
+
 def markdown(result: dict, plot: str | None = None) -> str:
-    """ablation.md: the table (mean ± std over seeds) and the claims with their intervals."""
+    """ablation.md: the table (mean ± std over seeds), the same by edit family, and the claims with both
+    intervals."""
     seeds = len(result["seeds"])
     lines = ["# DetailFusion ablation (tiny preset, synthetic detail benchmark)", "",
              f"{result['queries']} held-out test1 queries; {seeds} seed(s) {result['seeds']} (a seed changes "
-             f"initialisation and data order, not the benchmark); mean ± std over seeds; claims with 95 % paired "
-             f"bootstrap intervals over queries ({result['bootstrap']} resamples).", "",
+             f"initialisation and data order, not the benchmark); mean ± std over seeds (the std of Avg is the seed "
+             f"std of the row). Claims judged by docs/claims.md: a 95 % bootstrap over {result['clusters']} clusters "
+             f"({result['bootstrap']} resamples) and a 95 % t-interval over seeds, both above the bar.", "",
              "| row | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
     for row in result["rows"]:
         cells = [f"{row['mean'][m]:.2f} ± {row['std'][m]:.2f}" for m in METRICS]
         lines.append(f"| {row['row']} | " + " | ".join(cells) + " |")
+    families = sorted({f for row in result["rows"] for f in row.get("by_family", {})})
+    if families:
+        lines += ["", "## By edit family", "", "| row | " + " | ".join(f"{f} {m}" for f in families
+                                                                     for m in FAMILY_METRICS) + " |",
+                  "|---|" + "---:|" * (len(families) * len(FAMILY_METRICS))]
+        for row in result["rows"]:
+            cells = [f"{row['by_family'][f]['mean'][m]:.2f} ± {row['by_family'][f]['std'][m]:.2f}"
+                     for f in families for m in FAMILY_METRICS]
+            lines.append(f"| {row['row']} | " + " | ".join(cells) + " |")
     lines += ["", "## Claims", ""] + claim_lines(result["claims"])
     if plot:
         lines += ["", f"![Avg and Rs@1 per row]({plot})"]

@@ -35,6 +35,18 @@ class Outcomes:
     def means(self) -> dict[str, dict[str, float]]:
         return {v: {m: float(x.mean()) for m, x in metrics.items()} for v, metrics in self.values.items()}
 
+    def family_means(self, families: list[str | None]) -> dict[str, dict[str, dict[str, float]]]:
+        """{edit family: {variant: {metric: mean over that family's queries}}}; ``families``: one per query
+        (None: untagged, left out)."""
+        if len(families) != len(self.sample_ids):
+            raise ValueError(f"family_means: {len(families)} families for {len(self.sample_ids)} queries")
+        found = {}
+        for family in sorted({f for f in families if f}):
+            mask = np.array([f == family for f in families])
+            found[family] = {v: {m: float(x[mask].mean()) for m, x in metrics.items()}
+                             for v, metrics in self.values.items()}
+        return found
+
 
 def per_query(ranks: torch.Tensor, subset_ranks: torch.Tensor) -> dict[str, np.ndarray]:
     """Per-query metric values from 0-based gallery ranks [Q] and subset ranks [Q]."""
