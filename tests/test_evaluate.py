@@ -2,6 +2,7 @@
 CIRR val annotations with placeholder images, submissions scored back equal to the metrics, FashionIQ galleries,
 unlabelled CIRR test1 / FashionIQ test answering every query, the index's reuse and model check, clear errors."""
 
+import csv
 import json
 import shutil
 
@@ -14,7 +15,8 @@ from torch.nn import functional as F
 from detailfusion.cli import main
 from detailfusion.config import EvalConfig
 from detailfusion.data.synthetic import write_synthetic
-from detailfusion.eval.evaluate import evaluate
+from detailfusion.errors import DataError
+from detailfusion.eval.evaluate import evaluate, query_tags
 from detailfusion.data.prepare import read_quarantine
 from detailfusion.eval.fashioniq_predictions import check_predictions, predictions
 from detailfusion.eval.submission import SubmissionError, check_submission, load_submission, score_cirr
@@ -42,22 +44,82 @@ def run_eval(ray_local, tmp_path, root, split, model_dir, dataset="cirr", **extr
     return evaluate(config), tmp_path / f"{dataset}-{split}"
 
 
+def tag_records(root, split):
+    """Benchmark v2's tags on every caption record of ``split``, as its generator writes them: family by pairid
+    parity, direction by the pairid's second bit, scene root pairid // 4. Returns the records."""
+    path = root / f"captions/cap.rc2.{split}.json"
+    records = json.loads(path.read_text())
+    for r in records:
+        n = int(r["pairid"])
+        r.update(edit_type=("recolour", "background")[n % 2], edit_family=("local", "global")[n % 2],
+                 direction=("forward", "inverse")[n // 2 % 2], scene_root=n // 4)
+    path.write_text(json.dumps(records))
+    return records
+
+
+def scored_on(records, files, pairids, gallery_size):
+    """A variant's submissions scored back (score-cirr, as the server does) on the queries ``pairids`` alone."""
+    chosen = [r for r in records if str(r["pairid"]) in pairids]
+    recall, subset = (load_submission(files[metric]) for metric in ("recall", "recall_subset"))
+    keep = lambda s: {k: v for k, v in s.items() if k in ("version", "metric") or k in pairids}  # noqa: E731
+    return score_cirr(chosen, keep(recall), keep(subset), gallery_size=gallery_size)
+
+
 def test_cirr_val_submissions_score_back_to_the_metrics(ray_local, tmp_path, cirr_root, model_dir):
-    result, out = run_eval(ray_local, tmp_path, cirr_root, "val", model_dir)
+    root = tmp_path / "cirr"
+    shutil.copytree(cirr_root, root)
+    annotations = tag_records(root, "val")
+    result, out = run_eval(ray_local, tmp_path, root, "val", model_dir)
     assert set(result["variants"]) == {"gm", "di", "static", "afc", "image_only", "text_only", "random"}
     assert result["model_fingerprint"] == model_fingerprint(model_dir)
     assert "reference removed" in result["protocol"] and "gallery index" in result["tie_rule"]
-    annotations = json.loads((cirr_root / "captions/cap.rc2.val.json").read_text())
+    gallery, queries = result["counts"]["gallery"], result["counts"]["queries"]
+    everything = {str(r["pairid"]) for r in annotations}
     for variant, files in result["submissions"].items():
-        scored = score_cirr(annotations, load_submission(files["recall"]), load_submission(files["recall_subset"]),
-                            gallery_size=result["counts"]["gallery"])
-        assert scored == pytest.approx(result["variants"][variant]), variant
+        assert scored_on(annotations, files, everything, gallery) == pytest.approx(result["variants"][variant]), variant
+    # by family / direction: each group's metrics are its own queries' scored back; the count-weighted means of a
+    # partition's metrics are the overall metrics
+    for key, field in (("by_family", "edit_family"), ("by_direction", "direction")):
+        groups = {}
+        for r in annotations:
+            groups.setdefault(r[field], set()).add(str(r["pairid"]))
+        assert result["counts"][key] == {label: len(ids) for label, ids in sorted(groups.items())}
+        assert set(result[key]) == set(groups) and all(len(ids) for ids in groups.values())
+        for variant, files in result["submissions"].items():
+            for label, ids in groups.items():
+                assert scored_on(annotations, files, ids, gallery) == pytest.approx(result[key][label][variant])
+            for metric, value in result["variants"][variant].items():
+                weighted = sum(n * result[key][label][variant][metric] for label, n in result["counts"][key].items())
+                assert weighted / queries == pytest.approx(value), (key, variant, metric)
+        assert {label: s["n"] for label, s in result["fusion_weights"][key].items()} == result["counts"][key]
+    # unimodal-hard: the queries whose target is in the top 10 of neither the image_only nor the text_only lists
+    targets = {str(r["pairid"]): r["target_hard"] for r in annotations}
+    solved = {v: {p for p, ranked in load_submission(result["submissions"][v]["recall"]).items()
+                  if p in targets and targets[p] in ranked[:10]} for v in ("image_only", "text_only")}
+    hard = everything - solved["image_only"] - solved["text_only"]
+    found = result["unimodal_hard"]
+    assert found["queries"] == len(hard) and 0 < len(hard) < queries
+    assert found["solved_by"] == {"image_only": len(solved["image_only"]), "text_only": len(solved["text_only"]),
+                                  "either": queries - len(hard)}
+    assert "neither image_only" in found["definition"] and "top 10" in found["definition"]
+    for variant, files in result["submissions"].items():
+        assert scored_on(annotations, files, hard, gallery) == pytest.approx(found["variants"][variant]), variant
+    assert found["variants"]["image_only"]["R@10"] == found["variants"]["text_only"]["R@10"] == 0.0
     # the untrained AFC starts as static fusion: same rankings, weights (.5, .5)
     assert result["variants"]["afc"] == pytest.approx(result["variants"]["static"])
     assert result["fusion_weights"]["all"]["mean_a_di"] == pytest.approx(0.5)
-    assert set(result["fusion_weights"]["by_edit_type"]) <= {"recolour", "reshape", "add", "remove", "move", "resize"}
-    lines = (out / "fusion_weights.csv").read_text().splitlines()
-    assert lines[0] == "sample_id,a_gm,a_di,edit_type" and len(lines) == result["counts"]["queries"] + 1
+    assert set(result["fusion_weights"]["by_edit_type"]) == {"recolour", "background"}
+    rows = list(csv.DictReader((out / "fusion_weights.csv").open()))
+    assert list(rows[0]) == ["sample_id", "a_gm", "a_di", "edit_type", "edit_family", "direction", "scene_root"]
+    tags = {f"cirr/val/{r['pairid']}": [r["edit_type"], r["edit_family"], r["direction"], str(r["scene_root"])]
+            for r in annotations}
+    assert {row["sample_id"]: [row[k] for k in list(row)[3:]] for row in rows} == tags
+    # a family outside local / global is refused, naming the file and the query
+    annotations[3]["edit_family"] = "Local"
+    (root / "captions/cap.rc2.val.json").write_text(json.dumps(annotations))
+    with pytest.raises(DataError, match=rf"cap.rc2.val.json: query cirr/val/{annotations[3]['pairid']} has "
+                                        r"edit_family 'Local'"):
+        query_tags(out / "prepared", "cirr", list(tags))
     # the in-training validation that scores sweep trials gives the same numbers, in process
     model, tokenizer = load_model(model_dir)
     in_training = ValidationSplit(out / "prepared").metrics(model.eval(), tokenizer, ["gm", "di", "static", "afc"])
@@ -74,6 +136,9 @@ def test_cirr_test1_answers_every_pairid_even_blank_captions_and_reuses_the_inde
     path.write_text(json.dumps(annotations))
     result, out = run_eval(ray_local, tmp_path, root, "test1", model_dir)
     assert "variants" not in result and result["counts"]["queries"] == len(annotations)
+    weights = result["fusion_weights"]  # benchmark v1's side file (query_tags' fallback): local edits, no direction
+    assert set(weights["by_family"]) == {"local"} and weights["by_family"]["local"]["n"] == len(annotations)
+    assert "by_direction" not in weights and "by_family" not in result and "unimodal_hard" not in result
     warnings = json.loads((out / "prepared/manifest.json").read_text())["warnings"]
     assert sum("empty caption" in w for w in warnings) == 2 and str(annotations[0]["pairid"]) in warnings[0]
     files = {metric: out / f"cirr_test1_{metric}.json" for metric in ("recall", "recall_subset")}
@@ -174,6 +239,8 @@ def test_real_cirr_val_protocol_invariants(ray_local, tmp_path, shared_datasets,
     # random scores: subset recall at chance (the target is one of 5 candidates: Rs@2 = 40 %; binomial sd over
     # 4,181 queries 0.76 points, so the 35-45 band is +-6.5 sd)
     assert 35 <= result["variants"]["random"]["Rs@2"] <= 45
+    hard = result["unimodal_hard"]  # real CIRR carries no tags: no by_family, but the unimodal-hard queries
+    assert hard["queries"] + hard["solved_by"]["either"] == 4181 and "by_family" not in result
 
 
 def test_fashioniq_per_category_galleries(ray_local, tmp_path, model_dir):
@@ -185,6 +252,11 @@ def test_fashioniq_per_category_galleries(ray_local, tmp_path, model_dir):
     assert result["counts"]["queries"] == 24  # 8 val queries per category
     assert metrics["R@10"] == pytest.approx(sum(metrics[f"{c}/R@10"] for c in ("dress", "shirt", "toptee")) / 3)
     assert metrics["Avg"] == pytest.approx((metrics["R@10"] + metrics["R@50"]) / 2)
+    hard = result["unimodal_hard"]  # ranked in each query's category gallery, as every FashionIQ metric
+    assert hard["queries"] + hard["solved_by"]["either"] == 24 and "by_family" not in result
+    if hard["queries"]:
+        assert hard["variants"]["image_only"]["R@10"] == hard["variants"]["text_only"]["R@10"] == 0.0
+        assert set(hard["variants"]) == set(result["variants"])
 
 
 def test_fashioniq_ranks_each_query_in_its_own_category_gallery():

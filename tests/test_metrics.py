@@ -98,6 +98,90 @@ def test_fashioniq_metrics_average_categories():
     assert metrics["Avg"] == pytest.approx((metrics["R@10"] + metrics["R@50"]) / 2)
 
 
+# -- metrics on subsets of the queries (eval/query_subsets.py) ----------------------------------------
+
+
+def placed(reference: int, target: int, rank: int, size: int) -> torch.Tensor:
+    """Scores [size]: the reference best, then the others in gallery order with the target at 0-based ``rank``
+    among them (the rank CIRR's protocol gives it, reference removed)."""
+    others = [i for i in range(size) if i not in (reference, target)]
+    order = [reference] + others[:rank] + [target] + others[rank:]
+    scores = torch.empty(size)
+    scores[order] = torch.arange(size, 0, -1, dtype=torch.float)
+    return scores
+
+
+def test_unimodal_hard_queries_known_by_construction():
+    """4 CIRR queries over 14 images, each reference outscoring everything (the protocol removes it). Target ranks
+    (image_only, text_only): q0 (9, 11) solved by the image (rank 10 if the reference were kept: unsolved);
+    q1 (10, 10) hard: rank 10 is the 11th place; q2 (10, 0) solved by the text; q3 (11, 10) hard."""
+    import pyarrow as pa
+
+    from detailfusion.eval.protocols import CirrQueries, SplitRanks
+    from detailfusion.eval.query_subsets import unimodal_hard
+    from detailfusion.index import GalleryIndex
+
+    size, references, targets = 14, [0, 1, 2, 3], [13, 12, 11, 10]
+    ids = [f"g{i}" for i in range(size)]
+    first_others = [[ids[i] for i in range(size) if i not in (r, t)][:2] for r, t in zip(references, targets)]
+    members = [[ids[r], ids[t], *others] for r, t, others in zip(references, targets, first_others)]
+    triplets = pa.table({"sample_id": [f"cirr/val/{q}" for q in range(4)],
+                         "reference_id": [ids[r] for r in references], "target_id": [ids[t] for t in targets],
+                         "subset_ids": members})
+    cirr = CirrQueries(triplets, GalleryIndex(torch.randn(size, 1, 4), ids, "x"))
+    placements = {"image_only": [9, 10, 10, 11], "text_only": [11, 10, 0, 10], "di": [12, 0, 12, 3]}
+    ranks = SplitRanks({}, {})
+    for variant, at in placements.items():
+        scores = torch.stack([placed(r, t, k, size) for r, t, k in zip(references, targets, at)])
+        ranks.gallery[variant], ranks.subset[variant] = cirr.ranks(scores)
+    assert ranks.gallery["image_only"].tolist() == [9, 10, 10, 11]
+    hard = unimodal_hard(ranks, list(placements))
+    assert hard["queries"] == 2 and hard["k"] == 10 and "top 10 of neither image_only" in hard["definition"]
+    assert hard["solved_by"] == {"image_only": 1, "text_only": 1, "either": 2}
+    assert hard["variants"]["image_only"]["R@10"] == 0.0 and hard["variants"]["text_only"]["R@10"] == 0.0
+    # di on q1 (rank 0, subset rank 0) and q3 (rank 3; g0 and g1, its subset's others, ahead: subset rank 2)
+    assert hard["variants"]["di"] == {"R@1": 50.0, "R@5": 100.0, "R@10": 100.0, "R@50": 100.0, "Rs@1": 50.0,
+                                      "Rs@2": 50.0, "Rs@3": 100.0, "Avg": 75.0}
+    assert ranks.metrics("di")["R@10"] == 50.0  # over all 4 queries: q0 and q2 at rank 12
+    assert unimodal_hard(ranks, ["di"], k=12)["queries"] == 0  # every target within the top 12 of one of them
+    with pytest.raises(ValueError, match="text_only"):
+        unimodal_hard(SplitRanks({"image_only": ranks.gallery["image_only"]}, {}), ["image_only"])
+
+
+def test_unimodal_hard_on_fashioniq_keeps_the_per_category_protocol():
+    """FashionIQ ranks within category galleries; the hard queries' metrics average the categories they hold."""
+    from detailfusion.eval.protocols import SplitRanks
+    from detailfusion.eval.query_subsets import unimodal_hard
+
+    ranks = SplitRanks({"image_only": torch.tensor([0, 12, 15, 30]), "text_only": torch.tensor([11, 10, 3, 40]),
+                        "gm": torch.tensor([0, 4, 0, 20])}, categories=["dress", "dress", "shirt", "toptee"])
+    hard = unimodal_hard(ranks, ["gm"])
+    assert hard["queries"] == 2  # q1 (dress) and q3 (toptee)
+    assert hard["variants"]["gm"] == {"dress/R@10": 100.0, "dress/R@50": 100.0, "toptee/R@10": 0.0,
+                                      "toptee/R@50": 100.0, "R@10": 50.0, "R@50": 100.0, "Avg": 75.0}
+
+
+def test_metrics_by_tag_partition_the_tagged_queries():
+    """CIRR metrics are means over queries: each tag's metrics, weighted by its count, give back the metrics of
+    the tagged queries; untagged queries are left out."""
+    from detailfusion.eval.protocols import SplitRanks
+    from detailfusion.eval.query_subsets import by_tag
+
+    generator = torch.Generator().manual_seed(0)
+    ranks = SplitRanks({v: torch.randint(0, 20, (40,), generator=generator) for v in ("gm", "di")},
+                       {v: torch.randint(0, 5, (40,), generator=generator) for v in ("gm", "di")})
+    labels = [("local", "global", None)[q % 3] for q in range(40)]
+    metrics, counts = by_tag(ranks, ["gm", "di"], labels)
+    assert list(metrics) == ["global", "local"] and counts == {"global": 13, "local": 14}
+    assert set(metrics["local"]) == {"gm", "di"}
+    tagged = ranks.metrics("di", torch.tensor([q for q in range(40) if labels[q]]))
+    for name, value in tagged.items():
+        weighted = sum(counts[label] * metrics[label]["di"][name] for label in counts) / sum(counts.values())
+        assert weighted == pytest.approx(value), name
+    local = [q for q in range(40) if labels[q] == "local"]
+    assert metrics["local"]["gm"]["R@5"] == pytest.approx(100 * float((ranks.gallery["gm"][local] < 5).double().mean()))
+
+
 # -- submissions ------------------------------------------------------------------------------------
 
 

@@ -1,13 +1,15 @@
 """The ``evaluate`` and ``index`` jobs: prepare the split for the model's resolution (reused when done), encode
 the gallery once (the index) and the queries, score every ablation variant under the field's protocol.
 
-``out/`` of ``evaluate``: ``metrics.json`` (labelled splits: per-variant metrics; always: protocol, tie rule,
-counts, model fingerprint, AFC weight summary), ``fusion_weights.csv`` (per query a_gm, a_di, edit type on
-synthetic data), CIRR: ``cirr_<split>_recall.json`` / ``cirr_<split>_recall_subset.json`` (the server's format,
-main variant) and ``submissions/<variant>/`` the same for every variant; FashionIQ without targets (test):
-``fashioniq_<split>_<category>.json`` predictions (``fashioniq_predictions.py``, main variant) and
-``submissions/<variant>/`` the same; ``prepared/`` and ``index/``. Rankings are checked against the split's caption
-files before they are written: every query of the annotations must be answered.
+``out/`` of ``evaluate``: ``metrics.json`` (labelled splits: per-variant metrics, the same by edit family and
+direction where the caption records carry them, and on the unimodal-hard queries; always: protocol, tie rule,
+counts, model fingerprint, AFC weight summary, by tag where known), ``fusion_weights.csv`` (per query a_gm, a_di,
+and on synthetic data edit type, family, direction, scene root), CIRR: ``cirr_<split>_recall.json`` /
+``cirr_<split>_recall_subset.json`` (the server's format, main variant) and ``submissions/<variant>/`` the same
+for every variant; FashionIQ without targets (test): ``fashioniq_<split>_<category>.json`` predictions
+(``fashioniq_predictions.py``, main variant) and ``submissions/<variant>/`` the same; ``prepared/`` and
+``index/``. Rankings are checked against the split's caption files before they are written: every query of the
+annotations must be answered.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from ..config import EvalConfig, PrepareConfig
 from ..data.manifest import read_manifest
+from ..data.query_tags import DIRECTIONS, FAMILIES, QueryTag, read_query_tags
 from ..errors import ConfigError, DataError
 from ..index import GalleryIndex
 from ..index_store import stored_backend, write_index
@@ -31,7 +34,9 @@ from ..model.inference import image_size
 from .encode import EncodeOptions, encode_gallery, encode_queries
 from .metrics import TIE_RULE
 from .fashioniq_predictions import check_predictions, predictions, write_predictions
-from .protocols import CIRR_PROTOCOL, FASHIONIQ_PROTOCOL, CirrQueries, fashioniq_rankings, fashioniq_variant_metrics
+from .protocols import (CIRR_PROTOCOL, FASHIONIQ_PROTOCOL, CirrQueries, SplitRanks, fashioniq_rankings,
+                        fashioniq_split_ranks)
+from .query_subsets import by_tag, unimodal_hard
 from .submission import FILE_NAMES, check_submission, submission
 from .variants import variant_names, variant_queries, variant_scores
 
@@ -140,8 +145,9 @@ def evaluate(config: EvalConfig) -> dict:
     init_ray(config.num_cpus)
     prepared = prepared_split(config, image_size(config.checkpoint))
     annotations = caption_records(prepared, config.dataset)  # read (and refused if unreadable) before any encoding
-    index = gallery_index(config, prepared, fingerprint, index_dir)
     triplets = pq.read_table(prepared / "triplets")
+    tags = query_tags(prepared, config.dataset, triplets.column("sample_id").to_pylist())
+    index = gallery_index(config, prepared, fingerprint, index_dir)
     labelled = triplets.column("target_id").null_count == 0
     print(f"evaluate: encoding {triplets.num_rows} queries", flush=True)
     features = encode_queries(prepared, config.checkpoint, triplets, _options(config))
@@ -154,15 +160,15 @@ def evaluate(config: EvalConfig) -> dict:
         "protocol": CIRR_PROTOCOL if config.dataset == "cirr" else FASHIONIQ_PROTOCOL, "tie_rule": TIE_RULE,
         "counts": {"queries": triplets.num_rows, "gallery": len(index)},
     }
+    ranks = None  # labelled splits: every variant's per-query target ranks
     if config.dataset == "cirr":
         cirr = CirrQueries(triplets, index)
         result["submissions"] = {}
-        if labelled:
-            result["variants"] = {}
+        ranks = SplitRanks({}, {}) if labelled else None
         for variant in variants:
             scores = variant_scores(variant, queries, index, seed=config.seed)
-            if labelled:
-                result["variants"][variant] = cirr.metrics(scores)
+            if ranks is not None:
+                ranks.gallery[variant], ranks.subset[variant] = cirr.ranks(scores)
             recall, subset = cirr.rankings(scores, index.image_ids)
             for metric, rankings in (("recall", recall), ("recall_subset", subset)):
                 check_submission(submission(metric, rankings), metric, annotations[None],
@@ -172,7 +178,7 @@ def evaluate(config: EvalConfig) -> dict:
     else:
         gallery = pq.read_table(prepared / "gallery.parquet", columns=["image_id", "category"])
         if labelled:
-            result["variants"] = fashioniq_variant_metrics(triplets, gallery, index, queries, variants, config.seed)
+            ranks = fashioniq_split_ranks(triplets, gallery, index, queries, variants, config.seed)
         else:
             members: dict[str, set[str]] = {}  # each category's gallery ids, what a ranking may name
             for image_id, category in zip(gallery.column("image_id").to_pylist(), gallery.column("category").to_pylist()):
@@ -180,9 +186,11 @@ def evaluate(config: EvalConfig) -> dict:
             result["predictions"] = {variant: _write_fashioniq_predictions(
                 out, config.split, variant, fashioniq_rankings(triplets, gallery, index, queries, variant, config.seed),
                 annotations, members, main=variant == compositor) for variant in variants}
-    edit_types = _edit_types(config, triplets)
-    result["fusion_weights"] = _weights_summary(features.weights, edit_types)
-    _write_weights(out / "fusion_weights.csv", features.sample_ids, features.weights, edit_types)
+    if ranks is not None:
+        result["variants"] = {variant: ranks.metrics(variant) for variant in variants}
+        result.update(_query_subsets(ranks, variants, tags, result["counts"]))
+    result["fusion_weights"] = _weights_summary(features.weights, tags)
+    _write_weights(out / "fusion_weights.csv", features.sample_ids, features.weights, tags)
     result["seconds"] = round(time.perf_counter() - start, 1)
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
     _print_table(result)
@@ -200,8 +208,12 @@ def _track(config: EvalConfig, result: dict, out: Path) -> None:
     if tracked is None:
         return
     now = int(time.time() * 1000)
-    tracked.log_metrics([(f"{variant}/{name}", value, 0, now) for variant, metrics in (result.get("variants") or {}).items()
-                         for name, value in metrics.items()] + [("queries", result["counts"]["queries"], 0, now)])
+    tables = {"": result.get("variants") or {}, "unimodal_hard/": result.get("unimodal_hard", {}).get("variants", {})}
+    tables.update({f"{key}/{label}/": table for key in ("by_family", "by_direction")
+                   for label, table in result.get(key, {}).items()})
+    tracked.log_metrics([(f"{prefix}{variant}/{name}", value, 0, now) for prefix, table in tables.items()
+                         for variant, metrics in table.items() for name, value in metrics.items()]
+                        + [("queries", result["counts"]["queries"], 0, now)])
     tracked.log_artifact(out / "metrics.json")
     tracked.end()
 
@@ -255,17 +267,44 @@ def _write_rankings(out: Path, split: str, variant: str, recall: dict, subset: d
     return paths
 
 
-def _edit_types(config: EvalConfig, triplets) -> list[str | None]:
-    """Synthetic data only: each query's edit type (recolour, add, ...) from the generator's side file."""
-    path = Path(config.root or "") / "synthetic" / f"edit_types.{config.split}.json"
-    if not config.root or not path.is_file():
-        return [None] * triplets.num_rows
-    types = json.loads(path.read_text())
-    return [types.get(s.rsplit("/", 1)[-1]) for s in triplets.column("sample_id").to_pylist()]
+TAGGED = (("by_edit_type", "edit_type"), ("by_family", "edit_family"), ("by_direction", "direction"))
 
 
-def _weights_summary(weights: torch.Tensor, edit_types: list[str | None]) -> dict | None:
-    """Mean / spread of the compositor's a_di over queries, and by edit type where known; None without weights."""
+def query_tags(prepared: Path, dataset: str, sample_ids: list[str]) -> list[QueryTag | None]:
+    """Each query's tag (edit type, family, direction, scene root) where the split's caption records carry one
+    (synthetic CIRR roots; ``data.query_tags``), else None; a family or direction outside the known ones is refused."""
+    if dataset != "cirr":
+        return [None] * len(sample_ids)
+    manifest = read_manifest(prepared)
+    tags = read_query_tags(manifest.source, manifest.split)
+    found = [tags.get(sample_id) for sample_id in sample_ids]
+    for sample_id, tag in zip(sample_ids, found):
+        if tag and (tag.edit_family not in (None, *FAMILIES) or tag.direction not in (None, *DIRECTIONS)):
+            raise DataError(f"{Path(manifest.source) / 'captions' / f'cap.rc2.{manifest.split}.json'}: query "
+                            f"{sample_id} has edit_family {tag.edit_family!r}, direction {tag.direction!r}; known: "
+                            f"{', '.join(FAMILIES)} and {', '.join(DIRECTIONS)}")
+    return found
+
+
+def _labels(tags: list[QueryTag | None], field: str) -> list[str | None]:
+    return [getattr(tag, field) if tag else None for tag in tags]
+
+
+def _query_subsets(ranks: SplitRanks, variants: list[str], tags: list[QueryTag | None], counts: dict) -> dict:
+    """``by_family`` / ``by_direction`` ({value: {variant: metrics}}) where queries carry them, their query counts
+    put into ``counts``; ``unimodal_hard``."""
+    found = {}
+    for key, field in TAGGED[1:]:
+        labels = _labels(tags, field)
+        if any(labels):
+            found[key], counts[key] = by_tag(ranks, variants, labels)
+    found["unimodal_hard"] = unimodal_hard(ranks, variants)
+    return found
+
+
+def _weights_summary(weights: torch.Tensor, tags: list[QueryTag | None]) -> dict | None:
+    """Mean / spread of the compositor's a_di over queries, and by edit type, edit family and direction where
+    known; None without weights."""
     if torch.isnan(weights).all():
         return None
 
@@ -276,18 +315,22 @@ def _weights_summary(weights: torch.Tensor, edit_types: list[str | None]) -> dic
 
     a_di = weights[:, 1]
     summary = {"all": stats(a_di)}
-    kinds = sorted({t for t in edit_types if t})
-    if kinds:
-        summary["by_edit_type"] = {k: stats(a_di[[i for i, t in enumerate(edit_types) if t == k]]) for k in kinds}
+    for key, field in TAGGED:
+        labels = _labels(tags, field)
+        kinds = sorted({label for label in labels if label})
+        if kinds:
+            summary[key] = {k: stats(a_di[[i for i, label in enumerate(labels) if label == k]]) for k in kinds}
     return summary
 
 
-def _write_weights(path: Path, sample_ids: list[str], weights: torch.Tensor, edit_types: list[str | None]) -> None:
+def _write_weights(path: Path, sample_ids: list[str], weights: torch.Tensor, tags: list[QueryTag | None]) -> None:
+    fields = ("edit_type", "edit_family", "direction", "scene_root")
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["sample_id", "a_gm", "a_di", "edit_type"])
-        for sample_id, (a_gm, a_di), kind in zip(sample_ids, weights.tolist(), edit_types):
-            writer.writerow([sample_id, f"{a_gm:.6f}", f"{a_di:.6f}", kind or ""])
+        writer.writerow(["sample_id", "a_gm", "a_di", *fields])
+        for sample_id, (a_gm, a_di), tag in zip(sample_ids, weights.tolist(), tags):
+            values = [getattr(tag, field) if tag else None for field in fields]
+            writer.writerow([sample_id, f"{a_gm:.6f}", f"{a_di:.6f}", *("" if v is None else v for v in values)])
 
 
 def _print_table(result: dict) -> None:
@@ -302,3 +345,11 @@ def _print_table(result: dict) -> None:
     print(f"{'variant':<14}" + "".join(f"{n:>8}" for n in names))
     for variant, metrics in variants.items():
         print(f"{variant:<14}" + "".join(f"{metrics[n]:8.2f}" for n in names))
+    hard = result["unimodal_hard"]
+    main = hard["variants"].get(result["main_variant"], {}).get("Avg")
+    print(f"unimodal-hard queries (target in the top {hard['k']} of neither image_only nor text_only): "
+          f"{hard['queries']} of {result['counts']['queries']}" + (f"; {result['main_variant']} Avg on them "
+                                                                   f"{main:.2f}" if main is not None else ""))
+    for key in ("by_family", "by_direction"):
+        if key in result:
+            print(f"{key}: " + ", ".join(f"{label} {n} queries" for label, n in result["counts"][key].items()))

@@ -14,6 +14,8 @@ from ..ranking import TIE_RULE, target_ranks, top_k  # noqa: F401  (the one rank
 CIRR_KS = (1, 5, 10, 50)
 CIRR_SUBSET_KS = (1, 2, 3)
 FASHIONIQ_KS = (10, 50)
+
+
 def recall_at_k(ranks: torch.Tensor, ks: tuple[int, ...], prefix: str = "R") -> dict[str, float]:
     """``{"R@k": % of queries whose target rank is < k}`` from 0-based ranks [Q]."""
     if ranks.numel() == 0:
@@ -31,8 +33,16 @@ def cirr_metrics(scores: torch.Tensor, targets: torch.Tensor, references: torch.
     rows = torch.arange(scores.shape[0])
     is_reference = torch.zeros_like(subset)
     is_reference[rows, references] = True
-    metrics = recall_at_k(target_ranks(scores, targets, is_reference), CIRR_KS)
-    metrics.update(recall_at_k(target_ranks(scores, targets, ~subset | is_reference), CIRR_SUBSET_KS, prefix="Rs"))
+    return cirr_rank_metrics(target_ranks(scores, targets, is_reference),
+                             target_ranks(scores, targets, ~subset | is_reference))
+
+
+def cirr_rank_metrics(ranks: torch.Tensor, subset_ranks: torch.Tensor) -> dict[str, float]:
+    """CIRR's metrics from 0-based target ranks [Q] over the gallery without the reference (R@k) and over the
+    img_set members without the reference (Rs@k); Avg = (R@5 + Rs@1) / 2. Each is a mean over queries, so the
+    metrics of a split are the count-weighted means of those of any partition of its queries."""
+    metrics = recall_at_k(ranks, CIRR_KS)
+    metrics.update(recall_at_k(subset_ranks, CIRR_SUBSET_KS, prefix="Rs"))
     metrics["Avg"] = (metrics["R@5"] + metrics["Rs@1"]) / 2
     return metrics
 

@@ -4,11 +4,13 @@ index and ``{variant: queries}``; outputs are flat metric dicts and name ranking
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pyarrow as pa
 import torch
 
 from ..index import GalleryIndex
-from .metrics import cirr_metrics, fashioniq_metrics, target_ranks, top_k
+from .metrics import cirr_metrics, cirr_rank_metrics, fashioniq_metrics, target_ranks, top_k
 from .submission import LIST_LENGTH
 from .variants import variant_scores
 
@@ -16,6 +18,32 @@ CIRR_PROTOCOL = ("CIRR: the whole split gallery is ranked with the query's refer
                  "recall Rs@1/2/3 ranks the query's img_set.members minus the reference; Avg = (R@5 + Rs@1) / 2")
 FASHIONIQ_PROTOCOL = ("FashionIQ: each category's queries rank that category's split gallery, nothing removed; "
                       "R@10/R@50 per category, their means, Avg = mean of R@10 and R@50")
+
+
+@dataclass
+class SplitRanks:
+    """Every variant's 0-based target rank per query [Q] under a labelled split's protocol, and the protocol's
+    metrics of any subset of its queries. ``gallery``: {variant: [Q]} ranks over what the protocol ranks (CIRR: the
+    split gallery without the query's reference; FashionIQ: the query's category gallery); ``subset`` (CIRR only):
+    {variant: [Q]} ranks over the img_set members without the reference; ``categories`` (FashionIQ only): each
+    query's category."""
+
+    gallery: dict[str, torch.Tensor]
+    subset: dict[str, torch.Tensor] | None = None
+    categories: list[str] | None = None
+
+    def metrics(self, variant: str, rows: torch.Tensor | None = None) -> dict[str, float]:
+        """The protocol's metrics of ``variant`` over the queries ``rows`` (indices; all when None)."""
+        ranks = self.gallery[variant] if rows is None else self.gallery[variant][rows]
+        if self.subset is not None:
+            return cirr_rank_metrics(ranks, self.subset[variant] if rows is None else self.subset[variant][rows])
+        categories = self.categories if rows is None else [self.categories[q] for q in rows.tolist()]
+        return fashioniq_metrics({c: ranks[torch.tensor([x == c for x in categories])]
+                                  for c in dict.fromkeys(categories)})
+
+    def solved(self, variant: str, k: int) -> torch.Tensor:
+        """[Q] bool: the target is within ``variant``'s top ``k`` under the protocol."""
+        return self.gallery[variant] < k
 
 
 class CirrQueries:
@@ -37,6 +65,11 @@ class CirrQueries:
 
     def metrics(self, scores: torch.Tensor) -> dict[str, float]:
         return cirr_metrics(scores, self.targets, self.references, self.subset)
+
+    def ranks(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """0-based target ranks [Q] over the gallery without the reference, and over the subset without it."""
+        return (target_ranks(scores, self.targets, self.is_reference),
+                target_ranks(scores, self.targets, ~self.subset | self.is_reference))
 
     def rankings(self, scores: torch.Tensor, names: list[str]) -> tuple[dict, dict]:
         """The two submission rankings {pairid: names best first}: top 50 without the reference, and the top 3
@@ -74,21 +107,27 @@ def fashioniq_rankings(triplets: pa.Table, gallery: pa.Table, index: GalleryInde
     return rankings
 
 
-def fashioniq_variant_metrics(triplets: pa.Table, gallery: pa.Table, index: GalleryIndex,
-                              queries: dict[str, torch.Tensor], variants: list[str], seed: int = 0) -> dict[str, dict]:
-    """{variant: FashionIQ metrics}; ``gallery`` holds (image_id, category) rows of the split's galleries."""
+def fashioniq_split_ranks(triplets: pa.Table, gallery: pa.Table, index: GalleryIndex,
+                          queries: dict[str, torch.Tensor], variants: list[str], seed: int = 0) -> SplitRanks:
+    """Every variant's target ranks within each query's category gallery; ``gallery`` holds (image_id, category)
+    rows of the split's galleries."""
     categories = triplets.column("category").to_pylist()
     targets = triplets.column("target_id").to_pylist()
     galleries = category_galleries(gallery, index)
-    results: dict[str, dict] = {}
-    for variant in variants:
-        ranks = {}
-        for category in dict.fromkeys(categories):
-            members = torch.tensor([q for q, c in enumerate(categories) if c == category])
-            rows = galleries[category]
-            column = {int(r): j for j, r in enumerate(rows)}
-            target_columns = torch.tensor([column[index.position[targets[q]]] for q in members.tolist()])
+    ranks = {variant: torch.zeros(len(categories), dtype=torch.long) for variant in variants}
+    for category in dict.fromkeys(categories):
+        members = torch.tensor([q for q, c in enumerate(categories) if c == category])
+        rows = galleries[category]
+        column = {int(r): j for j, r in enumerate(rows)}
+        target_columns = torch.tensor([column[index.position[targets[q]]] for q in members.tolist()])
+        for variant in variants:
             scores = variant_scores(variant, {k: v[members] for k, v in queries.items()}, index, rows, seed)
-            ranks[category] = target_ranks(scores, target_columns)
-        results[variant] = fashioniq_metrics(ranks)
-    return results
+            ranks[variant][members] = target_ranks(scores, target_columns)
+    return SplitRanks(ranks, categories=categories)
+
+
+def fashioniq_variant_metrics(triplets: pa.Table, gallery: pa.Table, index: GalleryIndex,
+                              queries: dict[str, torch.Tensor], variants: list[str], seed: int = 0) -> dict[str, dict]:
+    """{variant: FashionIQ metrics}; ``gallery`` holds (image_id, category) rows of the split's galleries."""
+    ranks = fashioniq_split_ranks(triplets, gallery, index, queries, variants, seed)
+    return {variant: ranks.metrics(variant) for variant in variants}
