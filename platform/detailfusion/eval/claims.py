@@ -17,7 +17,7 @@ from typing import Callable, Hashable
 import numpy as np
 
 from .outcomes import Outcomes
-from .statistics import CLUSTER, MIN_SEEDS, bootstrap_draws, encode, epsilon_squared, seed_interval
+from .statistics import CLUSTER, MIN_SEEDS, bootstrap_draws, encode, epsilon_squared, percentile_interval, seed_interval
 
 MAIN = "main"
 MIN_WEIGHT_STD = 0.05  # compositor_adapts: a_di's std over queries must exceed this
@@ -84,12 +84,12 @@ def judge(rule: str, statistic: PerSeed, values: dict[str, np.ndarray], queries:
     estimate, draws = bootstrap_draws(mean, values, resamples, clusters=queries.clusters)
     per_seed = statistic({**values, CLUSTER: encode(queries.clusters)})
     dropped = int(np.isnan(draws).sum())
-    low, high = np.nanpercentile(draws, [2.5, 97.5]) if dropped < len(draws) else (np.nan, np.nan)
+    low, high = percentile_interval(estimate, draws)
     seeds = seed_interval(per_seed, min_seeds=min_seeds)
     root_passes = bool(low > bar)
     seed_passes = None if not seeds["decides"] else bool(seeds["interval_95"][0] > bar)
     verdict = _verdict([root_passes, seed_passes])
-    r = lambda x: round(float(x), digits)  # noqa: E731
+    r = lambda x: round(float(x), digits) + 0.0  # noqa: E731  (no -0.0)
     return {"measured": True, "rule": rule, "holds": verdict == "holds", "verdict": verdict, "bar": bar,
             "difference": r(estimate), "interval_95": [r(low), r(high)],
             "seed_interval_95": seeds["interval_95"] and [r(x) for x in seeds["interval_95"]],
