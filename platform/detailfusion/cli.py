@@ -17,8 +17,8 @@ def _synth(args: argparse.Namespace) -> int:
     from .data.synthetic import write_synthetic
 
     start = time.perf_counter()
-    print(f"writing synthetic {args.kind} ({args.benchmark}, {args.pairs} pairs, seed {args.seed}) to {args.out} ...",
-          flush=True)
+    what = "detail benchmark v2" if args.kind == "detail" else f"{args.kind} ({args.benchmark})"
+    print(f"writing synthetic {what}, seed {args.seed}, to {args.out} ...", flush=True)
     summary = write_synthetic(args.kind, args.out, pairs=args.pairs, seed=args.seed, image_size=args.image_size,
                               benchmark=args.benchmark, val_pairs=args.val_pairs, test_pairs=args.test_pairs,
                               family_size=args.family_size, pairs_per_set=args.pairs_per_set)
@@ -247,19 +247,23 @@ def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     synth = commands.add_parser(
-        "synth", help="write a procedural CIR dataset in the on-disk format of CIRR, FashionIQ or IPr2Pr"
+        "synth", help="write a procedural CIR dataset in the on-disk format of CIRR, FashionIQ or IPr2Pr, or the detail "
+                      "benchmark v2 (CIRR format; --kind detail)"
     )
-    synth.add_argument("--kind", required=True, choices=["cirr", "fashioniq", "ipr2pr"])
+    synth.add_argument("--kind", required=True, choices=["cirr", "fashioniq", "ipr2pr", "detail"],
+                       help="detail: benchmark v2 (local and global edits, every img_set member one edit from the "
+                            "reference, each query tagged; --pairs train queries, 10 per scene root)")
     synth.add_argument("--out", required=True, help="output directory (the dataset root)")
-    synth.add_argument("--pairs", type=int, default=2000,
-                       help="total pairs over all splits; --benchmark detail: train pairs (default 2000)")
+    synth.add_argument("--pairs", type=int,
+                       help="total pairs over all splits (default 2000); --benchmark detail: train pairs (2000); "
+                            "--kind detail: train queries (10000)")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--image-size", type=int, default=128, help="rendered image side in pixels (default 128)")
+    synth.add_argument("--image-size", type=int, help="rendered image side in pixels (default 128; --kind detail: 64)")
     synth.add_argument("--benchmark", default="near-duplicates", choices=["near-duplicates", "detail"],
                        help="cirr: near-duplicates (each img_set alone, default) or detail (families of sibling "
                             "img_sets whose images share the target's shapes, so only the text decides)")
-    synth.add_argument("--val-pairs", type=int, help="--benchmark detail: val queries (500)")
-    synth.add_argument("--test-pairs", type=int, help="--benchmark detail: test1 queries (2000)")
+    synth.add_argument("--val-pairs", type=int, help="--kind detail: val queries (1000); --benchmark detail: (500)")
+    synth.add_argument("--test-pairs", type=int, help="--kind detail: test1 queries (4000); --benchmark detail: (2000)")
     synth.add_argument("--family-size", type=int, help="--benchmark detail: img_sets per family (24)")
     synth.add_argument("--pairs-per-set", type=int, help="--benchmark detail: queries per img_set, of its 10 (5)")
     synth.set_defaults(run=_synth)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .query_tags import QueryTag, read_query_tags
 
-BENCHMARK = "detail"  # synthetic.write_synthetic's layout with distractors that share objects, colours and layouts
+BENCHMARK = "detail"  # synthetic.write_synthetic's kind: benchmark v2 (local and global edits, no star graph)
 
 
 def _written(out: Path, kind: str, options: dict) -> Path:
@@ -22,7 +22,7 @@ def _written(out: Path, kind: str, options: dict) -> Path:
     manifest = out / "synthetic" / "manifest.json"
     if manifest.is_file():
         made = json.loads(manifest.read_text())
-        if all(made.get(k) == v for k, v in options.items()):
+        if made.get("kind") == kind and all(made.get(k) == v for k, v in options.items()):
             print(f"synth: reusing {out} ({kind}, {options})", flush=True)
             return out
     summary = write_synthetic(kind, out, **options)
@@ -30,19 +30,19 @@ def _written(out: Path, kind: str, options: dict) -> Path:
     return out
 
 
-def cirr_options(cirr_pairs: int, test_pairs: int, seed: int) -> dict:
-    """write_synthetic's options of the benchmark's CIRR part (val as large as test1: the pipeline validates on it)."""
-    return {"pairs": cirr_pairs, "seed": seed, "benchmark": BENCHMARK, "val_pairs": test_pairs, "test_pairs": test_pairs}
+def cirr_options(cirr_pairs: int, test_pairs: int, seed: int, val_pairs: int = 1000) -> dict:
+    """write_synthetic's options of the benchmark's CIRR-format part (its train, val and test1 queries)."""
+    return {"pairs": cirr_pairs, "seed": seed, "val_pairs": val_pairs, "test_pairs": test_pairs}
 
 
-def prepare_benchmark(out: str | Path, cirr_pairs: int = 2000, test_pairs: int = 2000, ipr2pr_pairs: int = 2000,
+def prepare_benchmark(out: str | Path, cirr_pairs: int = 10_000, test_pairs: int = 4000, ipr2pr_pairs: int = 2000,
                       seed: int = 0, splits: tuple[str, ...] = ("train", "test1"), preset: str = "tiny",
                       num_cpus: int | None = None) -> dict:
     from ..config import PrepareConfig
     from .prepare import prepare
 
     out = Path(out)
-    cirr = _written(out / "data" / "cirr", "cirr", cirr_options(cirr_pairs, test_pairs, seed))
+    cirr = _written(out / "data" / "cirr", BENCHMARK, cirr_options(cirr_pairs, test_pairs, seed))
     ipr2pr = _written(out / "data" / "ipr2pr", "ipr2pr", {"pairs": ipr2pr_pairs, "seed": seed})
     found = {"root": cirr, "manifest": json.loads((cirr / "synthetic" / "manifest.json").read_text())}
     for kind, root, split in [("ipr2pr", ipr2pr, "train")] + [("cirr", cirr, s) for s in splits]:

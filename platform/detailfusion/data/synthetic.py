@@ -1,7 +1,9 @@
 """Synthetic datasets, the one front: ``write_synthetic(kind, out, pairs, seed)`` writes procedural CIR data in
 the on-disk format of CIRR, FashionIQ or IPr2Pr (``synthetic_scenes``: scenes of coloured shapes, one atomic edit
-per pair), or CIRR's detail benchmark (``synthetic_bench``: families of sibling image sets where only the text
-decides). Everything is deterministic by seed; no scene is shared between splits.
+per pair), the detail benchmark v2 (kind ``detail``, ``synthetic_detail``: local and global edits, every img_set
+member one edit from the reference, in CIRR's layout), or v1 (kind ``cirr``, benchmark ``detail``,
+``synthetic_bench``: families of sibling image sets, local edits only, kept for comparison). Everything is
+deterministic by seed; no scene is shared between splits.
 """
 
 from __future__ import annotations
@@ -10,18 +12,24 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .synthetic_bench import DetailLayout, write_cirr_detail
+from .synthetic_detail import DetailV2Layout, write_detail_v2
 from .synthetic_scenes import write_json, write_cirr, write_fashioniq, write_ipr2pr
 
-WRITERS = {"cirr": write_cirr, "fashioniq": write_fashioniq, "ipr2pr": write_ipr2pr}
+WRITERS = {"cirr": write_cirr, "fashioniq": write_fashioniq, "ipr2pr": write_ipr2pr, "detail": write_detail_v2}
+DETAIL_V2_IMAGE_SIZE = 64  # the tiny preset's input side: the renderer draws it directly (no resize in prepare)
 
 
 BENCHMARKS = ("near-duplicates", "detail")
 
 
-def write_synthetic(kind: str, out: str | Path, pairs: int = 2000, seed: int = 0, image_size: int = 128, *,
+def write_synthetic(kind: str, out: str | Path, pairs: int | None = None, seed: int = 0, image_size: int | None = None, *,
                     benchmark: str = "near-duplicates", val_pairs: int | None = None, test_pairs: int | None = None,
                     family_size: int | None = None, pairs_per_set: int | None = None) -> dict:
     """Write synthetic pairs of dataset ``kind`` under ``out``; returns pair counts per split.
+
+    kind "detail" (benchmark v2, synthetic_detail.DetailV2Layout, its defaults where None): ``pairs`` train queries,
+    ``val_pairs`` and ``test_pairs`` queries, 10 per scene root (defaults 10,000 / 1,000 / 4,000); images of
+    ``image_size`` (default 64) pixels. Other kinds: ``pairs`` 2000 and 128-pixel images by default.
 
     benchmark "near-duplicates": ``pairs`` over all splits, each img_set alone with its near-duplicates.
     benchmark "detail" (CIRR only; synthetic_bench.DetailLayout, its defaults where None): ``pairs`` train queries,
@@ -33,6 +41,11 @@ def write_synthetic(kind: str, out: str | Path, pairs: int = 2000, seed: int = 0
     detail = {name: value for name, value in detail.items() if value is not None}
     if kind not in WRITERS:
         raise ConfigError(f"unknown synthetic kind {kind!r}; known: {', '.join(WRITERS)}")
+    if kind == "detail":
+        return _write_detail_v2(Path(out), DetailV2Layout.train_pairs if pairs is None else pairs, seed, image_size or DETAIL_V2_IMAGE_SIZE, benchmark,
+                                val_pairs=val_pairs, test_pairs=test_pairs, family_size=family_size,
+                                pairs_per_set=pairs_per_set)
+    image_size, pairs = image_size or 128, 2000 if pairs is None else pairs
     if benchmark not in BENCHMARKS:
         raise ConfigError(f"unknown synthetic benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
     if benchmark == "detail" and kind != "cirr":
@@ -53,4 +66,20 @@ def write_synthetic(kind: str, out: str | Path, pairs: int = 2000, seed: int = 0
         options = {"benchmark": benchmark}
     write_json(out / "synthetic" / "manifest.json", {"kind": kind, "pairs": pairs, "seed": seed,
                                                        "image_size": image_size, **options, "splits": summary})
+    return summary
+
+
+def _write_detail_v2(out: Path, pairs: int, seed: int, image_size: int, benchmark: str, **options) -> dict:
+    given = {name: value for name, value in options.items() if value is not None}
+    unknown = [name for name in given if name not in ("val_pairs", "test_pairs")]
+    if unknown or benchmark != "near-duplicates":
+        named = ", ".join(unknown + ([f"benchmark={benchmark}"] if benchmark != "near-duplicates" else []))
+        raise ConfigError(f"{named}: not options of kind 'detail' (benchmark v2 takes pairs, val_pairs, test_pairs)")
+    layout = DetailV2Layout(pairs, **given)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = write_detail_v2(out, layout, seed, image_size)
+    write_json(out / "synthetic" / "manifest.json", {"kind": "detail", "benchmark": "detail-v2", "pairs": pairs,
+                                                       "seed": seed, "image_size": image_size,
+                                                       **{k: v for k, v in vars(layout).items() if k != "train_pairs"},
+                                                       "splits": summary})
     return summary
