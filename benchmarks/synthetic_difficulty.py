@@ -1,5 +1,6 @@
-"""How hard the synthetic CIRR layouts are without a trained model: the near-duplicate layout against the detail
-benchmark, in the same run, on test1 with its hidden targets.
+"""How hard the synthetic CIRR layouts are without a trained model: the near-duplicate layout, the detail benchmark
+v1 and v2, in the same run, on test1 with its hidden targets. v2 also gets its shortcut report per edit family and
+direction (random, pixel NN, text only, late fusion, oracle: detailfusion.data.shortcut_report).
 
 Writes both layouts (timing each), then scores test1 with the image-only pixel baseline (cosine of mean-centred
 ``--side`` x ``--side`` RGB, reference removed), random scores and the caption + ground-truth-scene oracle
@@ -7,6 +8,7 @@ Writes both layouts (timing each), then scores test1 with the image-only pixel b
 
     python benchmarks/synthetic_difficulty.py [--test-pairs 2000] [--val-pairs 500] [--train-pairs 1600]
         [--old-pairs 20000] [--image-size 128] [--side 16] [--seed 0] [--out DIR]
+        [--v2-test-pairs 4000] [--v2-train-pairs 10000]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from detailfusion.data.shortcut_report import shortcut_report, shortcut_table
 from detailfusion.data.synthetic import write_synthetic
 from detailfusion.data.synthetic_difficulty import RECALL_AT, SUBSET_RECALL_AT, difficulty, load_queries
 
@@ -31,6 +34,8 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=16, help="pixel baseline's downsampled side")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="directory for the datasets (default: a temporary one)")
+    parser.add_argument("--v2-test-pairs", type=int, default=4000, help="benchmark v2 test1 queries")
+    parser.add_argument("--v2-train-pairs", type=int, default=10000, help="benchmark v2 train queries (timing)")
     args = parser.parse_args()
 
     out = Path(args.out or tempfile.mkdtemp(prefix="synthetic-difficulty-"))
@@ -39,15 +44,24 @@ def main() -> None:
                              test_pairs=args.test_pairs)
     columns = [f"R@{k}" for k in RECALL_AT] + [f"Rs@{k}" for k in SUBSET_RECALL_AT]
     rows = []
+    layouts["detail v2"] = dict(kind="detail", pairs=args.v2_train_pairs, test_pairs=args.v2_test_pairs)
     for name, options in layouts.items():
         root = out / name.replace(" ", "-")
+        kind = options.pop("kind", "cirr")
         start = time.perf_counter()
-        summary = write_synthetic("cirr", root, seed=args.seed, image_size=args.image_size, **options)
+        size = None if kind == "detail" else args.image_size  # v2 draws the tiny preset's 64 px
+        summary = write_synthetic(kind, root, seed=args.seed, image_size=size, **options)
         seconds = time.perf_counter() - start
         queries = load_queries(root, "test1")
         images = sum(len(load_queries(root, s).gallery) for s in ("train", "val", "test1"))
         print(f"{name}: {images} images, {sum(summary.values())} pairs written in {seconds:.1f} s "
-              f"({args.image_size} px); test1 {len(queries.reference)} queries over {len(queries.gallery)} images")
+              f"({size or 64} px); test1 {len(queries.reference)} queries over {len(queries.gallery)} images")
+        if kind == "detail":
+            report = shortcut_report(root, "test1", args.side, args.seed)
+            print(f"\nshortcut report, {name} test1, by edit family / direction:\n{shortcut_table(report)}\n")
+            for scorer in ("random", "pixel_nn", "oracle"):
+                rows.append((name, len(queries.reference), len(queries.gallery), scorer, report[scorer]["all"]))
+            continue
         for scorer, metrics in difficulty(root, "test1", args.side, args.seed).items():
             rows.append((name, len(queries.reference), len(queries.gallery), scorer, metrics))
     print(f"\n| layout | queries | gallery | scorer | {' | '.join(columns)} |")
