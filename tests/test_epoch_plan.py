@@ -1,10 +1,13 @@
 """The training input's plan of every epoch (no Ray): a fresh seeded shuffle per epoch (METHOD.md's data order),
-reproducible from the seed, whole global batches, texts tokenised once, subset negatives from the row's own set."""
+reproducible from the seed, whole global batches, texts tokenised once, subset negatives from the row's own set; the
+stage-2 / stage-3 holdout by group (scene root, else img_set, else sample id)."""
+
+import json
 
 import numpy as np
 import pyarrow as pa
 
-from detailfusion.data.training_input import epoch_plan, sample_key
+from detailfusion.data.training_input import epoch_plan, holdout_groups, holdout_mask, sample_key
 from detailfusion.model.tokenizer import build_tiny_tokenizer
 
 ROWS = 22
@@ -52,3 +55,28 @@ def test_rows_point_at_their_own_text_images_and_set_members():
         assert columns["target_row"][i] == index[row["target_id"]]
         allowed = {index[m] for m in row["subset_ids"]} - {index[row["reference_id"]], index[row["target_id"]]}
         assert set(columns["subset_rows"][i].tolist()) <= allowed and len(set(columns["subset_rows"][i])) == 2
+
+
+def test_the_holdout_never_splits_a_scene_root_or_an_img_set(tmp_path):
+    """40 queries of 10 scene roots, two img_sets per root (members listed in varying order): with the roots on record
+    (benchmark v2's caption records) a root is held out whole; without them an img_set is; without sets, rows go one
+    by one. Each grouping puts its groups wholly in fit or in holdout, and both parts are non-empty."""
+    rows = 40
+    root_of, set_of = [i // 4 for i in range(rows)], [i // 2 for i in range(rows)]
+    members = [[f"img{set_of[i]}_{k}" for k in range(6)][:: 1 if i % 2 else -1] for i in range(rows)]
+    table = pa.table({"sample_id": [f"cirr/train/{i}" for i in range(rows)], "subset_ids": members})
+    (tmp_path / "captions").mkdir()
+    (tmp_path / "captions" / "cap.rc2.train.json").write_text(json.dumps([
+        {"pairid": i, "edit_type": "recolour", "edit_family": "local", "direction": "forward", "scene_root": root_of[i]}
+        for i in range(rows)]))
+    no_sets = pa.table({"sample_id": table.column("sample_id"), "subset_ids": [[] for _ in range(rows)]})
+    for groups, owner in ((holdout_groups(table, tmp_path, "train"), root_of),  # the roots on record
+                          (holdout_groups(table, tmp_path / "elsewhere", "train"), set_of),  # no records: img_sets
+                          (holdout_groups(no_sets), list(range(rows)))):  # no sets either: sample ids
+        assert len(set(groups)) == len(set(owner))
+        held = holdout_mask(groups, 0.5)
+        assert 0 < held.sum() < rows
+        for group in set(owner):
+            assert len({bool(h) for h, o in zip(held, owner) if o == group}) == 1, f"group {group} was split"
+    assert np.array_equal(holdout_mask(holdout_groups(table, tmp_path, "train"), 0.5),
+                          holdout_mask(holdout_groups(table, tmp_path, "train"), 0.5))  # stable

@@ -59,6 +59,34 @@ def test_detail_loss_with_batch_references_and_subset_negatives():
     assert loss.item() == pytest.approx(expected, abs=1e-6)
 
 
+SUBSET = torch.tensor([[[[0.8, 0.6]]], [[[0.28, 0.96]]]])  # [B, S=1, Nq=1, D]: s(q_0, .) = 0.8, s(q_1, .) = 0.96
+
+
+@pytest.mark.parametrize("reference, subset, batch_refs, columns", [
+    (False, False, False, [[1, 0], [0, 1]]),  # L_GM
+    (False, True, False, [[1, 0, 0.8], [0, 1, 0.96]]),  # reference off, K = 1: the img_set column alone
+    (True, False, False, [[1, 0, 0.6], [0, 1, 0.6]]),  # reference on, K = 0: the reference column alone
+    (True, True, False, [[1, 0, 0.6, 0.8], [0, 1, 0.6, 0.96]]),
+    (False, False, True, [[1, 0, -math.inf, 0.8], [0, 1, 0.8, -math.inf]]),  # other references; own masked out
+    (True, False, True, [[1, 0, 0.6, 0.8], [0, 1, 0.8, 0.6]]),
+])
+def test_each_hard_negative_switch_adds_only_its_own_columns(reference, subset, batch_refs, columns):
+    """reference_negative, the subset negatives (loss.subset_negatives) and batch_reference_negatives are independent:
+    each adds its own logit columns (hand-computed) and leaves the others as they are."""
+    q, t, r = features()
+    loss = DetailLoss(reference_negative=reference, batch_reference_negatives=batch_refs)
+    kwargs = dict(references=r, subset_negatives=SUBSET if subset else None)
+    logits = loss.logits(q, t, ONE, **kwargs)
+    assert torch.allclose(logits, torch.tensor(columns, dtype=torch.float), atol=1e-6)
+    q = q.clone().requires_grad_(True)
+    out = loss(q, t, ONE, **kwargs)
+    finite = [[x for x in row if x != -math.inf] for row in columns]
+    assert out["loss"].item() == pytest.approx((ce(finite[0], 0) + ce(finite[1], 1)) / 2, abs=1e-6)
+    out["loss"].backward()
+    assert torch.isfinite(q.grad).all()  # a masked column (-inf) carries no NaN
+    assert ("hard_negative_mass" in out) == (len(columns[0]) > 2)
+
+
 def test_detail_loss_without_reference_negative_equals_the_matching_loss():
     torch.manual_seed(0)
     q = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)

@@ -1,6 +1,9 @@
 """The training recipe of METHOD.md, point by point, without Ray: precision (fp32 master weights under bf16 autocast,
-fp32 LayerNorm / logits, fp32 exports and loads), per-branch clipping, the one-cycle divisors, the "without L_DI"
-switch, stage 3's compositor from its own config, and seeded per-epoch data order."""
+fp32 LayerNorm / logits, fp32 exports and loads), temperatures (clamped in place, never without a gradient; no weight
+decay), per-branch clipping, the one-cycle divisors, the independent hard-negative switches, stage 3's compositor
+from its own config, the blip2 configs' values, and seeded per-epoch data order."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +11,8 @@ import torch
 from detailfusion.config import JobConfig, load_config, with_value
 from detailfusion.losses import ContrastiveLoss, DetailLoss, max_similarity
 from detailfusion.model import build_model, load_model, save_model
-from detailfusion.train.engine import autocast, clip_groups, deepspeed_config, keep_fp32, one_cycle
+from detailfusion.model.branch import TEMPERATURE_BOUNDS
+from detailfusion.train.engine import autocast, clip_groups, deepspeed_config, keep_fp32, one_cycle, param_groups
 from detailfusion.train.loop import dealt, epoch_seed
 from detailfusion.train.run import StageError, check_optimisation, compositor_fields, initial_model, subset_negatives
 from detailfusion.train.stages import STAGES, branch_loss, build_loss, freeze_for_stage
@@ -95,6 +99,99 @@ def test_exports_are_fp32_unless_asked_and_loads_take_an_explicit_dtype(tmp_path
     assert {p.dtype for p in load_model(tmp_path / "bf16", dtype=torch.bfloat16)[0].parameters()} == {torch.bfloat16}
 
 
+# -- temperatures -----------------------------------------------------------------------------------------------
+
+
+def temperatures(model):
+    """(parameter, its accessor) of every learned temperature: the branches' tau_g / tau_d and L_C's tau_u."""
+    return [(model.gm_branch.temp, model.gm_branch.temperature), (model.di_branch.temp, model.di_branch.temperature),
+            (model.unified_temp, model.unified_temperature)]
+
+
+@pytest.mark.parametrize("raw, solvable", [(-0.0186, False), (0.9, True)])
+def test_a_temperature_past_its_bound_keeps_its_gradient_and_steps_back_inside(raw, solvable):
+    """BLIP/ALBEF's in-place clamp: a raw value past the bound (seen: unified_temp at -0.0186, tau pinned at 0.001) is
+    clamped, gets a gradient there, and one optimizer step moves it inside when the loss asks it to: a larger tau where
+    the positives are not on top (random features), a smaller one where every query is its own target."""
+    low, high = TEMPERATURE_BOUNDS
+    model, _ = build_model("tiny")
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    t = q[:, None, :] if solvable else torch.nn.functional.normalize(torch.randn(8, 2, 16), dim=-1)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3)
+    for param, _ in temperatures(model):
+        param.data.fill_(raw)
+    loss = sum(ContrastiveLoss()(q, t, temperature())["loss"] for _, temperature in temperatures(model))
+    loss.backward()
+    for param, temperature in temperatures(model):
+        assert param.item() == pytest.approx(high if raw > high else low)  # clamped in place by the forward
+        assert param.grad is not None and param.grad.abs().item() > 0 and torch.isfinite(param.grad).all()
+        assert (param.grad.item() > 0) == solvable  # solvable: the loss falls with tau
+    optimizer.step()
+    for param, temperature in temperatures(model):
+        assert low < temperature().item() < high  # moved back inside, not clamped again
+
+
+def test_temperatures_have_no_weight_decay_and_every_stage_groups_its_own():
+    """One AdamW group decays, the other holds the stage's temperatures at weight decay 0."""
+    model, _ = build_model("tiny")
+    expected = {0: {"gm_branch.temp"}, 1: {"di_branch.temp"}, 2: {"gm_branch.temp", "di_branch.temp"},
+                3: {"unified_temp"}}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for stage, temps in expected.items():
+        freeze_for_stage(model, STAGES[stage])
+        groups = {g["name"]: g for g in param_groups(model, 0.05)}
+        assert {names[id(p)] for p in groups["temperatures"]["params"]} == temps
+        assert groups["temperatures"]["weight_decay"] == 0.0 and groups["decayed"]["weight_decay"] == 0.05
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert {names[id(p)] for g in groups.values() for p in g["params"]} == trainable
+
+
+def _engine_worker(rank, init_file, results):
+    """One DeepSpeed rank (gloo, world 1): stage 3 on ZeRO-0 and stage 2 on ZeRO-2, each with its temperature set past
+    the bound; reports each optimizer group's weight decay and the raw temperature after one step."""
+    import os
+
+    from detailfusion.train.engine import build_engine
+
+    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", DS_ACCELERATOR="cpu")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    torch.manual_seed(0)
+    for stage, zero, name in ((3, 0, "unified_temp"), (2, 2, "gm_branch.temp")):
+        config = job(f"train.zero_stage={zero}", "optim.lr=1e-3", "optim.div_factor=1")
+        model, _ = build_model("tiny")
+        freeze_for_stage(model, STAGES[stage])
+        param = dict(model.named_parameters())[name]
+        param.data.fill_(-0.0186)  # before the engine: ZeRO-2's fp32 master copy starts there too
+        engine, optimizer, _ = build_engine(model, config.train, config.optim, world_size=1, total_steps=10)
+        param = dict(model.named_parameters())[name]
+        accessor = model.unified_temperature if stage == 3 else model.gm_branch.temperature
+        q = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+        t = torch.nn.functional.normalize(torch.randn(8, 2, 16), dim=-1)
+        engine.backward(ContrastiveLoss()(q, t, accessor())["loss"])
+        engine.step()
+        results[(stage, zero)] = ([g["weight_decay"] for g in optimizer.param_groups], param.item())
+    torch.distributed.destroy_process_group()
+
+
+def test_deepspeed_keeps_the_temperature_group_and_its_gradient(tmp_path):
+    """Through build_engine: DeepSpeed keeps both AdamW groups (ZeRO-0 and ZeRO-2 alike), and a temperature past its
+    bound takes a step. ZeRO-0 steps the clamped parameter inside; ZeRO-2 steps its own fp32 master copy (never
+    clamped: the forward clamps the model's copy each time) and writes it back: -0.0186 moves towards the bound by
+    one step (lr 1e-3), the gradient having reached it."""
+    import torch.multiprocessing as mp
+
+    with mp.get_context("spawn").Manager() as manager:
+        shared = manager.dict()
+        mp.spawn(_engine_worker, args=(str(tmp_path / "init"), shared), nprocs=1, join=True)
+        results = dict(shared)
+    low, high = TEMPERATURE_BOUNDS
+    for key in ((3, 0), (2, 2)):
+        assert results[key][0] == [0.05, 0.0]
+    assert low < results[(3, 0)][1] < high
+    assert results[(2, 2)][1] == pytest.approx(-0.0186 + 1e-3, abs=1e-5)
+
+
 # -- clipping, schedule ---------------------------------------------------------------------------------
 
 
@@ -149,22 +246,42 @@ def test_one_cycle_divisors_are_options():
     assert rates[-1] == pytest.approx(1e-6, rel=1e-3)
 
 
-# -- the "without L_DI" ablation --------------------------------------------------------------------------
+# -- the ablation switches ------------------------------------------------------------------------------------
 
 
-def test_without_reference_negative_l_di_is_exactly_l_gm_even_with_subset_negatives():
+def test_reference_negative_and_subset_negatives_are_independent_switches():
+    """reference_negative drops the own reference only: with K img_set negatives it still uses them (the driver still
+    draws them), and L_DI equals L_GM exactly only with both off (the paper's ablation, img_set negatives off in both
+    arms)."""
     torch.manual_seed(0)
     q = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
     t, r = (torch.nn.functional.normalize(torch.randn(4, 3, 8), dim=-1) for _ in range(2))
     subset = torch.nn.functional.normalize(torch.randn(4, 2, 3, 8), dim=-1)
     tau = torch.tensor(0.1)
-    off = DetailLoss(reference_negative=False, hard_negative_scale=3.0, batch_reference_negatives=True)
-    assert off(q, t, tau, references=r, subset_negatives=subset)["loss"] == ContrastiveLoss()(q, t, tau)["loss"]
-    on = DetailLoss()(q, t, tau, references=r, subset_negatives=subset)["loss"]
-    assert on > ContrastiveLoss()(q, t, tau)["loss"]
-    assert subset_negatives(job("loss.subset_negatives=2", "loss.reference_negative=false")) == 0
-    assert subset_negatives(job("loss.subset_negatives=2")) == 2
-    assert subset_negatives(job("loss.subset_negatives=2", "train.stage=3")) == 0
+    gm = ContrastiveLoss()(q, t, tau)["loss"]
+    off = DetailLoss(reference_negative=False, hard_negative_scale=3.0)
+    assert off(q, t, tau, references=r)["loss"] == gm
+    ref_off_subset_on = off(q, t, tau, references=r, subset_negatives=subset)["loss"]
+    assert ref_off_subset_on > gm
+    on = DetailLoss()
+    assert on(q, t, tau, references=r, subset_negatives=subset)["loss"] > on(q, t, tau, references=r)["loss"] > gm
+    for reference in ("true", "false"):
+        assert subset_negatives(job("loss.subset_negatives=2", f"loss.reference_negative={reference}")) == 2
+    assert subset_negatives(job("loss.subset_negatives=2", "train.stage=3")) == 2  # L_C's img_set negatives
+    assert subset_negatives(job("loss.subset_negatives=2", "train.stage=0")) == 0  # image-text: no such negatives
+    spec = STAGES[2]  # the DI branch encodes the reference only where the loss reads it, the subset whenever given
+    model, _ = build_model("tiny")
+    freeze_for_stage(model, spec)
+    calls = []
+    original = model.di_branch.encode_target
+    model.di_branch.encode_target = lambda embeds: calls.append(embeds.shape[0]) or original(embeds)
+    loss_fn = build_loss(spec, job("loss.reference_negative=false").loss)
+    branch_loss(spec, model, loss_fn, batch(), "pixel_values")
+    assert calls == [4, 8]  # the targets, then 4 x 2 subset images; no reference
+    calls.clear()
+    branch_loss(spec, model, build_loss(spec, job().loss), {k: v for k, v in batch().items() if k != "subset"},
+                "pixel_values")
+    assert calls == [4, 4]  # the targets, then the references
 
 
 # -- stage 3's compositor ----------------------------------------------------------------------------------
@@ -198,6 +315,10 @@ def test_the_blip2_configs_keep_method_values():
         check_optimisation(config)
     assert (cirr.loss.gamma, cirr.optim.lr, cirr.train.epochs) == (2.0, 1e-5, 50)
     assert (fiq.optim.lr, fiq.train.epochs) == (2e-5, 30)
+    stages = [load_config(JobConfig, path) for path in sorted(Path("jobs/configs").glob("stage*_blip2*.yaml"))]
+    assert len(stages) >= 4 and all(1e-5 <= c.optim.lr <= 2e-5 for c in stages)  # [paper] every stage, 3 included
+    stage3 = load_config(JobConfig, "jobs/configs/stage3_blip2_cirr.yaml")
+    assert stage3.loss.reference_negative and stage3.loss.subset_negatives > 0  # L_C's hard negatives (METHOD.md)
 
 
 # -- data order ---------------------------------------------------------------------------------------------

@@ -180,11 +180,19 @@ def test_two_ranks_get_disjoint_micro_batches_covering_the_split_every_epoch(cir
 
 def test_holdout_rows_are_stable_disjoint_and_complete(cirr_prepared, exported):
     """data.holdout_fraction: stage 2 gathers only the rows outside the held-out share, stage 3 only those inside;
-    the share is fixed by the sample ids (the same in every stage, seed and run)."""
+    the share is fixed by the rows' groups (here the img_sets: the split's captions record no scene root), the same
+    in every stage, seed and run, and no img_set has rows on both sides."""
+    from detailfusion.data.manifest import read_manifest
+    from detailfusion.data.training_input import holdout_groups
+
     _, tokenizer, _ = exported
-    ids = pq.read_table(cirr_prepared / "triplets").column("sample_id").to_pylist()  # 40 rows
-    held = holdout_mask(ids, 0.5)
-    assert 0 < held.sum() < len(ids) and np.array_equal(held, holdout_mask(list(ids), 0.5))
+    table = pq.read_table(cirr_prepared / "triplets")
+    manifest = read_manifest(cirr_prepared)
+    ids = table.column("sample_id").to_pylist()  # 40 rows
+    groups = holdout_groups(table, manifest.source, manifest.split)
+    assert len(set(groups)) < len(ids)  # several queries per img_set
+    held = holdout_mask(groups, 0.5)
+    assert 0 < held.sum() < len(ids) and np.array_equal(held, holdout_mask(list(groups), 0.5))
     keys = {}
     for part in ("fit", "holdout"):
         stream = gallery_input(cirr_prepared, tokenizer, 32, use_features=False, batch_size=2, seed=3,
@@ -194,3 +202,5 @@ def test_holdout_rows_are_stable_disjoint_and_complete(cirr_prepared, exported):
     assert not keys["fit"] & keys["holdout"]
     assert keys["holdout"] <= {sample_key(s) for s, h in zip(ids, held) if h}
     assert len(keys["holdout"]) == held.sum() // 2 * 2 and len(keys["fit"]) == (~held).sum() // 2 * 2
+    group_of = {sample_key(s): g for s, g in zip(ids, groups)}
+    assert not {group_of[k] for k in keys["fit"]} & {group_of[k] for k in keys["holdout"]}

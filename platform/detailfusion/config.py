@@ -42,10 +42,13 @@ class ModelConfig:
 @dataclass(frozen=True)
 class LossConfig:
     gamma: float = 2.0  # L_joint = L_DI + gamma * L_GM
-    reference_negative: bool = True  # false: the paper's "without L_DI" ablation, L_DI = L_GM (every hard negative off)
-    hard_negative_scale: float = 1.0  # w >= 1: adds log(w) to the hard negatives' logits
-    batch_reference_negatives: bool = False
-    subset_negatives: int = 0  # K extra negatives per query from its near-duplicate set
+    # The hard negatives of L_DI (stages 1-2) and of L_C (stage 3, as gallery embeddings), each switch on its own:
+    reference_negative: bool = True  # the query's own reference; false: the paper's "without L_DI" ablation (L_DI =
+    #   L_GM when subset_negatives is 0 too: compare with img_set negatives off in both arms)
+    hard_negative_scale: float = 1.0  # w >= 1: adds log(w) to the own reference's and subset negatives' logits
+    batch_reference_negatives: bool = False  # the batch's other references too
+    subset_negatives: int = 0  # K img_set members per query (CIRR near-duplicates, drawn each epoch; at stage 3 once),
+    #   whatever reference_negative says
     gather_across_ranks: bool = True  # global contrastive batch over all data-parallel ranks
 
 
@@ -58,8 +61,9 @@ class DataConfig:
     use_feature_cache: bool = True  # train on cached frozen-ViT features when the prepared split has them
     in_memory_max_mb: float = 1024.0  # an inline split (IPr2Pr) up to this size on disk is held whole in the object
     #   store like a gallery split (a fresh permutation every epoch, no Ray Data start-up); larger ones stream
-    holdout_fraction: float = 0.0  # [ours] a stable share of a CIRR/FashionIQ training split (by sample id) that
-    #   stages 1-2 never see and stage 3 trains on alone: the compositor learns on queries the branches did not fit
+    holdout_fraction: float = 0.0  # [ours] a stable share of a CIRR/FashionIQ training split that stages 1-2 never
+    #   see and stage 3 trains on alone: the compositor learns on queries the branches did not fit. Held out by group
+    #   (data/training_input.py holdout_groups): the scene root where the captions record one, else the img_set
     train_split: str = "train"
     val_split: str = "val"
     categories: tuple[str, ...] = ("dress", "shirt", "toptee")  # FashionIQ only

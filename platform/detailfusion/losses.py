@@ -1,5 +1,5 @@
-"""Losses of METHOD.md: ``L_GM`` / ``L_C`` (in-batch InfoNCE), ``L_DI`` (with hard negatives), ``L_joint`` and
-stage 0's image-text contrastive loss (BLIP-2's ITC).
+"""Losses of METHOD.md: ``L_GM`` (in-batch InfoNCE), ``L_DI`` and ``L_C`` (with hard negatives: the own reference,
+img_set members, each behind its own switch), ``L_joint`` and stage 0's image-text contrastive loss (BLIP-2's ITC).
 
 Feature shapes: queries [B, D] (unit norm), targets / references [B, Nq, D] (unit norm per token), subset
 negatives [B, S, Nq, D]. Similarity ``s(q, t) = max_k <q, t_k>``; logits are ``s / tau``.
@@ -92,7 +92,7 @@ class _RankAware(nn.Module):
 
 
 class ContrastiveLoss(_RankAware):
-    """In-batch InfoNCE of queries over the (global) batch's targets: ``L_GM``, and ``L_C`` on unified features."""
+    """In-batch InfoNCE of queries over the (global) batch's targets: ``L_GM``."""
 
     def target_logits(self, query: torch.Tensor, targets: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
         """[B, D], [B, Nq, D] -> [B, world_size * B] logits against every target of the global batch."""
@@ -103,27 +103,19 @@ class ContrastiveLoss(_RankAware):
         return {"loss": F.cross_entropy(logits.float(), self._labels(query.shape[0], query.device))}
 
 
-class FusedContrastiveLoss(ContrastiveLoss):
-    """``L_C`` (stage 3): InfoNCE of unified queries [B, 2D] over the batch's gallery embeddings [B, Nq, 2D] scored by
-    the model's fusion score (``model/fusion.py``: ``branch_max`` or ``joint_max``)."""
-
-    def __init__(self, fusion_score: str = "branch_max", **rank_settings):
-        super().__init__(**rank_settings)
-        self.fusion_score = check_rule(fusion_score)
-
-    def target_logits(self, query: torch.Tensor, targets: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-        return fused_scores(query, self._global(targets), self.fusion_score) / temperature
-
-
 class DetailLoss(ContrastiveLoss):
-    """``L_DI``: InfoNCE whose negatives also include the query's own reference image (and optional extras).
+    """``L_DI``: InfoNCE whose negatives also include hard negatives, each kind behind its own switch (each adds its
+    own logit columns and touches no other):
 
-    reference_negative: add ``s(q_i, r_i)`` as a negative. Off: the paper's "without L_DI" ablation, the loss equals
-        ``L_GM`` exactly (no hard negative of any kind: subset negatives are ignored too).
-    hard_negative_scale: ``w >= 1`` multiplies the hard negatives' exp-logits (``+log w``): own reference and
-        subset negatives. Other queries' references are plain negatives.
-    batch_reference_negatives: the references of every query of the (global) batch are negatives too.
-    Subset negatives (near-duplicates of the reference, e.g. CIRR ``img_set`` members) come per call.
+    reference_negative: the query's own reference ``s(q_i, r_i)`` (one column). Off, with no subset negatives given
+        and ``batch_reference_negatives`` off, the loss equals ``L_GM`` exactly (the paper's "without L_DI").
+    subset negatives (near-duplicates of the reference, e.g. CIRR ``img_set`` members): given per call
+        (``subset_negatives`` [B, S, Nq, D]: S columns; ``loss.subset_negatives`` sets S), whatever
+        ``reference_negative`` says.
+    batch_reference_negatives: the references of the (global) batch's other queries (world * B columns; the query's
+        own column holds its own reference with ``reference_negative``, else it is masked out).
+    hard_negative_scale: ``w >= 1`` multiplies the own reference's and the subset negatives' exp-logits
+        (``+log w``); other queries' references are plain negatives.
     """
 
     def __init__(
@@ -140,6 +132,43 @@ class DetailLoss(ContrastiveLoss):
         self.log_scale = math.log(hard_negative_scale)
         self.batch_reference_negatives = batch_reference_negatives
 
+    @property
+    def uses_references(self) -> bool:
+        """Whether the loss reads the references' target features (callers encode them only then)."""
+        return self.reference_negative or self.batch_reference_negatives
+
+    def paired_logits(self, query: torch.Tensor, items: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        """Each query against its own items: [B, D] x [B, S, Nq, D] -> [B, S] logits."""
+        return paired_similarity(query, items) / temperature
+
+    def logits(
+        self,
+        query: torch.Tensor,
+        targets: torch.Tensor,
+        temperature: torch.Tensor,
+        references: torch.Tensor | None = None,
+        subset_negatives: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """fp32 logits [B, world * B targets (+ 1 own reference, or + world * B references with
+        batch_reference_negatives) (+ S subset negatives)]; row i's label is its target's column, ``rank * B + i``."""
+        columns = [self.target_logits(query, targets, temperature)]
+        if self.uses_references:
+            if references is None:
+                raise ValueError(f"{type(self).__name__} with reference_negative or batch_reference_negatives needs "
+                                 "the references' target features")
+            own = self.paired_logits(query, references[:, None], temperature)[:, 0] + self.log_scale  # [B]
+            if not self.reference_negative:  # only the other queries' references: the own one is masked out
+                own = torch.full_like(own, float("-inf"))
+            if self.batch_reference_negatives:
+                batch_refs = self.target_logits(query, references, temperature)  # [B, world * B]
+                mine = self._labels(query.shape[0], query.device)
+                columns.append(batch_refs.scatter(1, mine[:, None], own[:, None]))
+            else:
+                columns.append(own[:, None])
+        if subset_negatives is not None and subset_negatives.shape[1] > 0:
+            columns.append(self.paired_logits(query, subset_negatives, temperature) + self.log_scale)
+        return torch.cat(columns, dim=1).float()
+
     def forward(
         self,
         query: torch.Tensor,
@@ -148,23 +177,39 @@ class DetailLoss(ContrastiveLoss):
         references: torch.Tensor | None = None,
         subset_negatives: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """query [B, D]; targets, references [B, Nq, D]; subset_negatives [B, S, Nq, D] or None."""
-        columns = [self.target_logits(query, targets, temperature)]
-        if not self.reference_negative:
-            return {"loss": F.cross_entropy(columns[0], self._labels(query.shape[0], query.device))}
-        if references is None:
-            raise ValueError("L_DI with reference_negative=True needs the references' DI target features")
-        own = paired_similarity(query, references) / temperature + self.log_scale  # [B]
-        if self.batch_reference_negatives:
-            batch_refs = max_similarity(query, self._global(references)) / temperature  # [B, world * B]
-            mine = self._labels(query.shape[0], query.device)
-            columns.append(batch_refs.scatter(1, mine[:, None], own[:, None]))
-        else:
-            columns.append(own[:, None])
-        if subset_negatives is not None and subset_negatives.shape[1] > 0:
-            columns.append(paired_similarity(query, subset_negatives) / temperature + self.log_scale)
-        logits = torch.cat(columns, dim=1)
-        return {"loss": F.cross_entropy(logits.float(), self._labels(query.shape[0], query.device))}
+        """query [B, D]; targets, references [B, Nq, D]; subset_negatives [B, S, Nq, D] or None. With hard negatives,
+        also ``hard_negative_mass``: the softmax mass on their columns, mean over queries (a diagnostic, no
+        gradient)."""
+        logits = self.logits(query, targets, temperature, references, subset_negatives)
+        out = {"loss": F.cross_entropy(logits, self._labels(query.shape[0], query.device))}
+        targets_seen = query.shape[0] * (self.world_size if self.gather else 1)
+        if logits.shape[1] > targets_seen:
+            out["hard_negative_mass"] = logits.detach().softmax(dim=1)[:, targets_seen:].sum(dim=1).mean()
+        return out
+
+
+class FusedContrastiveLoss(DetailLoss):
+    """``L_C`` (stage 3): InfoNCE of unified queries [B, 2D] over the batch's gallery embeddings [B, Nq, 2D] scored by
+    the model's fusion score (``model/fusion.py``: ``branch_max`` or ``joint_max``), with ``DetailLoss``'s hard
+    negatives as gallery embeddings too (METHOD.md stage 3 [ours]): the query's own reference
+    (``reference_negative``), its img_set members (``subset_negatives`` [B, S, Nq, 2D] per call) and optionally the
+    batch's references, each switch on its own; none: in-batch InfoNCE."""
+
+    def __init__(self, fusion_score: str = "branch_max", reference_negative: bool = False,
+                 hard_negative_scale: float = 1.0, batch_reference_negatives: bool = False, **rank_settings):
+        super().__init__(reference_negative, hard_negative_scale, batch_reference_negatives, **rank_settings)
+        self.fusion_score = check_rule(fusion_score)
+
+    def target_logits(self, query: torch.Tensor, targets: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        return fused_scores(query, self._global(targets), self.fusion_score) / temperature
+
+    def paired_logits(self, query: torch.Tensor, items: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        """Each unified query against its own gallery embeddings [B, S, Nq, 2D] -> [B, S], by the one fusion rule:
+        scored against all B * S items, each row's own block kept (a batch times a few items)."""
+        batch, count = items.shape[:2]
+        every = fused_scores(query, items.flatten(0, 1), self.fusion_score).view(batch, batch, count)
+        rows = torch.arange(batch, device=query.device)
+        return every[rows, rows] / temperature
 
 
 class ImageTextContrastiveLoss(_RankAware):

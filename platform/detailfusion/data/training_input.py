@@ -170,10 +170,30 @@ def _source(prepared_dir: str | Path, manifest: Manifest, use_features: bool, vi
     return source
 
 
-def holdout_mask(sample_ids: list[str], fraction: float) -> np.ndarray:
-    """[N] bool, True for the rows held out: a stable ``fraction`` of the split by a hash of each sample id (the same
-    rows in every stage, run and seed)."""
-    return np.array([sample_key(s) % 10_000 < fraction * 10_000 for s in sample_ids], dtype=bool)
+def holdout_groups(triplets, source: str | Path | None = None, split: str | None = None) -> list[str]:
+    """Each row's holdout group [N]: rows that share one are held out together, so stage 3 never trains on a scene
+    stage 2 fitted. The query's scene root where the source's caption records carry one (``read_query_tags(source,
+    split)``: the synthetic benchmark), else its img_set (its sorted ``subset_ids``: CIRR), else its sample id
+    (FashionIQ, IPr2Pr). ``source`` / ``split``: the root and split the split was prepared from (its Manifest)."""
+    from .query_tags import read_query_tags
+
+    tags = read_query_tags(source, split) if source is not None and split is not None else {}
+    ids = triplets.column("sample_id").to_pylist()
+    members = (triplets.column("subset_ids").to_pylist() if "subset_ids" in triplets.column_names
+               else [None] * len(ids))
+    groups = []
+    for sample_id, subset in zip(ids, members):
+        root = tags[sample_id].scene_root if sample_id in tags else None
+        groups.append(f"root:{root}" if root is not None else
+                      f"img_set:{'|'.join(sorted(subset))}" if subset else f"sample:{sample_id}")
+    return groups
+
+
+def holdout_mask(groups: list[str], fraction: float) -> np.ndarray:
+    """[N] bool, True for the rows held out: a stable ``fraction`` of the groups (``holdout_groups``) by a hash of
+    each group key, so a group is never split between fit and holdout (the same rows in every stage, run and
+    seed). The share of rows is ``fraction`` only on average over groups."""
+    return np.array([sample_key(g) % 10_000 < fraction * 10_000 for g in groups], dtype=bool)
 
 
 def gallery_input(prepared_dir: str | Path, tokenizer, max_text_length: int, use_features: bool = True,
@@ -183,7 +203,8 @@ def gallery_input(prepared_dir: str | Path, tokenizer, max_text_length: int, use
     whole global batches of ``batch_size`` (``epoch_plan``), put in the object store (rows without a target are
     refused). ``use_features``: read the frozen-ViT cache when the split has one; ``vision_fingerprint`` (of the model
     about to train) must then match the cache's. ``subset_negatives``: K near-duplicate images per row.
-    ``holdout``: ("fit" | "holdout", fraction): only the rows outside / inside ``holdout_mask(fraction)``."""
+    ``holdout``: ("fit" | "holdout", fraction): only the rows outside / inside ``holdout_mask(fraction)`` over the
+    rows' ``holdout_groups`` (scene root, else img_set, else sample id)."""
     import ray
 
     manifest = read_manifest(prepared_dir)
@@ -192,7 +213,7 @@ def gallery_input(prepared_dir: str | Path, tokenizer, max_text_length: int, use
     source = _source(prepared_dir, manifest, use_features, vision_fingerprint)
     triplets = pq.read_table(Path(prepared_dir) / "triplets")
     if holdout is not None and holdout[1] > 0:
-        held = holdout_mask(triplets.column("sample_id").to_pylist(), holdout[1])
+        held = holdout_mask(holdout_groups(triplets, manifest.source, manifest.split), holdout[1])
         triplets = triplets.filter(held if holdout[0] == "holdout" else ~held)
     unlabelled = triplets.column("target_id").null_count
     if unlabelled:

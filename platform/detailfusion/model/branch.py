@@ -12,6 +12,20 @@ from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2T
 
 from .configuration import DetailFusionConfig
 
+TEMPERATURE_BOUNDS = (1e-3, 0.5)  # BLIP-2's clamp of every learned softmax temperature
+
+
+def clamped_temperature(temp: nn.Parameter) -> nn.Parameter:
+    """``temp`` [1] clamped in place to ``TEMPERATURE_BOUNDS`` and returned as the parameter itself (BLIP / ALBEF):
+    the clamp is no part of the graph, so the gradient reaches the parameter at the bound too (a graph clamp gives
+    none past it, and the raw value stays stuck there). The clamp writes ``.data``: it leaves autograd's version
+    counter alone, so a second call before ``backward`` (a no-op then) does not invalidate the first one's graph.
+    Under ZeRO-1/2 the optimizer's fp32 master copy is not clamped: the next step writes it back, and the next call
+    clamps again (the forward always sees a value inside the bounds, the gradient always flows)."""
+    low, high = TEMPERATURE_BOUNDS
+    temp.data.clamp_(min=low, max=high)
+    return temp
+
 
 @dataclass
 class BranchQueryOutput:
@@ -42,8 +56,8 @@ class QFormerBranch(nn.Module):
         self.temp = nn.Parameter(torch.tensor([float(config.init_temperature)]))  # [1]: DeepSpeed cannot broadcast 0-d
 
     def temperature(self) -> torch.Tensor:
-        """The learned softmax temperature, clamped as in BLIP-2 ([1])."""
-        return self.temp.clamp(min=1e-3, max=0.5)
+        """The learned softmax temperature [1], clamped in place (``clamped_temperature``)."""
+        return clamped_temperature(self.temp)
 
     def encode_query(
         self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor

@@ -17,7 +17,7 @@ from transformers import initialization as init
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 from transformers.utils import ModelOutput
 
-from .branch import BranchQueryOutput, QFormerBranch
+from .branch import BranchQueryOutput, QFormerBranch, clamped_temperature
 from .compositor import AdaptiveFeatureCompositor, CompositorOutput, ConcatLinearCompositor, build_compositor
 from .configuration import DetailFusionConfig
 
@@ -96,7 +96,8 @@ class DetailFusionModel(DetailFusionPreTrainedModel):
         return self
 
     def unified_temperature(self) -> torch.Tensor:
-        return self.unified_temp.clamp(min=1e-3, max=0.5)
+        """L_C's learned temperature [1], clamped in place (``clamped_temperature``)."""
+        return clamped_temperature(self.unified_temp)
 
     # -- encoders ------------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """DeepSpeed engine settings from our typed config: ZeRO stage, precision, clipping, accumulation; AdamW with
-METHOD.md's defaults and a one-cycle schedule (torch's, handed to DeepSpeed as the client scheduler).
+METHOD.md's defaults (no weight decay on the temperatures) and a one-cycle schedule (torch's, handed to DeepSpeed
+as the client scheduler).
 
 Precision (METHOD.md): the weights and the optimizer stay fp32 (DeepSpeed's ``bf16``/``fp16`` modes would cast the
 whole model); bf16/fp16 is DeepSpeed's ``torch_autocast`` over the forward (``autocast``), with LayerNorm, the
@@ -120,16 +121,29 @@ def without_deepspeed_autotuner_mlflow() -> None:
         sys.modules["mlflow"] = None  # type: ignore[assignment]  (Python's marker for "not importable")
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's parameter groups over the trainable parameters: the learned temperatures (each branch's ``temp``, the
+    model's ``unified_temp``) without weight decay (METHOD.md "Temperatures"; LAVIS's BLIP-2 exempts them too: decay
+    pulls tau towards 0, a sharper softmax, whatever the loss says), everything else with ``weight_decay``. Empty
+    groups are left out; each group is named (``"name"``)."""
+    decayed, temperatures = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (temperatures if name.rsplit(".", 1)[-1] in ("temp", "unified_temp") else decayed).append(param)
+    groups = [{"name": "decayed", "params": decayed, "weight_decay": weight_decay},
+              {"name": "temperatures", "params": temperatures, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
 def build_engine(model: torch.nn.Module, train: TrainConfig, optim: OptimConfig, world_size: int, total_steps: int):
-    """(engine, optimizer, scheduler) over the parameters that require gradients."""
+    """(engine, optimizer, scheduler) over the parameters that require gradients (``param_groups``)."""
     use_environment_extension_cache()
     import deepspeed
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    groups = param_groups(model, optim.weight_decay)
+    if not groups:
         raise ValueError("no trainable parameters: the stage froze everything")
-    optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                                  weight_decay=optim.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
     scheduler = one_cycle(optimizer, optim, total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(train, optim, world_size),

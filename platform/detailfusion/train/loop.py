@@ -29,7 +29,7 @@ from .engine import (autocast, build_engine, clip_groups, clips_with_torch, keep
                      without_deepspeed_autotuner_mlflow)
 from .faults import planned
 from .stage_run import StageRun, export_dir, stage_dir
-from .stages import STAGES, branch_loss, build_loss, freeze_for_stage
+from .stages import STAGES, branch_loss, branch_outputs, build_loss, freeze_for_stage, fused_loss
 
 CLIENT_STATE = "detailfusion_state"
 
@@ -280,32 +280,25 @@ class StageRecipe:
     def _loss(self, batch: dict) -> dict[str, torch.Tensor]:
         model = self.engine.module
         if self.spec.objective == "fused":  # the frozen branches' outputs, encoded once (_encode_split_once)
-            from ..model import BranchQueryOutput
-
-            gm = BranchQueryOutput(batch["q_gm"], batch["h_gm"], batch["m_gm"])
-            di = BranchQueryOutput(batch["q_di"], batch["h_di"], batch["m_di"])
-            unified = model.compose(gm, di).query
-            return self.loss_fn(unified, batch["gallery"], model.unified_temperature())
+            return fused_loss(model, self.loss_fn, batch)
         images = batch.pop("images")
         return branch_loss(self.spec, model, self.loss_fn, batch, images)
 
     @torch.no_grad()
     def _encode_split_once(self) -> list[dict]:
-        """Stage 3: the frozen branches' outputs for this rank's shard, computed once."""
+        """Stage 3: the frozen branches' outputs for this rank's shard (``branch_outputs``), computed once: queries,
+        target gallery embeddings and, where L_C uses them, the reference's and the img_set members' (drawn for the
+        first epoch, then kept)."""
         model, cached = self.engine.module, []
         model.eval()
         for batch in self._batches():
-            key = batch.pop("images")
-            ref = batch["reference"] if key == "embeds" else model.encode_image(batch["reference"])
-            tgt = batch["target"] if key == "embeds" else model.encode_image(batch["target"])
-            queries = model.encode_queries(ref, batch["input_ids"], batch["attention_mask"])
-            targets = model.encode_targets(tgt)
-            cached.append({
-                "q_gm": queries["gm"].feature, "h_gm": queries["gm"].hidden_states, "m_gm": queries["gm"].attention_mask,
-                "q_di": queries["di"].feature, "h_di": queries["di"].hidden_states, "m_di": queries["di"].attention_mask,
-                "gallery": model.gallery_embedding(targets["gm"], targets["di"]),
-            })
-        self._log(f"stage 3: encoded {len(cached)} batches once with the frozen branches")
+            images = batch.pop("images")
+            cached.append(branch_outputs(model, batch, images, references=self.loss_fn.uses_references))
+        first = cached[0] if cached else {}
+        negatives = (["the reference"] if "reference_gallery" in first else []) + (
+            [f"{first['subset_gallery'].shape[1]} img_set members"] if "subset_gallery" in first else [])
+        self._log(f"stage 3: encoded {len(cached)} batches once with the frozen branches; L_C's hard negatives per "
+                  f"query: {' and '.join(negatives) or 'none (in-batch targets only)'}")
         return cached
 
     # -- checkpoints, export ---------------------------------------------------------------------------

@@ -287,8 +287,9 @@ def stage_cost(metrics_csv: Path, called_at: float, returned_at: float) -> dict 
 
 
 def subset_negatives(config: JobConfig) -> int:
-    """Near-duplicates drawn per row: none at stage 3, and none without the reference negative (L_DI = L_GM)."""
-    return config.loss.subset_negatives if STAGES[config.train.stage].near_duplicates and config.loss.reference_negative else 0
+    """Near-duplicates (img_set members) drawn per row: ``loss.subset_negatives`` where the stage's loss uses them
+    (L_DI at stages 1-2, L_C at stage 3), whatever ``loss.reference_negative`` says (independent switches)."""
+    return config.loss.subset_negatives if STAGES[config.train.stage].near_duplicates else 0
 
 
 def build_trainer(config: JobConfig, manifest: Manifest, init_from: str, callbacks: list | None = None,

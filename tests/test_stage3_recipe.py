@@ -1,0 +1,132 @@
+"""Stage 3's L_C with the reference and img_set negatives (METHOD.md stage 3 [ours]): the fused loss's columns against
+hand-built gallery embeddings, the cached rows of the frozen branches, and a real stage-3 run (Ray Train + DeepSpeed)
+whose loss sees them."""
+
+import csv
+import math
+
+import pytest
+import torch
+
+from detailfusion.config import LossConfig
+from detailfusion.losses import FusedContrastiveLoss
+from detailfusion.model import build_model
+from detailfusion.model.fusion import fused_scores
+from detailfusion.train.stages import STAGES, branch_outputs, build_loss, freeze_for_stage, fused_loss
+
+ONE = torch.tensor(1.0)
+
+
+def ce(logits, label):
+    return math.log(sum(math.exp(x) for x in logits)) - logits[label]
+
+
+# Unified queries [B=2, 2D=2] (D = 1 per branch) and gallery embeddings [B, Nq=1, 2D]: branch_max scores are plain dot
+# products here: s(u_0, t_0) = 1, s(u_0, t_1) = 0.2, s(u_1, t_0) = 0.5, s(u_1, t_1) = 1.
+U = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+TARGETS = torch.tensor([[[1.0, 0.5]], [[0.2, 1.0]]])
+REFERENCES = torch.tensor([[[0.9, 0.1]], [[0.3, 0.7]]])  # s(u_0, r_0) = 0.9, s(u_1, r_1) = 0.7
+SUBSET = torch.tensor([[[[0.6, 0.6]]], [[[0.5, 0.8]]]])  # [B, K=1, Nq, 2D]: s(u_0, .) = 0.6, s(u_1, .) = 0.8
+
+
+@pytest.mark.parametrize("reference, subset, columns", [
+    (False, False, [[1, 0.2], [0.5, 1]]),  # in-batch only (the L_C of before)
+    (True, False, [[1, 0.2, 0.9], [0.5, 1, 0.7]]),  # reference on, K = 0: its column alone
+    (False, True, [[1, 0.2, 0.6], [0.5, 1, 0.8]]),  # reference off, K = 1: the img_set column alone
+    (True, True, [[1, 0.2, 0.9, 0.6], [0.5, 1, 0.7, 0.8]]),
+])
+def test_fused_loss_adds_the_reference_and_img_set_columns_by_hand(reference, subset, columns):
+    loss = FusedContrastiveLoss("branch_max", reference_negative=reference)
+    kwargs = dict(references=REFERENCES, subset_negatives=SUBSET if subset else None)
+    assert torch.allclose(loss.logits(U, TARGETS, ONE, **kwargs), torch.tensor(columns), atol=1e-6)
+    expected = (ce(columns[0], 0) + ce(columns[1], 1)) / 2
+    assert loss(U, TARGETS, ONE, **kwargs)["loss"].item() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["branch_max", "joint_max"])
+def test_fused_hard_negatives_are_scored_by_the_model_fusion_rule(rule):
+    """Each query's own reference and img_set members are scored as the gallery is at evaluation (fused_scores of
+    that query against that image), over several tokens, for both rules; hard_negative_scale adds log w to them."""
+    torch.manual_seed(0)
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape), dim=-1)  # noqa: E731
+    u, targets, refs, subset = unit(5, 8), unit(5, 3, 8), unit(5, 3, 8), unit(5, 2, 3, 8)
+    tau = torch.tensor(0.1)
+    logits = FusedContrastiveLoss(rule, reference_negative=True, hard_negative_scale=2.0).logits(
+        u, targets, tau, references=refs, subset_negatives=subset)
+    for i in range(5):
+        own = [fused_scores(u[i:i + 1], refs[i:i + 1], rule)[0, 0]]
+        members = list(fused_scores(u[i:i + 1], subset[i], rule)[0])
+        expected = torch.cat([fused_scores(u[i:i + 1], targets, rule)[0] / tau,
+                              torch.stack(own + members) / tau + math.log(2.0)])
+        assert torch.allclose(logits[i], expected, atol=1e-5)
+
+
+def test_stage3_caches_reference_and_subset_gallery_embeddings_and_l_c_reads_them():
+    """branch_outputs (the loop's cache) holds the reference's and the img_set members' gallery embeddings from both
+    frozen branches' target paths; fused_loss puts them into L_C, whose gradient reaches the compositor and tau_u."""
+    torch.manual_seed(0)
+    model, _ = build_model("tiny")
+    spec = STAGES[3]
+    freeze_for_stage(model, spec)
+    size, members = 4, 2
+    batch = {"input_ids": torch.randint(5, 500, (size, 6)), "attention_mask": torch.ones(size, 6, dtype=torch.long),
+             "reference": torch.randn(size, 3, 64, 64), "target": torch.randn(size, 3, 64, 64),
+             "subset": torch.randn(size, members, 3, 64, 64)}
+    model.eval()
+    row = branch_outputs(model, batch, "pixel_values", references=True)
+    nq, width = row["gallery"].shape[1:]
+    assert row["reference_gallery"].shape == (size, nq, width)
+    assert row["subset_gallery"].shape == (size, members, nq, width)
+    with torch.no_grad():
+        def gallery(pixels):
+            targets = model.encode_targets(model.encode_image(pixels))
+            return model.gallery_embedding(targets["gm"], targets["di"])
+
+        assert torch.allclose(row["reference_gallery"], gallery(batch["reference"]), atol=1e-5)
+        assert torch.allclose(row["subset_gallery"][:, 1], gallery(batch["subset"][:, 1]), atol=1e-5)
+    assert "reference_gallery" not in branch_outputs(model, batch, "pixel_values", references=False)
+    model.train()
+    parts = fused_loss(model, build_loss(spec, LossConfig(), model.config.fusion_score), row)
+    targets_only = {k: v for k, v in row.items() if k not in ("reference_gallery", "subset_gallery")}
+    in_batch = fused_loss(model, FusedContrastiveLoss(model.config.fusion_score), targets_only)
+    assert parts["loss"] > in_batch["loss"] and 0 < parts["hard_negative_mass"] < 1
+    assert "hard_negative_mass" not in in_batch
+    parts["loss"].backward()
+    assert model.unified_temp.grad.abs().item() > 0
+    assert model.compositor.head[-1].weight.grad.abs().sum() > 0  # the zero-initialised head learns
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
+def test_a_stage3_run_trains_l_c_with_its_hard_negatives(tmp_path_factory, ray_local):
+    """Stage 3 on Ray Train + DeepSpeed from stage3_tiny.yaml (reference negative on, 2 img_set members): the driver
+    draws the members (run.subset_negatives), the loop caches their gallery embeddings, and every step's L_C puts
+    softmax mass on them (metrics.csv's hard_negative_mass); only the compositor and tau_u change."""
+    from safetensors.torch import load_file
+
+    from detailfusion.config import JobConfig, PrepareConfig, load_config
+    from detailfusion.data.prepare import prepare
+    from detailfusion.data.synthetic import write_synthetic
+    from detailfusion.model import save_model
+    from detailfusion.train.run import run_stage
+
+    from conftest import REPO
+
+    root = tmp_path_factory.mktemp("stage3")
+    torch.manual_seed(0)
+    model, tokenizer = build_model("tiny")
+    save_model(model, tokenizer, root / "stage2")  # stands in for a stage 2 export
+    write_synthetic("cirr", root / "raw", pairs=40, seed=0, image_size=64)
+    prepare(PrepareConfig(dataset="cirr", root=str(root / "raw"), split="train", out=str(root / "prep"),
+                          cache_vision_features=True, model=str(root / "stage2")))
+    config = load_config(JobConfig, REPO / "jobs/configs/stage3_tiny.yaml", [
+        f"workdir={root / 'run'}", f"data.prepared={root / 'prep'}", f"model.init_from={root / 'stage2'}",
+        "data.holdout_fraction=0", "train.batch_size=8", "train.epochs=2", "train.log_every=2"])
+    assert config.loss.reference_negative and config.loss.subset_negatives == 2
+    export = run_stage(config)
+    with open(root / "run" / "stage3" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(0 < float(r["hard_negative_mass"]) < 1 for r in rows)
+    before, after = load_file(root / "stage2" / "model.safetensors"), load_file(export / "model.safetensors")
+    frozen = [k for k in before if not k.startswith("compositor.") and k != "unified_temp"]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
