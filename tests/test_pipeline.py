@@ -50,7 +50,9 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_finished_steps(ray_local, tmp_
     test1 = {r["variant"]: r["metrics"] for r in rows if r["split"] == "test1"}
     claims = report["claims"]
     measured = {name for name, claim in claims.items() if claim["measured"]}
-    assert measured == {"di_above_gm_on_rs1", "afc_at_least_best_branch", "afc_above_static", "compositor_adapts"}
+    assert measured == {"di_above_gm_on_rs1", "afc_at_least_best_branch", "afc_above_static", "compositor_adapts",
+                        "di_gm_gap_local_above_global", "gm_at_least_di_on_global_r5", "a_di_local_above_global",
+                        "family_explains_a_di_over_root"}
     for name, (metric, a, b) in {"di_above_gm_on_rs1": ("Rs@1", "di", "gm"),
                                  "afc_above_static": ("Avg", "afc", "static")}.items():
         low, high = claims[name]["interval_95"]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data.benchmark import IPR2PR_PAIRS, TEST_QUERIES, TRAIN_QUERIES
 from .errors import ConfigError
 from .eval.outcomes import METRICS, Outcomes, model_outcomes
 from .report import claim_lines
@@ -73,9 +74,9 @@ class AblationConfig:
     preset: str = "tiny"
     seeds: int = 3
     first_seed: int = 0
-    cirr_pairs: int = 2500  # training pairs of the benchmark
-    test_pairs: int = 2000  # test1 queries (its gallery holds at least as many images)
-    ipr2pr_pairs: int = 2000  # stage 1
+    cirr_pairs: int = TRAIN_QUERIES  # the detail benchmark v2's train queries
+    test_pairs: int = TEST_QUERIES  # its test1 queries
+    ipr2pr_pairs: int = IPR2PR_PAIRS  # stage 1
     data_seed: int = 0  # the benchmark's seed, the same for every training seed
     overrides: tuple[str, ...] = ()  # --set key=value for every stage config (e.g. train.epochs=1)
     bootstrap: int = 2000  # resamples of each interval

@@ -137,12 +137,16 @@ def _score_cirr(args: argparse.Namespace) -> int:
     return 0
 
 
+def _given(args: argparse.Namespace, *names: str) -> dict:
+    """The flags among ``names`` given on the command line (the rest keep their config class's default)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def _pipeline(args: argparse.Namespace) -> int:
     from .pipeline import PipelineConfig, run_pipeline
 
-    config = PipelineConfig(workdir=args.workdir, preset=args.preset, cirr_pairs=args.cirr_pairs,
-                            test_pairs=args.test_pairs, ipr2pr_pairs=args.ipr2pr_pairs, seed=args.seed,
-                            overrides=tuple(args.set or ()), num_cpus=args.num_cpus)
+    config = PipelineConfig(workdir=args.workdir, preset=args.preset, seed=args.seed, overrides=tuple(args.set or ()),
+                            num_cpus=args.num_cpus, **_given(args, "cirr_pairs", "test_pairs", "ipr2pr_pairs"))
     run_pipeline(config)
     return 0
 
@@ -151,9 +155,8 @@ def _ablate(args: argparse.Namespace) -> int:
     from .ablate import AblationConfig, run_ablation
 
     config = AblationConfig(workdir=args.workdir, preset=args.preset, seeds=args.seeds, first_seed=args.first_seed,
-                            cirr_pairs=args.cirr_pairs, test_pairs=args.test_pairs, ipr2pr_pairs=args.ipr2pr_pairs,
                             data_seed=args.data_seed, overrides=tuple(args.set or ()), bootstrap=args.bootstrap,
-                            num_cpus=args.num_cpus)
+                            num_cpus=args.num_cpus, **_given(args, "cirr_pairs", "test_pairs", "ipr2pr_pairs"))
     run_ablation(config)
     return 0
 
@@ -229,6 +232,21 @@ def _eval_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--set", action="append", metavar="KEY=VALUE", help="any EvalConfig field")
 
 
+def _pretrain_vit(args: argparse.Namespace) -> int:
+    from .vit_pretraining import PretrainConfig, benchmark_scene_keys, pretrain_vit, save_vit
+
+    exclude = set().union(*(benchmark_scene_keys(root) for root in args.exclude or []))
+    fields = {k: getattr(args, k) for k in ("steps", "batch_size", "corpus_size") if getattr(args, k) is not None}
+    result = pretrain_vit(PretrainConfig(seed=args.seed, **fields), exclude=exclude,
+                          log=lambda line: print(line, flush=True))
+    flags = {"--seed": args.seed, "--out": args.out, "--steps": args.steps, "--batch-size": args.batch_size,
+             "--corpus-size": args.corpus_size}
+    command = " ".join(["detailfusion pretrain-vit", *(f"{k} {v}" for k, v in flags.items() if v is not None),
+                        *(f"--exclude {root}" for root in args.exclude or [])])
+    print(f"wrote the ViT to {save_vit(result, args.out, command)}")
+    return 0
+
+
 def _local_cluster(args: argparse.Namespace) -> int:
     from . import local_cluster
 
@@ -240,6 +258,15 @@ def _local_cluster(args: argparse.Namespace) -> int:
     else:
         local_cluster.down(args.dir)
     return 0
+
+
+def _benchmark_size_arguments(parser: argparse.ArgumentParser) -> None:
+    """--cirr-pairs / --test-pairs / --ipr2pr-pairs of pipeline and ablate (defaults: data/benchmark.py's)."""
+    from .data.benchmark import IPR2PR_PAIRS, TEST_QUERIES, TRAIN_QUERIES
+
+    parser.add_argument("--cirr-pairs", type=int, help=f"detail benchmark v2 train queries ({TRAIN_QUERIES})")
+    parser.add_argument("--test-pairs", type=int, help=f"its test1 queries ({TEST_QUERIES}; val: as many, at most 1,000)")
+    parser.add_argument("--ipr2pr-pairs", type=int, help=f"synthetic IPr2Pr pairs for stage 1 ({IPR2PR_PAIRS})")
 
 
 def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
@@ -331,9 +358,7 @@ def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
     )
     pipe.add_argument("--preset", default="tiny", choices=["tiny"], help="model preset (the pipeline runs tiny)")
     pipe.add_argument("--workdir", required=True, help="run directory (data, prepared splits, stages, eval, report)")
-    pipe.add_argument("--cirr-pairs", type=int, default=2500, help="detail benchmark training pairs (2500)")
-    pipe.add_argument("--test-pairs", type=int, default=2000, help="detail benchmark val and test1 queries (2000)")
-    pipe.add_argument("--ipr2pr-pairs", type=int, default=2000, help="synthetic IPr2Pr pairs for stage 1 (2000)")
+    _benchmark_size_arguments(pipe)
     pipe.add_argument("--seed", type=int, default=0)
     pipe.add_argument("--set", action="append", metavar="KEY=VALUE", help="override in every stage config, e.g. train.epochs=1")
     pipe.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
@@ -341,15 +366,14 @@ def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
 
     abl = commands.add_parser(
         "ablate", help="the paper's ablation table on the synthetic detail benchmark: every row trained by the stage "
-                       "jobs for each seed, mean ± std and 95 %% paired bootstrap intervals -> ablation.md/.json/.png"
+                       "jobs for each seed, mean ± std, root- and seed-level 95 %% intervals (docs/claims.md) -> "
+                       "ablation.md/.json/.png"
     )
     abl.add_argument("--preset", default="tiny", choices=["tiny"], help="model preset (tiny)")
     abl.add_argument("--workdir", required=True, help="run directory (benchmark, every seed's runs, ablation.*)")
     abl.add_argument("--seeds", type=int, default=3, help="training seeds (initialisation and data order) (3)")
     abl.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1 (0)")
-    abl.add_argument("--cirr-pairs", type=int, default=2500, help="benchmark training pairs (2500)")
-    abl.add_argument("--test-pairs", type=int, default=2000, help="benchmark test1 queries (2000)")
-    abl.add_argument("--ipr2pr-pairs", type=int, default=2000, help="synthetic IPr2Pr pairs for stage 1 (2000)")
+    _benchmark_size_arguments(abl)
     abl.add_argument("--data-seed", type=int, default=0, help="the benchmark's seed, fixed over training seeds (0)")
     abl.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples per interval (2000)")
     abl.add_argument("--set", action="append", metavar="KEY=VALUE", help="override in every stage config, e.g. train.epochs=1")
@@ -387,6 +411,20 @@ def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
                     help="first three octets of the hosts' private /24 (default: the first free 10.77.N)")
     lc.add_argument("--object-store-mb", type=int, default=200, help="object store per host in MiB (200)")
     lc.set_defaults(run=_local_cluster)
+
+    vit = commands.add_parser(
+        "pretrain-vit", help="pre-train the tiny preset's frozen stand-in ViT once (CLIP's image-text contrastive "
+                             "objective on rendered synthetic scenes and captions; CPU, minutes); ships in "
+                             "model/presets/tiny_vit"
+    )
+    vit.add_argument("--seed", type=int, default=0, help="corpus stream, initialisation and data order (0)")
+    vit.add_argument("--out", required=True, help="output directory (model.safetensors, config.json, README.md)")
+    vit.add_argument("--steps", type=int, help="optimizer steps (1200)")
+    vit.add_argument("--batch-size", type=int, help="image-caption pairs per step (256)")
+    vit.add_argument("--corpus-size", type=int, help="rendered corpus scenes, besides 1024 held out (30000)")
+    vit.add_argument("--exclude", action="append", metavar="ROOT",
+                     help="a detail benchmark v2 root whose test1 scenes the corpus must not contain (repeatable)")
+    vit.set_defaults(run=_pretrain_vit)
     return parser
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .config import EvalConfig, JobConfig, load_config
+from .data.benchmark import IPR2PR_PAIRS, TEST_QUERIES, TRAIN_QUERIES
 from .errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # package data (jobs/configs links here)
@@ -25,9 +26,9 @@ CONFIGS = Path(__file__).resolve().parent / "configs"  # package data (jobs/conf
 class PipelineConfig:
     workdir: str
     preset: str = "tiny"
-    cirr_pairs: int = 2500  # the detail benchmark's training pairs
-    test_pairs: int = 2000  # its val and test1 queries (each gallery holds at least as many images)
-    ipr2pr_pairs: int = 2000
+    cirr_pairs: int = TRAIN_QUERIES  # the detail benchmark v2's train queries
+    test_pairs: int = TEST_QUERIES  # its test1 queries (val: as many, at most 1,000)
+    ipr2pr_pairs: int = IPR2PR_PAIRS
     seed: int = 0
     bootstrap: int = 2000  # resamples of each claim's interval
     overrides: tuple[str, ...] = ()  # --set key=value applied to every stage config
