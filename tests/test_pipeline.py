@@ -66,6 +66,11 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_finished_steps(ray_local, tmp_
     assert set(claims["compositor_adapts"]["by_edit_type"]) >= {"add", "remove"}  # a_di by edit type was measured
     markdown = (work / "report.md").read_text()
     assert "| afc |" in markdown and "The paper's claims" in markdown and "recall_at_k.png" in markdown
+    # the shortcut report of test1, before training: every scorer on every family x direction cell of benchmark v2
+    shortcuts = report["shortcuts"]
+    assert shortcuts["queries"]["all"] == report["counts"]["test1"]["queries"]
+    assert set(shortcuts["pixel_nn"]) == {"all", "local/forward", "local/inverse", "global/forward", "global/inverse"}
+    assert shortcuts["oracle"]["all"]["R@1"] == 100.0 and "## Shortcut report" in markdown
     assert (work / "recall_at_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (work / "index" / "index.json").is_file()
     # test1 was scored from the submission files against the hidden targets, never labelled in evaluation
@@ -78,6 +83,6 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_finished_steps(ray_local, tmp_
 
     run_pipeline(config)
     out = capsys.readouterr().out
-    for reused in ("synth: reusing", "already holds this split", "[stage 0] already trained", "[stage 3] already trained",
+    for reused in ("synth: reusing", "shortcuts: reusing", "already holds this split", "[stage 0] already trained", "[stage 3] already trained",
                    "index: reusing", "evaluate: reusing"):
         assert reused in out, reused

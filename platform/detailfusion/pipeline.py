@@ -69,12 +69,14 @@ def run_pipeline(config: PipelineConfig) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     stage_configs = [_stage_config(config, n) for n in (0, 1, 2, 3)]  # config errors before any work
     start = time.perf_counter()
-    progress = Progress(steps=10)
+    progress = Progress(steps=11)
     init_ray(config.num_cpus)  # no dashboard: its stages run without Train's placement-group cleaner (run_stage)
     data = progress.run("synth and prepare the detail benchmark (CIRR format) and IPr2Pr", prepare_benchmark, work,
                         cirr_pairs=config.cirr_pairs, test_pairs=config.test_pairs, ipr2pr_pairs=config.ipr2pr_pairs,
                         seed=config.seed, splits=("train", "val", "test1"), preset=config.preset,
                         num_cpus=config.num_cpus)
+    shortcuts = progress.run("shortcut report of test1 (model-free scorers, before any training)", _shortcuts, work,
+                             data["root"])
     model = None
     for stage in stage_configs:
         model = progress.run(f"stage {stage.train.stage}", run_stage, stage)
@@ -92,7 +94,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     claims, by_family = progress.run("check the claims on test1 (bootstrap over scene roots)", _claims, work, model,
                                      data, config.bootstrap)
     progress.seconds["total"] = round(time.perf_counter() - start, 1)
-    report = write_report(work, evaluations, progress.seconds, str(model), claims, by_family)
+    report = write_report(work, evaluations, progress.seconds, str(model), claims, by_family, shortcuts)
     tracked = open_run(tracking, work, "pipeline-report", config, tags={"detailfusion.kind": "report"})
     if tracked:
         for name in ("report.json", "report.md"):
@@ -100,6 +102,20 @@ def run_pipeline(config: PipelineConfig) -> dict:
         tracked.end()
         print(f"[pipeline] MLflow runs in {tracking.uri} (mlflow ui --backend-store-uri {tracking.uri})", flush=True)
     print(f"\n[pipeline] finished in {progress.seconds['total']:.0f} s: {work / 'report.md'}", flush=True)
+    return report
+
+
+def _shortcuts(work: Path, root: Path) -> dict:
+    """data/shortcut_report.py's report of the benchmark's test1, kept in ``work/shortcuts.json`` (reused with its data)."""
+    from .data.shortcut_report import shortcut_report
+
+    path = work / "shortcuts.json"
+    manifest = json.loads((Path(root) / "synthetic" / "manifest.json").read_text())
+    if path.is_file() and json.loads(path.read_text()).get("data") == manifest:
+        print(f"shortcuts: reusing {path}")
+        return json.loads(path.read_text())["report"]
+    report = shortcut_report(root, "test1")
+    path.write_text(json.dumps({"data": manifest, "report": report}, indent=1))
     return report
 
 

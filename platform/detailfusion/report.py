@@ -18,14 +18,15 @@ SPLIT_NOTES = {
 
 
 def write_report(work: Path, evaluations: dict[str, dict], seconds: dict[str, float], model: str,
-                 claims: dict[str, dict], by_family: dict | None = None) -> dict:
+                 claims: dict[str, dict], by_family: dict | None = None, shortcuts: dict | None = None) -> dict:
     """``claims``: eval/claims.py's judgements of this run (test1, one seed); ``by_family``: test1's
-    {edit family: {variant: {metric: value}}} from the per-query outcomes."""
+    {edit family: {variant: {metric: value}}} from the per-query outcomes; ``shortcuts``: test1's shortcut report
+    (data/shortcut_report.py: model-free scorers by edit family and direction)."""
     rows = [{"dataset": "cirr (synthetic detail benchmark)", "split": split, "variant": variant, "metrics": metrics}
             for split, evaluation in evaluations.items() for variant, metrics in evaluation["variants"].items()]
     report = {
         "preset": "tiny", "model": model, "model_fingerprint": evaluations["test1"]["model_fingerprint"],
-        "rows": rows, "claims": claims, "by_family": by_family or {},
+        "rows": rows, "claims": claims, "by_family": by_family or {}, "shortcuts": shortcuts or {},
         "fusion_weights": evaluations["test1"].get("fusion_weights"),
         "counts": {split: e["counts"] for split, e in evaluations.items()}, "seconds": seconds,
         "protocol": evaluations["test1"]["protocol"], "tie_rule": evaluations["test1"]["tie_rule"],
@@ -85,6 +86,13 @@ def _markdown(report: dict, evaluations: dict[str, dict], plot: str | None) -> s
     parts = ["# DetailFusion tiny pipeline report", "",
              f"Model `{report['model']}` (fingerprint `{report['model_fingerprint']}`).", "",
              f"Protocol: {report['protocol']}. Ties: {report['tie_rule']}.", ""]
+    if report["shortcuts"]:
+        from .data.shortcut_report import shortcut_table
+
+        parts += ["## Shortcut report (test1, before any training)", "",
+                  "Model-free scorers by edit family / direction (`docs/data.md`): a benchmark that needs composition "
+                  "keeps pixel NN, text only and late fusion well below the oracle.", "",
+                  shortcut_table(report["shortcuts"]), ""]
     for split, evaluation in evaluations.items():
         counts = evaluation["counts"]
         parts += [f"## {split}: {SPLIT_NOTES.get(split, split)}", "",
