@@ -6,7 +6,8 @@ Scorers (each (Q, N) scores over the split's images; ties break at random):
 * pixel NN (image only): cosine of box-downsampled, mean-centred ``side`` x ``side`` RGB (``synthetic_difficulty``);
 * text only: a perfect reader of the caption that never sees the reference: 1 where the image's scene shows the
   edit's result as the text states it (the new shape's kind, colour and any cell or size named; a removed shape
-  absent; the look attribute's new value; for a rotation any rotated scene), read from the generator's ground truth;
+  absent; the look attribute's new value, e.g. the orientation a rotation ends at), read from the generator's
+  ground truth (so it also knows what "brighter" or "a quarter turn" ends at: an upper bound of reading the text);
 * late fusion (image + text, no composition): the text-only score plus the pixel NN's cosine (in [-1, 1]) / 4, i.e.
   the pixel-nearest image among those that satisfy the text;
 * oracle: 1 where the image's scene is the reference's scene with the caption's edit applied (ground truth).
@@ -78,7 +79,6 @@ def text_only_scores(gallery: list[DetailScene], edits: list) -> np.ndarray:
     index: dict[tuple, list[int]] = {}  # every fact an image shows -> the images showing it
     for g, scene in enumerate(gallery):
         facts = [("look", name, value) for name, value in vars(scene.look).items()]
-        facts += [("rotated",)] if scene.look.rotation else []
         for s in scene.shapes:
             facts += [("shape", s.kind, s.colour), ("cell", s.kind, s.colour, s.cell), ("size", s.kind, s.colour, s.size),
                       ("cell+size", s.kind, s.colour, s.cell, s.size)]
@@ -87,7 +87,7 @@ def text_only_scores(gallery: list[DetailScene], edits: list) -> np.ndarray:
     out = np.zeros((len(edits), len(gallery)), dtype=np.float32)
     for q, edit in enumerate(edits):
         if isinstance(edit, LookEdit):
-            fact = ("rotated",) if edit.attribute == "rotation" else ("look", edit.attribute, edit.after)
+            fact = ("look", edit.attribute, edit.after)
         elif edit.after is None:  # remove: the named shape is gone
             out[q] = 1
             fact, value = ("shape", edit.before.kind, edit.before.colour), 0
