@@ -419,8 +419,8 @@ def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
     )
     vit.add_argument("--seed", type=int, default=0, help="corpus stream, initialisation and data order (0)")
     vit.add_argument("--out", required=True, help="output directory (model.safetensors, config.json, README.md)")
-    vit.add_argument("--steps", type=int, help="optimizer steps (1200)")
-    vit.add_argument("--batch-size", type=int, help="image-caption pairs per step (256)")
+    vit.add_argument("--steps", type=int, help="optimizer steps (1500)")
+    vit.add_argument("--batch-size", type=int, help="image-caption pairs per step, whole groups of 4 (128)")
     vit.add_argument("--corpus-size", type=int, help="rendered corpus scenes, besides 1024 held out (30000)")
     vit.add_argument("--exclude", action="append", metavar="ROOT",
                      help="a detail benchmark v2 root whose test1 scenes the corpus must not contain (repeatable)")

@@ -1,6 +1,8 @@
 """Build DetailFusion models from named presets (JSON files in ``presets/``) and from BLIP-2 checkpoints.
 
-``tiny``: small random-initialised BLIP-2 parts and a tiny WordPiece tokenizer, trainable on a CPU.
+``tiny``: small BLIP-2 parts and a tiny WordPiece tokenizer, trainable on a CPU; its frozen ViT is the stand-in for
+BLIP-2's EVA-CLIP ViT, pre-trained once (``detailfusion pretrain-vit``) and shipped in ``presets/tiny_vit/``
+(``vision_weights="random"`` keeps it random-initialised); the Q-Former branches start random (stage 0 pre-trains them).
 ``blip2``: ViT-G + Q-Former from a ``Blip2ForImageTextRetrieval`` checkpoint (local dir or hub id); both
 branches start from its Q-Former, query tokens and projections (``vision_projection`` / ``text_projection``
 in transformers 5.x, ``vision_proj`` / ``text_proj`` here, as in LAVIS).
@@ -9,6 +11,7 @@ in transformers 5.x, ``vision_proj`` / ``text_proj`` here, as in LAVIS).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from importlib import resources
 from pathlib import Path
@@ -37,22 +40,58 @@ def load_preset(name: str) -> dict[str, Any]:
     return copy.deepcopy(json.loads(path.read_text()))
 
 
+VISION_WEIGHTS = ("pretrained", "random")
+
+
 def build_model(
-    preset: str = "tiny", pretrained: str | None = None, **config_overrides: Any
+    preset: str = "tiny", pretrained: str | None = None, vision_weights: str = "pretrained", **config_overrides: Any
 ) -> tuple[DetailFusionModel, PreTrainedTokenizerBase]:
     """A fresh model and its tokenizer. ``config_overrides`` set ``DetailFusionConfig`` fields (e.g. compositor).
 
-    For ``blip2``, ``pretrained`` (default: the preset's hub id) names the BLIP-2 retrieval checkpoint.
+    For ``blip2``, ``pretrained`` (default: the preset's hub id) names the BLIP-2 retrieval checkpoint. For a preset
+    with shipped ViT weights (``tiny``), ``vision_weights``: ``pretrained`` loads them into the frozen
+    ``vision_model`` (``backbone_source`` names them and their sha256), ``random`` leaves it random-initialised.
     """
+    if vision_weights not in VISION_WEIGHTS:
+        raise ConfigError(f"vision_weights must be one of {', '.join(VISION_WEIGHTS)}, not {vision_weights!r}")
     spec = load_preset(preset)
     fields = {**spec["config"], **config_overrides}
     if spec["tokenizer"] == "pretrained":
+        if vision_weights != "pretrained":
+            raise ConfigError(f"preset {preset!r} takes its ViT from the BLIP-2 checkpoint; vision_weights="
+                              f"{vision_weights!r} is not available for it")
         source = pretrained or spec["pretrained"]
         return from_blip2(source, **fields), load_tokenizer(source)
     if pretrained is not None:
-        raise ConfigError(f"preset {preset!r} is random-initialised; pretrained={pretrained!r} is not used by it")
+        raise ConfigError(f"preset {preset!r} is built here, not from a checkpoint; pretrained={pretrained!r} is not "
+                          f"used by it")
     tokenizer = build_tiny_tokenizer(fields["qformer_config"]["vocab_size"])
-    return DetailFusionModel(DetailFusionConfig(**fields)), tokenizer
+    vision = spec.get("vision_weights") if vision_weights == "pretrained" else None
+    if vision is None:
+        return DetailFusionModel(DetailFusionConfig(**fields)), tokenizer
+    state, digest = read_vision_weights(vision, fields["vision_config"])
+    model = DetailFusionModel(DetailFusionConfig(**{**fields, "backbone_source": f"{vision} sha256:{digest}"}))
+    model.vision_model.load_state_dict(state)
+    return model, tokenizer
+
+
+def read_vision_weights(name: str, vision_config: dict) -> tuple[dict[str, torch.Tensor], str]:
+    """The ViT state dict shipped in ``presets/<name>/`` (model.safetensors + config.json, written by
+    ``vit_pretraining.save_vit``) and its file's sha256; refused when its config's shape differs from ``vision_config``."""
+    from safetensors.torch import load
+
+    directory = _PRESET_DIR / name
+    weights, config = directory / "model.safetensors", directory / "config.json"
+    if not (weights.is_file() and config.is_file()):
+        raise ConfigError(f"{directory}: no shipped ViT weights (model.safetensors, config.json); write them with "
+                          f"`detailfusion pretrain-vit --out {directory}` or build with vision_weights='random'")
+    shipped = json.loads(config.read_text())
+    differs = {k: (v, shipped.get(k)) for k, v in vision_config.items() if k != "initializer_range" and shipped.get(k) != v}
+    if differs:
+        raise ConfigError(f"{directory}: the shipped ViT's config differs from the preset's vision_config "
+                          f"(key: (preset, shipped)): {differs}")
+    data = weights.read_bytes()
+    return load(data), hashlib.sha256(data).hexdigest()
 
 
 def from_blip2(path_or_id: str, **config_overrides: Any) -> DetailFusionModel:
