@@ -63,4 +63,5 @@ def test_a_wheel_ships_the_job_configs_the_pipeline_reads(tmp_path):
     for stage in (0, 1, 2, 3):
         assert f"detailfusion/configs/stage{stage}_tiny.yaml" in names
     assert "detailfusion/model/presets/tiny.json" in names and "detailfusion/serving/static/index.html" in names
+    assert "detailfusion/model/presets/tiny_vit/model.safetensors" in names  # the tiny preset's pre-trained ViT
     assert CONFIGS.parent == Path(__import__("detailfusion").__file__).parent

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..config import PrepareConfig
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..pixels import normalize_pixels
 from .manifest import Manifest
 from .schema import pixels_from_bytes
@@ -35,16 +35,12 @@ def vision_fingerprint(model) -> str:
 
 
 def load_vision_model(model_ref: str):
-    """A DetailFusion model from an exported directory, or from a preset with fixed pre-trained weights."""
+    """A DetailFusion model from an exported directory, or from a preset with fixed pre-trained ViT weights (``blip2``;
+    ``tiny``: the shipped stand-in ViT)."""
     from ..model import build_model, load_model
 
     if Path(model_ref).is_dir():
         return load_model(model_ref)[0]
-    if model_ref == "tiny":
-        raise ConfigError(
-            "the tiny preset is randomly initialised, so its ViT differs every time; export a model "
-            "(detailfusion.model.save_model) and pass its directory as `model` to cache its features"
-        )
     return build_model(model_ref)[0]
 
 

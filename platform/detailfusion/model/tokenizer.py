@@ -9,7 +9,8 @@ from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBa
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
-# Frequent words of edit instructions; anything else splits into characters ("##x" pieces).
+# Frequent words of edit instructions (every word the synthetic benchmarks' captions use, local and global edits);
+# anything else splits into characters ("##x" pieces).
 TINY_WORDS = """
 a an the and or of to in on at with without from into by for is are be it its this that these those
 make change turn replace swap add put place insert remove delete take drop move shift push slide
@@ -19,6 +20,10 @@ middle center centre up down corner side image picture scene show has have shoul
 red green blue yellow purple orange white black gray grey pink brown cyan
 circle square triangle star diamond cross hexagon ring object objects shapes
 dress shirt top tee sleeves shiny dark light longer shorter pattern
+also apply as away back background blur blurry brighten brighter brightness bring clockwise closer colours cool
+cooler counter crop darken darker degrees dots dotted draw everything fill filled filter flip focus get give half
+hollow horizontally increase lilac lower mint mirror natural no only out outlines over plain quarter restore rid rose
+rotate sand sharp sharpen sky solid striped stripes there tint upside warm warmer whole zoom
 """.split()
 
 

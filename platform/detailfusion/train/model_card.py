@@ -37,7 +37,8 @@ def model_card(config: JobConfig, manifest: Manifest, metrics: dict, cost: dict 
         f"(prepared split `{config.data.prepared}`, config hash `{manifest.config_hash}`)",
         f"- validation split: `{config.data.val_prepared}`" if config.data.val_prepared else "- no validation split",
         "", "## Training", "",
-        f"- starts from: `{config.model.init_from or config.model.preset + ' preset (random initialisation)'}`",
+        f"- starts from: `{config.model.init_from or config.model.preset + ' preset'}` (config.json's "
+        "`backbone_source` names the frozen ViT's weights and their sha256)",
         f"- {train.epochs} epoch(s), global batch {train.batch_size}, lr {optim.lr:g}, gamma {config.loss.gamma:g}, "
         f"{train.precision}, ZeRO-{train.zero_stage}, {train.num_workers} worker(s), seed {train.seed}",
     ]
