@@ -44,19 +44,6 @@ def run_eval(ray_local, tmp_path, root, split, model_dir, dataset="cirr", **extr
     return evaluate(config), tmp_path / f"{dataset}-{split}"
 
 
-def tag_records(root, split):
-    """Benchmark v2's tags on every caption record of ``split``, as its generator writes them: family by pairid
-    parity, direction by the pairid's second bit, scene root pairid // 4. Returns the records."""
-    path = root / f"captions/cap.rc2.{split}.json"
-    records = json.loads(path.read_text())
-    for r in records:
-        n = int(r["pairid"])
-        r.update(edit_type=("recolour", "background")[n % 2], edit_family=("local", "global")[n % 2],
-                 direction=("forward", "inverse")[n // 2 % 2], scene_root=n // 4)
-    path.write_text(json.dumps(records))
-    return records
-
-
 def scored_on(records, files, pairids, gallery_size):
     """A variant's submissions scored back (score-cirr, as the server does) on the queries ``pairids`` alone."""
     chosen = [r for r in records if str(r["pairid"]) in pairids]
@@ -65,10 +52,13 @@ def scored_on(records, files, pairids, gallery_size):
     return score_cirr(chosen, keep(recall), keep(subset), gallery_size=gallery_size)
 
 
-def test_cirr_val_submissions_score_back_to_the_metrics(ray_local, tmp_path, cirr_root, model_dir):
+def test_cirr_val_submissions_score_back_to_the_metrics(ray_local, tmp_path, model_dir):
+    # benchmark v2 (tagged by its generator): 30 val queries over 183 images, so that a top 10 is selective and the
+    # unimodal-hard set is neither empty nor everything (on the 18-image near-duplicate val, the shipped ViT's
+    # image-only ranks every target in its top 10)
     root = tmp_path / "cirr"
-    shutil.copytree(cirr_root, root)
-    annotations = tag_records(root, "val")
+    write_synthetic("detail", root, pairs=10, val_pairs=30, test_pairs=10, seed=3)
+    annotations = json.loads((root / "captions/cap.rc2.val.json").read_text())
     result, out = run_eval(ray_local, tmp_path, root, "val", model_dir)
     assert set(result["variants"]) == {"gm", "di", "static", "afc", "image_only", "text_only", "random"}
     assert result["model_fingerprint"] == model_fingerprint(model_dir)
@@ -108,7 +98,7 @@ def test_cirr_val_submissions_score_back_to_the_metrics(ray_local, tmp_path, cir
     # the untrained AFC starts as static fusion: same rankings, weights (.5, .5)
     assert result["variants"]["afc"] == pytest.approx(result["variants"]["static"])
     assert result["fusion_weights"]["all"]["mean_a_di"] == pytest.approx(0.5)
-    assert set(result["fusion_weights"]["by_edit_type"]) == {"recolour", "background"}
+    assert set(result["fusion_weights"]["by_edit_type"]) == {r["edit_type"] for r in annotations}
     rows = list(csv.DictReader((out / "fusion_weights.csv").open()))
     assert list(rows[0]) == ["sample_id", "a_gm", "a_di", "edit_type", "edit_family", "direction", "scene_root"]
     tags = {f"cirr/val/{r['pairid']}": [r["edit_type"], r["edit_family"], r["direction"], str(r["scene_root"])]
