@@ -6,6 +6,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def globbed(folder: Path, pattern: str) -> list[Path]:
+    """The sorted matches of ``pattern`` under ``folder`` for a parametrisation; an error at collection when there are
+    none, so that a moved folder or renamed files fail the run instead of collecting nothing."""
+    found = sorted(Path(folder).glob(pattern))
+    if not found:
+        raise FileNotFoundError(f"{folder}/{pattern} matches no file: the parametrisation built from it would collect "
+                                "no test")
+    return found
+
+
 def missing_prerequisite(reason: str) -> None:
     """Skip a test whose prerequisite this machine lacks; under CI (``CI=true``) fail with the reason instead, so a
     clean-clone run never passes by skipping what it was meant to run."""
@@ -16,7 +26,7 @@ def missing_prerequisite(reason: str) -> None:
 
 def find_shared_datasets() -> Path | None:
     """The real CIRR / FashionIQ val annotations: $DETAILFUSION_SHARED_DATASETS, else ../shared/datasets beside the
-    checkout (.ci/run sets the variable where the checkout is elsewhere)."""
+    checkout (the only two places .ci/run looks)."""
     for candidate in (os.environ.get("DETAILFUSION_SHARED_DATASETS"), REPO.parent / "shared" / "datasets"):
         if candidate and (Path(candidate) / "cirr" / "captions" / "cap.rc2.val.json").is_file():
             return Path(candidate)
@@ -81,6 +91,33 @@ def ray_local(tmp_path_factory):
             runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "tests"), "TOKENIZERS_PARALLELISM": "false"}},
         )
     yield ray
+
+
+@pytest.fixture(scope="session")
+def stage2_data(tmp_path_factory, ray_local):
+    """A random tiny model, a feature-cached synthetic CIRR train split and stage 2 overrides over them (the sweep
+    and interrupt tests), made once: (root, ["key=value", ...]).
+
+    Trials validate on the training split itself: with a few dozen steps that is where a working learning rate
+    and a negligible one differ clearly, which makes ASHA's decisions in the sweep test deterministic."""
+    import torch
+
+    from detailfusion.config import PrepareConfig
+    from detailfusion.data.prepare import prepare
+    from detailfusion.data.synthetic import write_synthetic
+    from detailfusion.model import build_model, save_model
+
+    root = tmp_path_factory.mktemp("stage2")
+    torch.manual_seed(0)
+    model, tokenizer = build_model("tiny")
+    save_model(model, tokenizer, root / "init")
+    write_synthetic("cirr", root / "raw", pairs=400, seed=5, image_size=64)
+    prepare(PrepareConfig(dataset="cirr", root=str(root / "raw"), split="train", out=str(root / "prep"),
+                          cache_vision_features=True, model=str(root / "init")))
+    overrides = [f"workdir={root}", f"data.prepared={root / 'prep'}", f"model.init_from={root / 'init'}",
+                 f"data.val_prepared={root / 'prep'}", "train.log_every=100",
+                 "data.holdout_fraction=0"]  # trials train on every row of the split they validate on
+    return root, overrides
 
 
 def registered_checkpoint_step(snapshot: Path) -> int | None:

@@ -214,6 +214,19 @@ def test_margins_the_afc_over_static_bar_and_the_non_inferiority_of_the_best_bra
     assert not worse["afc_at_least_best_branch"]["holds"]  # 3 points worse
 
 
+@pytest.mark.parametrize("best", ["gm", "di"])
+def test_afc_is_held_to_whichever_branch_is_best(best):
+    """AFC between the branches fails whichever branch is the better one; above both it holds (the rule takes the
+    per-seed maximum of the two, not one fixed branch)."""
+    other = {"gm": "di", "di": "gm"}[best]
+    between = check_claims(runs({"main": {best: 0.6, other: 0.3, "static": 0.4, "afc": 0.5}}), queries(), 300)
+    claim = between["afc_at_least_best_branch"]
+    assert not claim["holds"] and claim["difference"] == pytest.approx(-10, abs=1.5), claim
+    assert claim["interval_95"][1] < -1  # far below the best branch, far above the other
+    above = check_claims(runs({"main": {best: 0.6, other: 0.3, "static": 0.4, "afc": 0.64}}), queries(), 300)
+    assert above["afc_at_least_best_branch"]["holds"], above["afc_at_least_best_branch"]
+
+
 def test_both_halves_must_pass_seeds_that_disagree_and_one_seed():
     # +2 points pooled, but the seeds split: +10, -6, +10, -6, +2 (root-level alone would call it held)
     shift = {("main", "di"): [0.07, -0.09, 0.07, -0.09, -0.01]}

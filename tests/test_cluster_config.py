@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import globbed
 from detailfusion.config import EvalConfig, JobConfig, ServeConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ def test_cluster_yaml_is_valid_and_the_head_has_no_gpu(cluster):
     assert any("pip install" in c and "detailfusion" in c for c in cluster["setup_commands"])
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "jobs/configs").glob("stage*_blip2*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", globbed(REPO / "jobs/configs", "stage*_blip2*.yaml"), ids=lambda p: p.name)
 def test_training_configs_fit_a_gpu_node_type(cluster, path):
     train = load_config(JobConfig, path).train
     assert train.use_gpu

@@ -4,10 +4,10 @@ import re
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, globbed
 from detailfusion.config import EvalConfig, JobConfig, PrepareConfig, load_config
 
-CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
+CONFIGS = globbed(REPO / "jobs" / "configs", "*.yaml")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
