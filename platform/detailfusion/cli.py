@@ -114,7 +114,7 @@ def _score_cirr(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .data.reading import ReadResult, load_json
-    from .eval.submission import check_cirr, load_submission, score_cirr
+    from .eval.submission import check_cirr, load_split_images, load_submission, score_cirr
 
     read = ReadResult()
     annotations = load_json(Path(args.annotations), list, read)
@@ -123,12 +123,14 @@ def _score_cirr(args: argparse.Namespace) -> int:
 
         raise DataError(f"--annotations {read.bad[0].source}: {read.bad[0].reason} ({read.bad[0].record})")
     recall, subset = load_submission(args.recall), load_submission(args.recall_subset)
+    checks = {"gallery_size": args.gallery_size, "sources": (args.recall, args.recall_subset),
+              "split": (args.split, load_split_images(args.split)) if args.split else None}
     if not any(isinstance(a, dict) and a.get("target_hard") for a in annotations):  # test1: the format check alone
-        check_cirr(annotations, recall, subset, gallery_size=args.gallery_size)
+        check_cirr(annotations, recall, subset, **checks)
         print(f"format check passed: both files answer all {len(annotations)} pairids of {args.annotations}; it holds "
               "no targets (test1), so the scores come from the CIRR evaluation server")
         return 0
-    metrics = score_cirr(annotations, recall, subset, gallery_size=args.gallery_size)
+    metrics = score_cirr(annotations, recall, subset, **checks)
     text = json.dumps(metrics, indent=1)
     print(text)
     if args.out:
@@ -342,6 +344,8 @@ def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
     score.add_argument("--annotations", required=True, help="labelled captions, e.g. captions/cap.rc2.val.json")
     score.add_argument("--recall", required=True, help="submission file with metric 'recall' (top 50)")
     score.add_argument("--recall-subset", required=True, help="submission file with metric 'recall_subset' (top 3)")
+    score.add_argument("--split", help="the split's image list, e.g. image_splits/split.rc2.test1.json: every "
+                       "submitted name must be one of its images")
     score.add_argument("--gallery-size", type=int,
                        help="images in the split's gallery, when under 51 (rankings then hold all but the reference)")
     score.add_argument("--out", help="also write the metrics JSON here")

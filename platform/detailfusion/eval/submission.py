@@ -4,7 +4,8 @@ labelled annotations the way the server does (METHOD.md).
 ``recall``: ``{"version": "rc2", "metric": "recall", "<pairid>": [50 image names, best first]}`` over the
 whole gallery without the reference; ``recall_subset``: the same with ``"recall_subset"`` and the best 3 of
 the query's ``img_set.members`` without the reference. The server scores R@K / Rs@K as "the target is among
-the first K names".
+the first K names". With the split's image list (``image_splits/split.rc2.<split>.json``) every name must be one
+of its images, as the server's gallery is.
 """
 
 from __future__ import annotations
@@ -66,6 +67,21 @@ def load_submission(path: str | Path) -> dict:
     return data
 
 
+def load_split_images(path: str | Path) -> set[str]:
+    """The image names of a CIRR split file (``image_splits/split.rc2.<split>.json``: ``{name: relative path}``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"split file {path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(data, dict) or not data:
+        raise DataError(f"split file {path}: expected a JSON object of image name -> path, got "
+                        f"{type(data).__name__} {'(empty)' if not data else ''}".rstrip())
+    return set(data)
+
+
 def expected_length(metric: str, record: dict, gallery_size: int | None = None) -> int:
     """Names a ranking must hold: 50 / 3, or every candidate when fewer remain (a gallery smaller than CIRR's)."""
     if metric == "recall_subset":
@@ -76,10 +92,11 @@ def expected_length(metric: str, record: dict, gallery_size: int | None = None) 
 
 
 def check_submission(data: dict, metric: str, annotations: list[dict], where: str = "submission",
-                     gallery_size: int | None = None) -> None:
+                     gallery_size: int | None = None, split: tuple[str, set[str]] | None = None) -> None:
     """Raise ``SubmissionError`` listing everything wrong with ``data`` as a ``metric`` file for ``annotations``
     (CIRR caption records: pairid, reference, img_set.members). ``gallery_size``: of a gallery smaller than
-    51 images, whose rankings can only hold ``gallery_size - 1`` names."""
+    51 images, whose rankings can only hold ``gallery_size - 1`` names. ``split``: (its file, its image names),
+    every name must be one of them."""
     problems = []
     if data.get("version") != VERSION:
         problems.append(f'"version" is {data.get("version")!r}, expected {VERSION!r}')
@@ -105,6 +122,10 @@ def check_submission(data: dict, metric: str, annotations: list[dict], where: st
             problems.append(f"pairid {pairid}: repeated image names")
         if record["reference"] in names:
             problems.append(f"pairid {pairid}: lists its own reference image {record['reference']}")
+        if split is not None:
+            foreign = [n for n in names if n not in split[1]]
+            if foreign:
+                problems.append(f"pairid {pairid}: image(s) not in the split's image list {split[0]}: {_short(foreign)}")
         if metric == "recall_subset":
             outside = [n for n in names if n not in record["img_set"]["members"]]
             if outside:
@@ -113,22 +134,27 @@ def check_submission(data: dict, metric: str, annotations: list[dict], where: st
         raise SubmissionError(where, problems)
 
 
-def check_cirr(annotations: list[dict], recall: dict, recall_subset: dict, gallery_size: int | None = None) -> None:
-    """The server's format check of both submissions against caption records (labelled or not, e.g. test1)."""
+def check_cirr(annotations: list[dict], recall: dict, recall_subset: dict, gallery_size: int | None = None,
+               split: tuple[str, set[str]] | None = None, sources: tuple[str, str] = ("", "")) -> None:
+    """The server's format check of both submissions against caption records (labelled or not, e.g. test1), and
+    with ``split`` (its file, its image names) of every name against the split's images. ``sources``: the two
+    submission files' names, for the messages."""
     malformed = [f"record #{i}" for i, a in enumerate(annotations)
                  if not isinstance(a, dict) or not {"pairid", "reference", "img_set"} <= set(a)
                  or not isinstance(a["img_set"], dict) or "members" not in a["img_set"]]
     if malformed:
         raise SubmissionError("annotations", [f"{len(malformed)} record(s) lack pairid / reference / img_set.members: "
                                               f"{_short(malformed)}"])
-    check_submission(recall, "recall", annotations, "recall submission", gallery_size)
-    check_submission(recall_subset, "recall_subset", annotations, "recall_subset submission", gallery_size)
+    check_submission(recall, "recall", annotations, f"recall submission {sources[0]}".strip(), gallery_size, split)
+    check_submission(recall_subset, "recall_subset", annotations, f"recall_subset submission {sources[1]}".strip(),
+                     gallery_size, split)
 
 
-def score_cirr(annotations: list[dict], recall: dict, recall_subset: dict,
-               gallery_size: int | None = None) -> dict[str, float]:
-    """Check both submissions, then score them against labelled annotations (``target_hard``) as the server does."""
-    check_cirr(annotations, recall, recall_subset, gallery_size)
+def score_cirr(annotations: list[dict], recall: dict, recall_subset: dict, gallery_size: int | None = None,
+               split: tuple[str, set[str]] | None = None, sources: tuple[str, str] = ("", "")) -> dict[str, float]:
+    """Check both submissions (``check_cirr``), then score them against labelled annotations (``target_hard``) as the
+    server does."""
+    check_cirr(annotations, recall, recall_subset, gallery_size, split, sources)
     unlabelled = [str(a["pairid"]) for a in annotations if not a.get("target_hard")]
     if unlabelled:
         raise SubmissionError("annotations", [f"{len(unlabelled)} record(s) without target_hard: {_short(unlabelled)}"])
