@@ -35,9 +35,10 @@ from transformers import Blip2VisionConfig, Blip2VisionModel
 
 from .data.images import model_pixels
 from .data.synthetic_detail import (
-    GLOBAL_TYPES, LOCAL_TYPES, DetailScene, apply, describe_scene, random_local_edit, random_look_edit, random_root,
-    render_detail, scene_from_record,
+    GLOBAL_TYPES, LOCAL_TYPES, DetailScene, apply, describe_scene, random_local_edit, random_look_edit, random_scene,
+    render_detail,
 )
+from .data.synthetic_detail import benchmark_scene_keys  # noqa: F401 (re-exported: `pretrain-vit --exclude`)
 from .errors import ConfigError, DataError
 from .losses import ImageTextContrastiveLoss
 from .model.backbone import load_preset
@@ -46,7 +47,6 @@ from .pixels import normalize_pixels
 
 CORPUS_NAMESPACE = "detailfusion.vit-corpus"  # the corpus's seed stream: random.Random(f"{CORPUS_NAMESPACE}/{seed}")
 RENDER_SIZE = 128  # scenes are rendered as the benchmarks render them, then resized as `prepare` does
-LOOK_CHANGE = 0.3  # chance that a corpus scene's look attribute (texture, light, ... shift) leaves its root value
 GROUP = 4  # corpus scenes per group: a drawn scene and 3 one-edit variants, kept together in a batch
 LOCAL_SHARE = 0.75  # share of a group's variants made by a local edit (the rest change one look attribute)
 
@@ -59,22 +59,11 @@ def corpus_rng(seed: int) -> random.Random:
     return random.Random(f"{CORPUS_NAMESPACE}/{seed}")
 
 
-def draw_scene(rng: random.Random) -> DetailScene:
-    """A benchmark-v2 scene of 1-6 shapes whose look is random: each look attribute other than the background (which
-    ``random_root`` draws) leaves its root value with probability ``LOOK_CHANGE``, so the ViT sees every global look
-    and their mixtures, not only the roots' plain look."""
-    scene = random_root(rng, count=(1, 6))
-    for attribute in GLOBAL_TYPES:
-        if attribute != "background" and rng.random() < LOOK_CHANGE:
-            scene = random_look_edit(rng, scene, attribute).apply(scene)
-    return scene
-
-
 def draw_group(rng: random.Random) -> list[DetailScene] | None:
     """A drawn scene and ``GROUP - 1`` distinct one-edit variants of it (local with probability ``LOCAL_SHARE``, else
     one look attribute changed), or None when the scene allows too few: in one batch the group members are each
     other's hard negatives, which only the edited shape's kind, colour, size or cell (or the look) tells apart."""
-    base = draw_scene(rng)
+    base = random_scene(rng)
     group, keys = [base], {base.key()}
     for _ in range(4 * GROUP):
         if len(group) == GROUP:
@@ -144,20 +133,6 @@ def build_corpus(size: int, seed: int, image_size: int, exclude: Iterable[Hashab
         captions.append(describe_scene(scene))
         keys.append(scene.key())
     return Corpus(torch.from_numpy(pixels), captions, keys, len(refused))
-
-
-def benchmark_scene_keys(root: str | Path, split: str = "test1") -> set[tuple]:
-    """The scene keys of a written detail benchmark v2's split (``root/synthetic/scenes.<split>.json``)."""
-    path = Path(root) / "synthetic" / f"scenes.{split}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no scene records; is {root} a detail benchmark v2 (synth --kind detail)?")
-    keys = set()
-    for name, record in json.loads(path.read_text()).items():
-        try:
-            keys.add(scene_from_record(record).key())
-        except (KeyError, TypeError) as exc:
-            raise DataError(f"{path}: image {name!r} is not a v2 scene record ({exc!r}): {record!r}") from None
-    return keys
 
 
 # -- the objective -----------------------------------------------------------------------------------

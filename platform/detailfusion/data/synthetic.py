@@ -12,10 +12,12 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .synthetic_bench import DetailLayout, write_cirr_detail
-from .synthetic_detail import DetailV2Layout, write_detail_v2
+from .synthetic_detail import DetailV2Layout, benchmark_scene_keys, write_detail_v2
+from .synthetic_ipr2pr import write_ipr2pr_detail
 from .synthetic_scenes import write_json, write_cirr, write_fashioniq, write_ipr2pr
 
-WRITERS = {"cirr": write_cirr, "fashioniq": write_fashioniq, "ipr2pr": write_ipr2pr, "detail": write_detail_v2}
+WRITERS = {"cirr": write_cirr, "fashioniq": write_fashioniq, "ipr2pr": write_ipr2pr, "detail": write_detail_v2,
+           "ipr2pr-detail": write_ipr2pr_detail}
 DETAIL_V2_IMAGE_SIZE = 64  # the tiny preset's input side: the renderer draws it directly (no resize in prepare)
 
 
@@ -24,12 +26,15 @@ BENCHMARKS = ("near-duplicates", "detail")
 
 def write_synthetic(kind: str, out: str | Path, pairs: int | None = None, seed: int = 0, image_size: int | None = None, *,
                     benchmark: str = "near-duplicates", val_pairs: int | None = None, test_pairs: int | None = None,
-                    family_size: int | None = None, pairs_per_set: int | None = None) -> dict:
+                    family_size: int | None = None, pairs_per_set: int | None = None,
+                    held_out_types: tuple[str, ...] = (), exclude_from: str | None = None) -> dict:
     """Write synthetic pairs of dataset ``kind`` under ``out``; returns pair counts per split.
 
     kind "detail" (benchmark v2, synthetic_detail.DetailV2Layout, its defaults where None): ``pairs`` train queries,
     ``val_pairs`` and ``test_pairs`` queries, 10 per scene root (defaults 10,000 / 1,000 / 4,000); images of
-    ``image_size`` (default 64) pixels. Other kinds: ``pairs`` 2000 and 128-pixel images by default.
+    ``image_size`` (default 64) pixels; ``held_out_types``: edit types absent from train and val (test1 keeps them).
+    kind "ipr2pr-detail" (synthetic_ipr2pr): ``pairs`` (2,000) IPr2Pr rows of benchmark v2's scenes and all its edit
+    types, 64 px; ``exclude_from``: a benchmark v2 root whose test1 scenes never appear. Other kinds: ``pairs`` 2000 and 128-pixel images by default.
 
     benchmark "near-duplicates": ``pairs`` over all splits, each img_set alone with its near-duplicates.
     benchmark "detail" (CIRR only; synthetic_bench.DetailLayout, its defaults where None): ``pairs`` train queries,
@@ -41,10 +46,17 @@ def write_synthetic(kind: str, out: str | Path, pairs: int | None = None, seed: 
     detail = {name: value for name, value in detail.items() if value is not None}
     if kind not in WRITERS:
         raise ConfigError(f"unknown synthetic kind {kind!r}; known: {', '.join(WRITERS)}")
+    if kind == "ipr2pr-detail":
+        return _write_ipr2pr_detail(Path(out), 2000 if pairs is None else pairs, seed, image_size or DETAIL_V2_IMAGE_SIZE,
+                                    exclude_from)
+    if exclude_from is not None:
+        raise ConfigError(f"exclude_from: only for kind 'ipr2pr-detail', got kind {kind!r}")
     if kind == "detail":
         return _write_detail_v2(Path(out), DetailV2Layout.train_pairs if pairs is None else pairs, seed, image_size or DETAIL_V2_IMAGE_SIZE, benchmark,
                                 val_pairs=val_pairs, test_pairs=test_pairs, family_size=family_size,
-                                pairs_per_set=pairs_per_set)
+                                pairs_per_set=pairs_per_set, held_out_types=tuple(held_out_types))
+    if held_out_types:
+        raise ConfigError(f"held_out_types: only for kind 'detail' (benchmark v2), got kind {kind!r}")
     image_size, pairs = image_size or 128, 2000 if pairs is None else pairs
     if benchmark not in BENCHMARKS:
         raise ConfigError(f"unknown synthetic benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
@@ -70,8 +82,8 @@ def write_synthetic(kind: str, out: str | Path, pairs: int | None = None, seed: 
 
 
 def _write_detail_v2(out: Path, pairs: int, seed: int, image_size: int, benchmark: str, **options) -> dict:
-    given = {name: value for name, value in options.items() if value is not None}
-    unknown = [name for name in given if name not in ("val_pairs", "test_pairs")]
+    given = {name: value for name, value in options.items() if value is not None and value != ()}
+    unknown = [name for name in given if name not in ("val_pairs", "test_pairs", "held_out_types")]
     if unknown or benchmark != "near-duplicates":
         named = ", ".join(unknown + ([f"benchmark={benchmark}"] if benchmark != "near-duplicates" else []))
         raise ConfigError(f"{named}: not options of kind 'detail' (benchmark v2 takes pairs, val_pairs, test_pairs)")
@@ -82,4 +94,15 @@ def _write_detail_v2(out: Path, pairs: int, seed: int, image_size: int, benchmar
                                                        "seed": seed, "image_size": image_size,
                                                        **{k: v for k, v in vars(layout).items() if k != "train_pairs"},
                                                        "splits": summary})
+    return summary
+
+
+def _write_ipr2pr_detail(out: Path, pairs: int, seed: int, image_size: int, exclude_from: str | None) -> dict:
+    if pairs < 1:
+        raise ConfigError(f"--pairs must be at least 1, got {pairs}")
+    exclude = benchmark_scene_keys(exclude_from) if exclude_from else set()
+    summary = write_ipr2pr_detail(out, pairs, seed, image_size, exclude)
+    write_json(out / "synthetic" / "manifest.json", {"kind": "ipr2pr-detail", "pairs": pairs, "seed": seed,
+                                                       "image_size": image_size, "exclude_from": exclude_from,
+                                                       "excluded_scenes": len(exclude), "splits": summary})
     return summary

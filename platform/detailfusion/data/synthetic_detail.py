@@ -21,6 +21,7 @@ Roots never repeat across splits. Deterministic by seed.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import dataclass, field, replace
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .synthetic_scenes import CELLS, COLOURS, EDIT_TYPES, KINDS, SIZES, Edit, Shape, describe, write_json
 
 BACKGROUNDS = {"grey": (178, 178, 184), "sand": (212, 198, 166), "sky": (166, 198, 226), "mint": (170, 214, 186),
@@ -139,6 +140,19 @@ def random_root(rng: random.Random, count: tuple[int, int] = (4, 5)) -> DetailSc
                 shapes.append(shape)
                 break
     return DetailScene(tuple(shapes), Look(background=rng.choice(list(BACKGROUNDS))))
+
+
+LOOK_CHANGE = 0.3  # random_scene: chance that a look attribute (texture, light, ... shift) leaves its root value
+
+
+def random_scene(rng: random.Random, count: tuple[int, int] = (1, 6)) -> DetailScene:
+    """``count`` shapes on a random background, each other look attribute changed with probability ``LOOK_CHANGE``:
+    every global look and their mixtures (the stand-in ViT's and stage 1's corpora), not only the roots' plain look."""
+    scene = random_root(rng, count=count)
+    for attribute in GLOBAL_TYPES:
+        if attribute != "background" and rng.random() < LOOK_CHANGE:
+            scene = random_look_edit(rng, scene, attribute).apply(scene)
+    return scene
 
 
 def random_local_edit(rng: random.Random, scene: DetailScene, edit_type: str, spare: Shape | None = None) -> Edit | None:
@@ -352,6 +366,8 @@ class DetailV2Layout:
     test_pairs: int = 4_000
     siblings: int = 5  # bases per root: the root and copies with another pivot (5: pixel R@5 <= 29 by family and direction)
     queries_per_root: int = 10  # 6 forward (3 local, 3 global) + 4 inverse (2 local, 2 global)
+    held_out_types: tuple[str, ...] = ()  # edit types absent from train and val (no query, pool or img_set edit of
+    #   theirs there); test1 keeps every type: what stage 1's corpus alone can teach (issue 33, the data-efficiency study)
 
     def __post_init__(self):
         for name in ("train_pairs", "val_pairs", "test_pairs"):
@@ -361,6 +377,17 @@ class DetailV2Layout:
             raise ConfigError(f"siblings must be in 3..12 (bases per scene root), got {self.siblings}")
         if self.queries_per_root != 10:
             raise ConfigError(f"queries_per_root is 10 in this layout (6 forward, 4 inverse), got {self.queries_per_root}")
+        unknown = [t for t in self.held_out_types if t not in LOCAL_TYPES + GLOBAL_TYPES]
+        if unknown:
+            raise ConfigError(f"held_out_types: unknown edit type(s) {', '.join(map(repr, unknown))}; known: "
+                              f"{', '.join(LOCAL_TYPES + GLOBAL_TYPES)}")
+        if ("add" in self.held_out_types) != ("remove" in self.held_out_types):
+            raise ConfigError("held_out_types: 'add' and 'remove' are each other's inverse (an inverse query undoes its "
+                              "pool edit): hold out both or neither")
+        if len([t for t in LOCAL_TYPES if t not in self.held_out_types]) < POOL or \
+                len([t for t in GLOBAL_TYPES if t not in self.held_out_types]) < POOL:
+            raise ConfigError(f"held_out_types {self.held_out_types}: each family needs {POOL} edit types left for a "
+                              f"root's pool ({len(LOCAL_TYPES)} local, {len(GLOBAL_TYPES)} global in all)")
 
     @property
     def counts(self) -> dict[str, int]:
@@ -375,9 +402,12 @@ class RootFactory:
 
     def __init__(self, rng: random.Random, siblings: int):
         self.rng, self.siblings, self.seen = rng, siblings, set()
+        self.local_types, self.global_types = LOCAL_TYPES, GLOBAL_TYPES
 
-    def family(self) -> tuple[list[DetailScene], list[Query]]:
-        """(the family's gallery scenes, its 10 queries)."""
+    def family(self, excluded_types: tuple[str, ...] = ()) -> tuple[list[DetailScene], list[Query]]:
+        """(the family's gallery scenes, its 10 queries), no edit of ``excluded_types`` anywhere in it."""
+        self.local_types = tuple(t for t in LOCAL_TYPES if t not in excluded_types)
+        self.global_types = tuple(t for t in GLOBAL_TYPES if t not in excluded_types)
         while True:
             made = self._try()
             if made is not None:
@@ -398,7 +428,7 @@ class RootFactory:
         local = self._local_pool(bases, pivot)
         if local is None:
             return None
-        look = [random_look_edit(rng, root, a) for a in rng.sample(GLOBAL_TYPES, POOL)]
+        look = [random_look_edit(rng, root, a) for a in rng.sample(self.global_types, POOL)]
         pool = {"local": local, "global": look}
         scenes = list(bases) + [apply(e, b) for b in bases for e in local + look]
         if len({s.key() for s in scenes}) != len(scenes):
@@ -426,7 +456,7 @@ class RootFactory:
     def _local_pool(self, bases: list[DetailScene], pivot: Shape) -> list[Edit] | None:
         """POOL local edits of distinct types that spare the pivot and apply to every base (names stay unique)."""
         pool = []
-        for edit_type in self.rng.sample(LOCAL_TYPES, len(LOCAL_TYPES)):
+        for edit_type in self.rng.sample(self.local_types, len(self.local_types)):
             for _ in range(20):
                 edit = random_local_edit(self.rng, bases[0], edit_type, spare=pivot)
                 if edit is None or (edit.after is not None and edit.after.cell == pivot.cell):
@@ -445,9 +475,9 @@ class RootFactory:
         for want, count in ((family, POOL - 1), (_other(family), 1)):
             for _ in range(40):
                 if want == "local":
-                    edit = random_local_edit(self.rng, scene, self.rng.choice(LOCAL_TYPES))
+                    edit = random_local_edit(self.rng, scene, self.rng.choice(self.local_types))
                 else:
-                    edit = random_look_edit(self.rng, scene, self.rng.choice(GLOBAL_TYPES))
+                    edit = random_look_edit(self.rng, scene, self.rng.choice(self.global_types))
                 if edit is None or apply(edit, scene).key() in results:
                     continue
                 picked.append(edit)
@@ -491,7 +521,7 @@ def _write_splits(out: Path, layout: DetailV2Layout, seed: int, image_size: int,
         prefix = prefixes[split]
         captions, image_split, hidden, scenes_out, edits_out = [], {}, {}, {}, {}
         while len(captions) < wanted:
-            scenes, queries = factory.family()
+            scenes, queries = factory.family(() if split == "test1" else layout.held_out_types)
             folder = f"train/{root_id % 100}" if split == "train" else prefix
             (out / folder).mkdir(parents=True, exist_ok=True)
             names = {}
@@ -586,3 +616,17 @@ def edit_from_record(record: dict) -> Edit | LookEdit:
         return LookEdit(record["type"], record["before"], record["after"])
     shape = lambda s: None if s is None else Shape(*s)  # noqa: E731
     return Edit(shape(record["before"]), shape(record["after"]))
+
+
+def benchmark_scene_keys(root: str | Path, split: str = "test1") -> set[tuple]:
+    """The scene keys of a written detail benchmark v2's split (``root/synthetic/scenes.<split>.json``)."""
+    path = Path(root) / "synthetic" / f"scenes.{split}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no scene records; is {root} a detail benchmark v2 (synth --kind detail)?")
+    keys = set()
+    for name, record in json.loads(path.read_text()).items():
+        try:
+            keys.add(scene_from_record(record).key())
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"{path}: image {name!r} is not a v2 scene record ({exc!r}): {record!r}") from None
+    return keys
