@@ -12,17 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from detailfusion.config import ConfigError, JobConfig, load_config
-from detailfusion.config import PrepareConfig
-from detailfusion.data.prepare import prepare
-from detailfusion.data.synthetic import write_synthetic
-from detailfusion.model import build_model, load_model, model_fingerprint, save_model
+from detailfusion.model import load_model, model_fingerprint
 from detailfusion.tune import SpaceError, SweepSettings, load_space, sweep
 
-from conftest import all_cpus_free, registered_checkpoint_step
+from conftest import registered_checkpoint_step
+from test_interrupts import assert_all_freed, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE2 = REPO / "jobs/configs/stage2_tiny.yaml"
@@ -64,22 +61,8 @@ def test_bad_space_files_are_clear_errors(tmp_path, text, message):
 
 
 @pytest.fixture(scope="module")
-def stage2(tmp_path_factory, ray_local):
-    """A random tiny model, a feature-cached synthetic CIRR train split and the stage 2 config over them.
-
-    Trials validate on the training split itself: with a few dozen steps that is where a working learning rate
-    and a negligible one differ clearly, which makes ASHA's decisions in the test deterministic."""
-    root = tmp_path_factory.mktemp("sweep")
-    torch.manual_seed(0)
-    model, tokenizer = build_model("tiny")
-    save_model(model, tokenizer, root / "init")
-    write_synthetic("cirr", root / "raw", pairs=400, seed=5, image_size=64)
-    prepare(PrepareConfig(dataset="cirr", root=str(root / "raw"), split="train", out=str(root / "prep"),
-                          cache_vision_features=True, model=str(root / "init")))
-    overrides = [f"workdir={root}", f"data.prepared={root / 'prep'}", f"model.init_from={root / 'init'}",
-                 f"data.val_prepared={root / 'prep'}", "train.log_every=100",
-                 "data.holdout_fraction=0"]  # trials train on every row of the split they validate on
-    return root, overrides
+def stage2(stage2_data):
+    return stage2_data
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -138,6 +121,7 @@ def test_an_interrupted_sweep_keeps_finished_trials_and_continues_the_unfinished
     # the first run is its own driver process on the session's Ray (as under `ray job submit`), then Ctrl-C
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     log = (tmp_path / "first.log").open("w")
+    before = snapshot(ray_local)
     first = subprocess.Popen([sys.executable, "-m", "detailfusion.cli", *args], cwd=REPO, env=env,
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
@@ -147,8 +131,8 @@ def test_an_interrupted_sweep_keeps_finished_trials_and_continues_the_unfinished
         time.sleep(0.25)
     long_dir, checkpoint_step = long
     first.send_signal(signal.SIGINT)  # Ctrl-C on the driver
-    first.wait(timeout=120)
-    release_the_dead_drivers_actors(ray_local)
+    assert first.wait(timeout=120) != 0  # stopped, not finished
+    assert_all_freed(ray_local, before, (tmp_path / "first.log").read_text())  # nothing killed by the test
     assert not (long_dir / "DONE").is_file(), (tmp_path / "first.log").read_text()[-3000:]
     done = sorted(out.glob("trials/*/stage2/DONE"))  # the 1-epoch trial, when Tune ran it first
     before = {d: (d.stat().st_mtime_ns, (d.parent / "metrics.csv").read_text()) for d in done}
@@ -174,30 +158,11 @@ def long_trial_with_a_checkpoint(out: Path) -> tuple[Path, int] | None:
         stage_dir = config_file.parent
         if yaml.safe_load(config_file.read_text())["train"]["epochs"] != 4:
             continue
-        for snapshot in stage_dir.glob("ray/*/checkpoint_manager_snapshot.json"):
-            step = registered_checkpoint_step(snapshot)
+        for state in stage_dir.glob("ray/*/checkpoint_manager_snapshot.json"):
+            step = registered_checkpoint_step(state)
             if step:
                 return stage_dir, step
     return None
-
-
-def release_the_dead_drivers_actors(ray, wait_s: float = 90) -> None:
-    """Wait until the session's CPUs are free again after the first driver died; kill what its job left alive if
-    they are not. Known gap (seen once in a CI run, not reproduced alone): a Ctrl-C landing while the second trial's
-    Train run starts can leave that run's actors alive and holding their CPUs, and every later module's Ray Data
-    tasks then wait for ever. This test is about the resumed sweep, so it frees them and says so on stderr."""
-    from ray.util.state import list_actors
-
-    if all_cpus_free(ray, wait_s):
-        return
-    own_job = ray.get_runtime_context().get_job_id()
-    left = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.job_id != own_job]
-    print(f"the interrupted driver left {len(left)} actors alive: {[a.class_name for a in left]}; killing them",
-          file=sys.stderr)
-    for actor in left:  # this machine's processes (one local Ray)
-        if actor.pid:
-            os.kill(actor.pid, signal.SIGKILL)
-    all_cpus_free(ray, wait_s)
 
 
 def test_a_sweep_without_a_validation_split_is_refused(tmp_path):

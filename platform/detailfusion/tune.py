@@ -22,7 +22,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
+import signal
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -204,10 +207,31 @@ def sweep(base: JobConfig, settings: SweepSettings) -> list[dict]:
                                                     indent=1))
     print(f"[sweep] stage {settings.stage}, space {settings.space} ({', '.join(space)}), scheduler {settings.scheduler}, "
           f"scored on {settings.metric} ({settings.mode}) -> {out}", flush=True)
-    grid = tuner.fit()
+    grid, interrupted = fit_noting_interrupts(tuner)
+    if interrupted:  # Tune stopped the trials (their actors and placement groups) and saved the experiment's state
+        raise KeyboardInterrupt(f"sweep interrupted; rerun the same command to resume {experiment}")
     rows = results_rows(grid, list(space), settings, base.train.epochs, out / "trials")
     write_results(rows, list(space), settings, out)
     return rows
+
+
+def fit_noting_interrupts(tuner) -> tuple[Any, bool]:
+    """``tuner.fit()`` and whether Ctrl-C (or SIGTERM, which ``ray_setup`` turns into it) ended it. Tune's SIGINT
+    handler ends the run cleanly, trials resumable, and returns as if it had finished; when it handles a signal it
+    puts back the handler it found, which is how the interruption shows here."""
+    if threading.current_thread() is not threading.main_thread() or os.environ.get("TUNE_DISABLE_SIGINT_HANDLER") == "1":
+        return tuner.fit(), False  # no handler of Tune's: Ctrl-C raises KeyboardInterrupt through fit()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def found(signum, frame):  # what Tune finds, and puts back after a signal
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, found)
+    try:
+        grid = tuner.fit()
+        return grid, signal.getsignal(signal.SIGINT) is found
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def results_rows(grid, keys: list[str], settings: SweepSettings, epochs: int, trials_dir: Path) -> list[dict]:
