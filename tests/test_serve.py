@@ -1,6 +1,8 @@
 """The Ray Serve endpoint over real HTTP on 127.0.0.1: a tiny model trained on synthetic CIRR (Ray Train) and its
 gallery index; a query the model learned comes back first; every bad input is a documented 4xx and the server
-keeps serving; the search page works in headless Chromium (screenshot kept)."""
+keeps serving; the search page works in headless Chromium (screenshot kept), and so does /docs with the network off;
+a second app with an API token and room for 2 searches refuses requests without the token and sheds a burst (503);
+echoed input comes back cut short."""
 
 import base64
 import io
@@ -212,7 +214,13 @@ def test_the_openapi_schema_declares_search_and_every_example_and_error_holds(se
     provoke = {400: BAD["not_an_image"], 404: BAD["unknown_reference"], 413: BAD["body_over_limit"],
                415: BAD["wrong_content_type"], 422: BAD["top_k_zero"]}
     declared = {int(status): answer for status, answer in search["responses"].items() if status != "200"}
-    assert set(declared) == set(provoke) | {500}
+    assert set(declared) == set(provoke) | {401, 500, 503}  # 401, 503: test_a_token_guards_every_route_but_healthz,
+    assert set(declared[503]["headers"]) == {"Retry-After"}  # test_past_its_queue_the_model_sheds_load
+    for path, operations in spec["paths"].items():  # 401 on every route but /healthz, with the bearer scheme
+        for operation in operations.values():
+            guarded = path != "/healthz"
+            assert ("401" in operation["responses"]) == guarded == ("security" in operation), path
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     for status, answer in declared.items():
         schema = resolved(answer["content"]["application/json"]["schema"])
         assert schema == {"$ref": "urn:api#/components/schemas/ErrorResponse"}
@@ -356,3 +364,100 @@ def test_search_page_in_headless_chromium(server, trained, tmp_path):
     subprocess.run([browser, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
     assert shot.is_file() and Image.open(shot).size == (1100, 900)
     print(f"search page screenshot: {shot}")
+
+
+def test_echoed_input_is_cut_to_a_short_prefix(server):
+    """A 100,000-character reference_id (and other over-long values) comes back as a prefix and its length."""
+    huge = "x" * 100_000
+    cases = [requests.post(f"{server}/search", json={"reference_id": huge, "text": "red"}, timeout=60),
+             requests.post(f"{server}/search", json={"reference_id": "a", "text": "red", "top_k": "9" * 100_000},
+                           timeout=60),
+             requests.post(f"{server}/search", data=b"x", headers={"Content-Type": "a" * 5000}, timeout=60),
+             requests.get(f"{server}/thumbnails/{'y' * 5000}", timeout=60),
+             requests.get(f"{server}/no-such-route-{'z' * 5000}", timeout=60),
+             requests.get(f"{server}/gallery?offset={'w' * 5000}", timeout=60)]
+    statuses = [(r.status_code, r.json()["error"]["code"]) for r in cases]
+    assert statuses == [(404, "unknown_reference"), (422, "bad_top_k"), (415, "unsupported_media_type"),
+                        (404, "unknown_image"), (404, "not_found"), (422, "bad_parameter")]
+    for response in cases:
+        message = response.json()["error"]["message"]
+        assert len(message) < 200, message
+    assert "(100000 characters)" in cases[0].json()["error"]["message"]
+    assert "(100000 characters)" in cases[1].json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def guarded(server, trained, tmp_path_factory):
+    """A second app of the same model at /guarded: an API token from a file, and room for one search in the model
+    replica and one waiting (batching off), so a burst must be shed."""
+    from ray import serve
+
+    from detailfusion.serving.app import build_app
+
+    token = tmp_path_factory.mktemp("token") / "token"
+    token.write_text("s3cret-token\n")
+    config = ServeConfig(checkpoint=str(trained["model"]), index=str(trained["index"]), replica_cpus=0.2,
+                         frontend_cpus=0.05, max_replicas=1, batching=False, max_ongoing_requests=1,
+                         max_queued_requests=1, retry_after_s=1.5, api_token_file=str(token))
+    serve.run(build_app(config), name="guarded", route_prefix="/guarded")
+    yield f"{server}/guarded", {"Authorization": "Bearer s3cret-token"}
+    serve.delete("guarded")
+
+
+def test_a_token_guards_every_route_but_healthz(guarded, trained):
+    url, auth = guarded
+    body = {"reference_id": trained["query"]["reference_id"], "text": trained["query"]["text"], "top_k": 3}
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200  # open: a load balancer's probe
+    refused = {"no token": {}, "wrong token": {"Authorization": "Bearer s3cret-tokeN"},
+               "not bearer": {"Authorization": "Basic s3cret-token"}, "bare token": {"Authorization": "s3cret-token"}}
+    for name, headers in refused.items():
+        for method, path in (("post", "/search"), ("get", "/gallery"), ("get", "/"), ("get", "/docs"),
+                             ("get", "/openapi.json"), ("get", f"/thumbnails/{trained['query']['reference_id']}"),
+                             ("get", "/static-offline-docs/swagger-ui.css"), ("get", "/no-such-route")):
+            response = requests.request(method, f"{url}{path}", json=body, headers=headers, timeout=30)
+            assert response.status_code == 401, (name, path, response.status_code)
+            assert response.json()["error"]["code"] == "unauthorized"
+            assert response.headers["WWW-Authenticate"] == "Bearer"
+    search = requests.post(f"{url}/search", json=body, headers=auth, timeout=60)
+    assert search.status_code == 200 and len(search.json()["results"]) == 3
+    assert requests.get(f"{url}/gallery", headers=auth, timeout=30).json()["total"] == trained["gallery"]
+    assert requests.get(f"{url}/docs", headers=auth, timeout=30).status_code == 200
+
+
+def test_past_its_queue_the_model_sheds_load(guarded, trained):
+    """48 searches from 24 clients at once on 1 running + 1 queued: the rest are answered 503 with Retry-After in the
+    error shape, none otherwise; the server then answers again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, auth = guarded
+    body = {"reference_id": trained["query"]["reference_id"], "text": trained["query"]["text"], "top_k": 3}
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(lambda _: requests.post(f"{url}/search", json=body, headers=auth, timeout=60),
+                                range(48)))
+    statuses = [a.status_code for a in answers]
+    print(f"shedding: {statuses.count(200)} answered, {statuses.count(503)} shed of {len(statuses)}")
+    assert set(statuses) == {200, 503}, statuses
+    for answer in answers:
+        if answer.status_code == 503:  # retry_after_s 1.5, rounded up
+            assert answer.json()["error"]["code"] == "overloaded" and answer.headers["Retry-After"] == "2"
+        else:
+            assert len(answer.json()["results"]) == 3
+    assert requests.post(f"{url}/search", json=body, headers=auth, timeout=60).status_code == 200
+
+
+def test_api_docs_render_offline_in_headless_chromium(server, tmp_path):
+    """/docs loads Swagger UI from the package's own files: with every host but 127.0.0.1 unresolvable, Chromium
+    renders the operation list (POST /search among them)."""
+    browser = find_chromium()
+    if browser is None:
+        missing_prerequisite("chromium not installed (apt-get install chromium; .ci/run installs it)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+             "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--virtual-time-budget=20000",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", f"{server}/docs"], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert 'class="swagger-ui' in dom and "opblock-post" in dom, dom[-2000:]
+    assert 'data-path="/search"' in dom and 'data-path="/healthz"' in dom
+    page = requests.get(f"{server}/docs", timeout=30).text
+    assert "://" not in page  # every asset from this server (relative URLs), none from a CDN

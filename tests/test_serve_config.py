@@ -61,3 +61,34 @@ def test_an_index_of_another_model_is_refused_before_serving(tmp_path, tiny):
         build_app(ServeConfig(checkpoint=str(tmp_path / "model"), index=str(tmp_path / "index")))
     with pytest.raises(FileNotFoundError, match="index .*index.json not found"):
         build_app(ServeConfig(checkpoint=str(tmp_path / "model"), index=str(tmp_path / "nowhere")))
+
+
+def test_the_api_token_comes_from_the_environment_or_a_file_not_both(tmp_path, monkeypatch):
+    from detailfusion.config import ConfigError
+    from detailfusion.serving.auth import TOKEN_VARIABLE, load_token
+
+    monkeypatch.delenv(TOKEN_VARIABLE, raising=False)
+    assert load_token(None) is None  # no token: an open endpoint
+    monkeypatch.setenv(TOKEN_VARIABLE, "from-env")
+    assert load_token(None) == "from-env"
+    token = tmp_path / "token"
+    token.write_text("from-file\n")
+    with pytest.raises(ConfigError, match="set twice"):
+        load_token(str(token))
+    monkeypatch.delenv(TOKEN_VARIABLE)
+    assert load_token(str(token)) == "from-file"
+    token.write_text(" \n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_token(str(token))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_token(str(tmp_path / "absent"))
+
+
+def test_a_request_is_authorized_by_its_bearer_token_only():
+    from detailfusion.serving.auth import authorized, token_digest
+
+    digest = token_digest("s3cret")
+    assert authorized("Bearer s3cret", digest) and authorized("bearer s3cret", digest)
+    for header in (None, "", "Bearer", "Bearer s3cre", "Bearer s3cret2", "Basic s3cret", "s3cret"):
+        assert not authorized(header, digest), header
+    assert authorized(None, None)  # no token configured: open

@@ -290,6 +290,14 @@ class ServeConfig:
     max_image_pixels: int = 40_000_000
     max_text_chars: int = 300
     max_top_k: int = 100
+    # load shedding: past max_ongoing_requests searches in each model replica (None: 2 x the batch size), at most
+    # max_queued_requests more wait at each Frontend replica (-1: no limit); the rest get 503 with Retry-After at once
+    max_ongoing_requests: int | None = None
+    max_queued_requests: int = 64
+    retry_after_s: float = 1.0  # the 503's Retry-After (s, rounded up)
+    # a file holding the API token (or $DETAILFUSION_API_TOKEN, not both): every route but /healthz then needs
+    # `Authorization: Bearer <token>`; None and no variable: an open endpoint
+    api_token_file: str | None = None
     num_cpus: int | None = None  # CPUs of a local Ray started by `detailfusion serve`
 
 

@@ -2,13 +2,18 @@
 model deployment (``Retriever``) that holds the exported model and its gallery index (``index_store.open_index``:
 exact, in memory, or compressed, the FAISS codes in memory and the re-ranking store memory-mapped).
 
-HTTP (all errors are ``{"error": {"code", "message"}}`` with a 4xx status; the server keeps serving; the models
-and the OpenAPI declarations are in ``schema.py``: ``/openapi.json``, ``/docs``):
+HTTP (all errors are ``{"error": {"code", "message"}}`` with a 4xx status, an echoed value cut short; the server
+keeps serving; the models and the OpenAPI declarations are in ``schema.py``: ``/openapi.json``, ``/docs`` with the
+Swagger UI assets of the installed ``fastapi-offline`` package, no CDN):
 - ``POST /search``: a reference image (multipart ``image`` file, or base64 ``image`` in JSON, or a gallery
   ``reference_id``, left out of its own results) + ``text`` + ``top_k`` -> ``{"results": [{"image_id", "score"}],
   "weights": {"gm", "di"}}``.
 - ``GET /healthz``, ``GET /gallery?offset=&limit=``, ``GET /thumbnails/{image_id}`` (JPEG from the index),
   ``GET /`` the search page.
+
+Shared-network guards: past the model replicas' ``max_ongoing_requests`` each, ``max_queued_requests`` more may
+wait at each Frontend replica; the rest are answered at once 503 ``overloaded`` with ``Retry-After``. With an API
+token (``auth.py``) every route but ``/healthz`` answers 401 without ``Authorization: Bearer <token>``.
 
 ``app_builder(args)`` is the import path for ``serve run`` / ``serve deploy`` (``deploy/config.yaml``).
 No ``from __future__ import annotations`` here (FastAPI reads the handlers' annotations at runtime), and the
@@ -17,21 +22,34 @@ helpers come before the ingress class: ``serve.ingress`` pickles the handlers wh
 
 import json
 import logging
+import math
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPBearer
+from fastapi_offline import FastAPIOffline
 from ray import serve
+from ray.serve.config import BackpressureConfig
+from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException
 
 from ..config import ServeConfig, from_dict
-from .queries import Limits, RequestError, SearchQuery, check_content_length, parse_fields, parse_json
-from .schema import SEARCH_REQUEST_BODY, SEARCH_RESPONSES, SearchResponse
+from .auth import OPEN_PATHS, authorized, load_token, token_digest
+from .queries import Limits, RequestError, SearchQuery, check_content_length, parse_fields, parse_json, shown
+from .schema import AUTH_RESPONSES, SEARCH_REQUEST_BODY, SEARCH_RESPONSES, UNAUTHORIZED, SearchResponse
 
 logger = logging.getLogger("ray.serve")
-api = FastAPI(title="DetailFusion composed image retrieval")
+# /docs and /redoc load Swagger UI and ReDoc from the package's own files (an air-gapped cluster has no CDN)
+api = FastAPIOffline(title="DetailFusion composed image retrieval")
+# declares the optional bearer token in the schema (the check itself is `check_token`, before any route)
+BEARER = [Depends(HTTPBearer(auto_error=False, description="the server's API token, when it has one"))]
+MAX_MESSAGE_CHARS = 300  # of any error message (its echoed values are already cut by `shown`)
+FRONTEND_QUEUE = 1024  # requests waiting for a Frontend replica at each HTTP proxy; past it Ray's own 503
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -45,8 +63,35 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def error(exc: RequestError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+def error(exc: RequestError, headers: dict | None = None) -> JSONResponse:
+    body = exc.body()
+    body["error"]["message"] = body["error"]["message"][:MAX_MESSAGE_CHARS]
+    return JSONResponse(body, status_code=exc.status, headers=headers)
+
+
+@api.middleware("http")
+async def check_token(request: Request, call_next):
+    """401 for every route but ``/healthz`` without the app's bearer token (when it has one: ``auth.py``)."""
+    digest = serve.get_replica_context().servable_object.token_digest
+    path = request.scope["path"].removeprefix(request.scope.get("root_path", "").rstrip("/"))
+    if path in OPEN_PATHS or authorized(request.headers.get("authorization"), digest):
+        return await call_next(request)
+    return error(RequestError(401, UNAUTHORIZED[2], UNAUTHORIZED[3]), headers={"WWW-Authenticate": "Bearer"})
+
+
+@api.exception_handler(HTTPException)
+async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """FastAPI's own refusals (an unknown route 404, a wrong method 405) in the error shape."""
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    message = f"{request.method} {shown(request.url.path)}: {exc.detail}"
+    return error(RequestError(exc.status_code, codes.get(exc.status_code, "http_error"), message), exc.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A query parameter of the wrong type (``/gallery?offset=x``): 422 naming the field, not echoing its value."""
+    fields = "; ".join(f"{'.'.join(str(part) for part in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
+    return error(RequestError(422, "bad_parameter", fields))
 
 
 @serve.deployment
@@ -135,10 +180,11 @@ class Retriever:
 class Frontend:
     """HTTP: parses and checks requests, answers errors, serves the page and thumbnails; forwards searches."""
 
-    def __init__(self, retriever, index: str, image_size: int, limits: dict):
+    def __init__(self, retriever, index: str, image_size: int, limits: dict, token_digest: bytes | None = None):
         from ..index import IMAGES_FILE, Thumbnails
 
         self.retriever = retriever
+        self.token_digest = token_digest  # SHA-256 of the API token (None: open), read by `check_token`
         self.limits = Limits(**limits)
         self.image_size = image_size  # the model's input side (px): requests and thumbnails are resized to it
         self.thumbnails = Thumbnails(Path(index) / IMAGES_FILE)  # read on demand, a row group at a time
@@ -149,27 +195,28 @@ class Frontend:
     def healthz(self) -> dict:
         return {"status": "ok", "gallery": len(self.image_ids), "image_size": self.image_size}
 
-    @api.get("/", response_class=HTMLResponse)
+    @api.get("/", response_class=HTMLResponse, responses=AUTH_RESPONSES, dependencies=BEARER)
     def page(self) -> str:
         return self.page
 
-    @api.get("/gallery")
+    @api.get("/gallery", responses=AUTH_RESPONSES, dependencies=BEARER)
     def gallery(self, offset: int = 0, limit: int = 24) -> dict:
         limit = max(0, min(limit, 200))
         return {"total": len(self.image_ids), "images": self.image_ids[max(0, offset):max(0, offset) + limit]}
 
-    @api.get("/thumbnails/{image_id}")
+    @api.get("/thumbnails/{image_id}", responses=AUTH_RESPONSES, dependencies=BEARER)
     def thumbnail(self, image_id: str) -> Response:
         data = self.thumbnails.get(image_id)
         if data is None:
-            return error(RequestError(404, "unknown_image", f"no thumbnail for image {image_id!r}"))
+            return error(RequestError(404, "unknown_image", f"no thumbnail for image {shown(image_id)}"))
         return Response(content=data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     @api.post("/search", response_model=SearchResponse, responses=SEARCH_RESPONSES, openapi_extra=SEARCH_REQUEST_BODY,
-              summary="Search the gallery with a reference image and a modification text")
+              dependencies=BEARER, summary="Search the gallery with a reference image and a modification text")
     async def search(self, request: Request) -> Response:
         """Returns the ``top_k`` gallery images closest to the composed query, best first, and the query's branch
-        weights. The body is read and size-checked as it streams in (413 past ``max_body_mb``)."""
+        weights. The body is read and size-checked as it streams in (413 past ``max_body_mb``); 503 at once when the
+        model replicas' queue is full."""
         try:
             query = await self._query(request)
             pixels = query.pixels if query.pixels is not None else self._reference_pixels(query.reference_id)
@@ -179,6 +226,10 @@ class Frontend:
             return JSONResponse(result)
         except RequestError as exc:
             return error(exc)
+        except BackPressureError as exc:  # the model deployment's queue is full: shed, do not wait
+            wait = max(1, math.ceil(exc.retry_after_s or 1))
+            return error(RequestError(503, "overloaded", f"the server is at capacity; retry after {wait} s"),
+                         headers={"Retry-After": str(wait)})
         except Exception:  # noqa: BLE001  (logged server-side; the client gets no internals)
             logger.exception("search failed")
             return error(RequestError(500, "internal", "internal error"))
@@ -204,14 +255,15 @@ class Frontend:
             image = await upload.read() if upload is not None and not isinstance(upload, str) else None
             return parse_fields(fields, image, self.image_size, len(self.image_ids), self.limits)
         raise RequestError(415, "unsupported_media_type",
-                           f"content type {kind or 'none'!r}: send multipart/form-data or application/json")
+                           f"content type {shown(kind) if kind else 'none'}: send multipart/form-data or application/json")
 
     def _reference_pixels(self, image_id: str) -> np.ndarray:
         from ..data.images import load_pixels
 
         data = self.thumbnails.get(image_id)
         if data is None:
-            raise RequestError(404, "unknown_reference", f"reference_id {image_id!r} is not a gallery image with a thumbnail")
+            raise RequestError(404, "unknown_reference",
+                               f"reference_id {shown(image_id)} is not a gallery image with a thumbnail")
         return load_pixels(data, self.image_size)  # the thumbnail through the same transform as an upload
 
 
@@ -232,9 +284,12 @@ def build_app(config: ServeConfig):
         raise IndexMismatch(f"index {config.index} was built by model {built_by}, not by {config.checkpoint}; "
                             "rebuild it with `detailfusion index` and this checkpoint")
     batch = config.max_batch_size if config.batching else 1
+    token = token_digest(load_token(config.api_token_file))  # read here, once: the replicas get its digest only
     shards = _shard_deployments(config, fingerprint)
+    shed = BackpressureConfig(status_code=503, retry_after_s=config.retry_after_s)
     retriever = Retriever.options(
-        max_ongoing_requests=max(2 * batch, 2),
+        max_ongoing_requests=config.max_ongoing_requests or max(2 * batch, 2),
+        max_queued_requests=config.max_queued_requests, backpressure_config=shed,
         **({"max_replicas_per_node": config.max_replicas_per_node} if config.max_replicas_per_node else {}),
         autoscaling_config={"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
                             "target_ongoing_requests": config.target_ongoing_requests or batch,
@@ -244,8 +299,9 @@ def build_app(config: ServeConfig):
     ).bind(config.checkpoint, fingerprint, config.index, batch, config.batch_wait_timeout_s, config.use_gpu, shards)
     limits = {"max_body_bytes": int(config.max_body_mb * 1024 * 1024), "max_image_pixels": config.max_image_pixels,
               "max_text_chars": config.max_text_chars, "max_top_k": config.max_top_k}
-    return Frontend.options(ray_actor_options={"num_cpus": config.frontend_cpus}, max_ongoing_requests=256).bind(
-        retriever, config.index, image_size(config.checkpoint), limits)
+    return Frontend.options(ray_actor_options={"num_cpus": config.frontend_cpus}, max_ongoing_requests=256,
+                            max_queued_requests=FRONTEND_QUEUE, backpressure_config=shed).bind(
+        retriever, config.index, image_size(config.checkpoint), limits, token)
 
 
 def _shard_deployments(config: ServeConfig, fingerprint: str) -> list:

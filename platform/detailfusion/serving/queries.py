@@ -5,7 +5,8 @@ Accepted bodies of ``POST /search``:
 - ``application/json``: ``{"image": base64, "text": ..., "top_k": ...}`` or ``{"reference_id": ...}`` instead of
   ``image`` (a gallery image as the reference).
 
-Messages name the field and the limit, never a file-system path.
+Messages name the field and the limit, never a file-system path; an echoed value is cut to a short prefix
+(``shown``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,18 @@ import numpy as np
 
 from ..data.images import BadImage, decode_image, model_pixels
 from ..errors import RequestError  # re-exported: callers import it from here
+
+
+SHOWN_CHARS = 40  # of an echoed value in an error message
+
+
+def shown(value) -> str:
+    """``repr(value)``, or its first ``SHOWN_CHARS`` characters and the length when longer (a client's input,
+    echoed in an error, stays short whatever its size)."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= SHOWN_CHARS:
+        return repr(value)
+    return f"{text[:SHOWN_CHARS]!r}... ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -41,7 +54,8 @@ class SearchQuery:
 
 def check_content_length(header: str | None, limits: Limits) -> None:
     if header is not None and header.isdigit() and int(header) > limits.max_body_bytes:
-        raise RequestError(413, "body_too_large", f"request body of {header} bytes exceeds the limit of "
+        size = header if len(header) <= SHOWN_CHARS else shown(header)
+        raise RequestError(413, "body_too_large", f"request body of {size} bytes exceeds the limit of "
                                                   f"{limits.max_body_bytes} bytes")
 
 
@@ -65,11 +79,11 @@ def parse_fields(fields: dict, image: bytes | None, size: int, gallery_size: int
     if len(text) > limits.max_text_chars:
         raise RequestError(422, "bad_text", f"text: {len(text)} characters exceeds the limit of {limits.max_text_chars}")
     top_k = fields.get("top_k", 10)
-    if isinstance(top_k, str) and top_k.strip().lstrip("-").isdigit():
-        top_k = int(top_k)
+    if isinstance(top_k, str) and top_k.strip().lstrip("-").isdigit() and len(top_k) <= 12:  # int() of 4,300+
+        top_k = int(top_k)  # digits raises; a longer number is out of range anyway
     highest = min(limits.max_top_k, gallery_size)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= highest:
-        raise RequestError(422, "bad_top_k", f"top_k: must be an integer from 1 to {highest}, got {top_k!r}")
+        raise RequestError(422, "bad_top_k", f"top_k: must be an integer from 1 to {highest}, got {shown(top_k)}")
     reference_id = fields.get("reference_id")
     if image is not None and reference_id:
         raise RequestError(422, "ambiguous_reference", "give either image or reference_id, not both")
@@ -83,7 +97,7 @@ def parse_fields(fields: dict, image: bytes | None, size: int, gallery_size: int
 def parse_json(body: bytes, size: int, gallery_size: int, limits: Limits) -> SearchQuery:
     try:
         fields = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # undecodable bytes, bad JSON, a number past int()'s 4,300 digits
         raise RequestError(400, "bad_json", f"body is not valid JSON: {exc}") from None
     if not isinstance(fields, dict):
         raise RequestError(400, "bad_json", "body must be a JSON object with image (base64), text and top_k")

@@ -3,7 +3,8 @@
 The handler reads the raw body itself (a streamed size check refuses an oversized body before it is parsed), so
 its two request bodies are declared with FastAPI's ``openapi_extra`` from these pydantic models instead of being
 parsed by FastAPI; the success model is the route's ``response_model`` and every error status is declared in its
-``responses`` with ``ErrorResponse``. Each request example below is sent by the schema test.
+``responses`` with ``ErrorResponse`` (401 on every route but ``/healthz``, for a server with an API token; 503 with
+``Retry-After`` on ``/search``, when the model's queue is full). Each request example below is sent by the schema test.
 """
 
 import base64
@@ -52,7 +53,7 @@ class SearchResponse(BaseModel):
 
 class ErrorDetail(BaseModel):
     code: str = Field(description="a stable machine-readable code, e.g. bad_image, body_too_large")
-    message: str = Field(description="what was wrong, naming the field and the limit")
+    message: str = Field(description="what was wrong, naming the field and the limit (an echoed value is cut short)")
 
 
 class ErrorResponse(BaseModel):
@@ -82,13 +83,26 @@ ERRORS = {
     422: ("a field is missing or out of range: text, top_k, image or reference_id", "bad_top_k",
           "top_k: must be an integer from 1 to 100, got 0"),
     500: ("the server failed (logged server-side; no internals are returned)", "internal", "internal error"),
+    503: ("over capacity: the model replicas' queue is full (max_queued_requests); retry after the Retry-After "
+          "header's seconds", "overloaded", "the server is at capacity; retry after 1 s"),
 }
+UNAUTHORIZED = (401, "the server has an API token and the request's Authorization header is not 'Bearer <token>'",
+                "unauthorized", "this server needs the header 'Authorization: Bearer <token>'")
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+WWW_AUTHENTICATE = {"WWW-Authenticate": {"description": "the scheme: Bearer", "schema": {"type": "string"}}}
 
-SEARCH_RESPONSES = {
-    status: {"model": ErrorResponse, "description": description,
-             "content": {"application/json": {"example": {"error": {"code": code, "message": message}}}}}
-    for status, (description, code, message) in ERRORS.items()
-}
+
+def error_responses(*errors: tuple[int, str, str, str]) -> dict:
+    """FastAPI ``responses`` of (status, description, code, example message) with the error model."""
+    return {status: {"model": ErrorResponse, "description": description,
+                     "content": {"application/json": {"example": {"error": {"code": code, "message": message}}}},
+                     **({"headers": RETRY_AFTER} if status == 503 else {}),
+                     **({"headers": WWW_AUTHENTICATE} if status == 401 else {})}
+            for status, description, code, message in errors}
+
+
+AUTH_RESPONSES = error_responses(UNAUTHORIZED)  # every route but /healthz
+SEARCH_RESPONSES = error_responses(UNAUTHORIZED, *((status, *rest) for status, rest in ERRORS.items()))
 
 SEARCH_REQUEST_BODY = {
     "requestBody": {
