@@ -19,9 +19,13 @@ a hard case for approximate search, whose recall needs hits in proportion to N.
 
 The exact reference is the exact top-50 (``RunningTopK``, ``GalleryIndex.search``'s answer) over the same float16
 values as they are made. Reported, for each ``nprobe:candidates[:rerank]`` setting: recall@10 and recall@50 (the
-share of the exact top-10 / top-50 in the index's top-10 / top-50, all queries), the latency of one query at a time
-inside the index (top-50; p50, p99 over ``--latency-queries``; several shards are searched one after another
-here; in one piece also the candidate stage alone and the mean number of images re-ranked), what the store alone
+share of the exact top-10 / top-50 in the index's top-10 / top-50, all queries); ``recall_tol@10``/``@50``, the same
+with ann-benchmarks' tolerance (a returned image counts when its distance, 1 - fused score, is within 1 + 1e-3 of
+the exact k-th one: swaps of equal images are not errors); ``task_recall@10``/``@50``, the share of queries whose
+planted target (the image the query was drawn near) the index returns, beside ``exact_task_recall`` (exact
+search's, on the same queries); the latency of one query at a time inside the index (top-50; p50, p99 over
+``--latency-queries``; several shards are searched in parallel, one thread each, as Serve fans out to one deployment
+per shard; in one piece also the candidate stage alone and the mean number of images re-ranked), what the store alone
 allows (``store_limits``: the exact score gap between ranks 10 and 11, the store's score error on the exact
 top-10, and with ``--store-ceiling`` the recall when every image is re-ranked from the store), plus build time (codec
 training, coding and storing, writing; generation and the exact reference timed apart), RAM bytes per image (the
@@ -61,6 +65,8 @@ from detailfusion.sharded_index import shard_bounds, shard_name
 from detailfusion.model.fusion import fused_query
 
 CHUNK = 1024  # images generated (and exactly scored) at a time
+EXACT_DEPTH = 256  # the exact reference's list per query: top-50 and every image within tolerance of its 50th
+EPSILON = 1e-3  # ann-benchmarks' tolerance
 
 
 class Concepts:
@@ -85,8 +91,8 @@ class Concepts:
             halves.append(F.normalize(directions[torch.from_numpy(pick)] + image + token, dim=-1))
         return torch.cat(halves, dim=-1) / math.sqrt(2)
 
-    def queries(self, rule: str) -> torch.Tensor:
-        """Unified queries [Q, 2D], each near a random image's concepts."""
+    def queries(self, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unified queries [Q, 2D], each near a random image's concepts; that image's row [Q]: the planted target)."""
         args = self.args
         rng = np.random.default_rng(args.seed + 1)
         targets = rng.integers(args.images, size=args.queries)
@@ -94,7 +100,7 @@ class Concepts:
                                 + gaussian(rng, (args.queries, args.dim), args.query_noise), dim=-1)
                     for directions, chosen in zip(self.directions, self.chosen)]
         a = torch.from_numpy(rng.uniform(0.2, 0.8, size=(args.queries, 1)).astype(np.float32))
-        return fused_query(*branches, torch.cat([a, 1 - a], dim=1), rule)
+        return fused_query(*branches, torch.cat([a, 1 - a], dim=1), rule), torch.from_numpy(targets)
 
 
 def gaussian(rng, shape: tuple, norm: float) -> torch.Tensor:
@@ -107,6 +113,25 @@ def recall(found: torch.Tensor, exact: torch.Tensor) -> float:
     return sum(len(set(a) & set(b)) for a, b in zip(found.tolist(), exact.tolist())) / exact.numel()
 
 
+def tolerance_recall(found: torch.Tensor, exact: torch.Tensor, exact_scores: torch.Tensor, k: int,
+                     epsilon: float = EPSILON) -> tuple[float, int]:
+    """ann-benchmarks' recall with tolerance: a returned image [Q, k] counts when its distance is within
+    (1 + epsilon) of the exact k-th one, the distance being 1 - fused score: score >= 1 - (1 + epsilon) (1 - s_k).
+    ``exact`` / ``exact_scores`` [Q, EXACT_DEPTH]: the exact list, deep enough to hold every image that qualifies.
+    Returns (the recall, the queries whose qualifying images may run past the exact list: then undercounted)."""
+    bar = 1 - (1 + epsilon) * (1 - exact_scores[:, k - 1:k])  # [Q, 1]
+    hits, past = 0, int((exact_scores[:, -1:] >= bar).sum())
+    for row, ids, scores, limit in zip(found[:, :k].tolist(), exact.tolist(), exact_scores.tolist(), bar[:, 0].tolist()):
+        allowed = {i for i, score in zip(ids, scores) if score >= limit}
+        hits += sum(i in allowed for i in row)
+    return hits / found[:, :k].numel(), past
+
+
+def task_recall(found: torch.Tensor, targets: torch.Tensor, k: int) -> float:
+    """The share of queries whose planted target [Q] is in the list's top ``k`` [Q, >= k]."""
+    return float((found[:, :k] == targets[:, None]).any(dim=1).double().mean())
+
+
 def latencies(fn, queries: torch.Tensor) -> dict:
     """p50 / p99 milliseconds of ``fn`` on one query at a time."""
     times = []
@@ -117,15 +142,20 @@ def latencies(fn, queries: torch.Tensor) -> dict:
     return {"p50_ms": float(np.percentile(times, 50)) * 1e3, "p99_ms": float(np.percentile(times, 99)) * 1e3}
 
 
-def measure(index, queries: torch.Tensor, exact: torch.Tensor, setting: dict, timed: int) -> dict:
-    """Recall of the top-50 (all queries) and one-query latencies (the first ``timed``) at one search setting; the
-    candidate stage alone where the index is in one piece."""
+def measure(index, queries: torch.Tensor, exact: torch.Tensor, exact_scores: torch.Tensor, targets: torch.Tensor,
+            setting: dict, timed: int) -> dict:
+    """At one search setting: recall of the exact top-10 / top-50 (all queries), with ann-benchmarks' tolerance,
+    and task recall (the planted target found) beside exact search's; one-query latencies (the first ``timed``;
+    shards searched in parallel, as Serve fans out); the candidate stage alone where the index is in one piece."""
     nprobe, candidates, rerank = setting["nprobe"], setting["candidates"], setting["rerank"]
     keep = max(rerank, 50) if rerank else None
     found = index.search(queries, 50, **setting)[1]
     whole = latencies(lambda q: index.search(q, 50, **setting), queries[:timed])
-    row = {**setting, "recall@10": recall(found[:, :10], exact[:, :10]), "recall@50": recall(found, exact),
-           "search_p50_ms": whole["p50_ms"], "search_p99_ms": whole["p99_ms"]}
+    row = {**setting, "recall@10": recall(found[:, :10], exact[:, :10]), "recall@50": recall(found, exact[:, :50])}
+    for k in (10, 50):
+        row[f"recall_tol@{k}"], row[f"tolerance_past_list@{k}"] = tolerance_recall(found, exact, exact_scores, k)
+        row[f"task_recall@{k}"], row[f"exact_task_recall@{k}"] = task_recall(found, targets, k), task_recall(exact, targets, k)
+    row.update(search_p50_ms=whole["p50_ms"], search_p99_ms=whole["p99_ms"])
     if isinstance(index, CompressedIndex):
         images = [len(c) for c in index.candidates(queries, candidates, nprobe, keep)]
         stage = latencies(lambda q: index.candidates(q, candidates, nprobe, keep), queries[:timed])
@@ -160,15 +190,15 @@ def store_limits(index, queries: torch.Tensor, exact: torch.Tensor, exact_scores
                 running.add(offset + start, shard.tokens(slice(start, min(start + CHUNK, len(shard)))))
         found = running.result()[1]
         limits.update({"store_recall@10": recall(found[:, :10], exact[:, :10]),
-                       "store_recall@50": recall(found, exact)})
+                       "store_recall@50": recall(found, exact[:, :50])})
     return limits
 
 
 def build(concepts: Concepts, directory: Path, config: CompressedIndexConfig, shards: int, fingerprint: str,
           queries: torch.Tensor) -> dict:
     """The gallery made chunk by chunk (never stored whole; float16 as the store keeps it) into ``shards``
-    ``IndexWriter`` s (one codec, trained on the first images' tokens: the images are i.i.d.), and the exact top-50
-    of ``queries`` on the same values as they pass. Returns the seconds of each part and the exact lists."""
+    ``IndexWriter`` s (one codec, trained on the first images' tokens: the images are i.i.d.), and the exact top
+    ``EXACT_DEPTH`` of ``queries`` on the same values as they pass. Returns the seconds of each part and the exact lists."""
     args = concepts.args
     times = {"generate_s": 0.0, "build_s": 0.0, "exact_reference_s": 0.0}
 
@@ -190,7 +220,7 @@ def build(concepts: Concepts, directory: Path, config: CompressedIndexConfig, sh
     sharded = shards > 1
     writers = [IndexWriter(directory / shard_name(s) if sharded else directory, codec, b - a, fingerprint)
                for s, (a, b) in enumerate(bounds)]
-    running = RunningTopK(queries, 50, args.rule)
+    running = RunningTopK(queries, EXACT_DEPTH, args.rule)
     report = time.perf_counter()
     for start in range(0, args.images, CHUNK):
         values = chunk(start)
@@ -222,7 +252,7 @@ def build_args(args) -> dict:
     """The arguments that decide the gallery, the queries and the built index (not the search settings)."""
     keep = ("images", "queries", "dim", "tokens", "rule", "concepts", "concepts_per_image", "image_noise",
             "token_noise", "query_noise", "m", "nbits", "nlist", "train_sample", "store_dtype", "pool", "shards", "seed")
-    return {name: getattr(args, name) for name in keep} | {"served": args.settings[0]}
+    return {name: getattr(args, name) for name in keep} | {"served": args.settings[0], "exact_depth": EXACT_DEPTH}
 
 
 def shaped_model(args, directory: Path) -> str:
@@ -340,31 +370,31 @@ def main() -> None:
     out = args.out or Path(tempfile.gettempdir()) / f"catalogue_{args.images}.json"
     try:
         concepts = Concepts(args)
-        queries = concepts.queries(args.rule)
+        queries, targets = concepts.queries(args.rule)
         fingerprint = shaped_model(args, workdir / "model")  # always: a kept build can serve a later --endpoint run
         served = settings[0]  # the index's own search setting: what the endpoint uses
         config = CompressedIndexConfig(nlist=args.nlist, m=args.m, nbits=args.nbits, train_sample=args.train_sample,
                                        seed=args.seed, nprobe=served["nprobe"], candidates=served["candidates"],
                                        rerank=served["rerank"], store_dtype=args.store_dtype, pool=args.pool)
-        built = workdir / "built.json"  # with exact_top50.npy: a finished build of these arguments, reused
-        kept = [built, workdir / "exact_top50.npy", workdir / "exact_top50_scores.npy"]
+        built = workdir / "built.json"  # with exact_top.npy: a finished build of these arguments, reused
+        kept = [built, workdir / "exact_top.npy", workdir / "exact_top_scores.npy"]
         if args.reuse and all(p.is_file() for p in kept) and json.loads(built.read_text())["args"] == build_args(args):
-            made, exact = json.loads(built.read_text())["made"], torch.from_numpy(np.load(workdir / "exact_top50.npy"))
-            exact_scores = torch.from_numpy(np.load(workdir / "exact_top50_scores.npy"))
+            made, exact = json.loads(built.read_text())["made"], torch.from_numpy(np.load(workdir / "exact_top.npy"))
+            exact_scores = torch.from_numpy(np.load(workdir / "exact_top_scores.npy"))
             print(f"reusing the index built in {workdir}: {made}", flush=True)
         else:
             built.unlink(missing_ok=True)
             made = build(concepts, workdir / "index", config, args.shards, fingerprint, queries)
             exact, exact_scores = made.pop("exact"), made.pop("exact_scores")
-            np.save(workdir / "exact_top50.npy", exact.numpy())
-            np.save(workdir / "exact_top50_scores.npy", exact_scores.numpy())
+            np.save(workdir / "exact_top.npy", exact.numpy())
+            np.save(workdir / "exact_top_scores.npy", exact_scores.numpy())
             built.write_text(json.dumps({"args": build_args(args), "made": made}))
             print(f"built: { {k: round(v, 1) for k, v in made.items()} }", flush=True)
         index = open_index(workdir / "index", fingerprint)
         shards = getattr(index, "shards", [index])
         rows = []
         for setting in settings:
-            rows.append(measure(index, queries, exact, setting, args.latency_queries))
+            rows.append(measure(index, queries, exact, exact_scores, targets, setting, args.latency_queries))
             print(f"measured: {rows[-1]}", flush=True)
         limits = store_limits(index, queries, exact, exact_scores, args.store_ceiling)
         print(f"store limits: {limits}", flush=True)
@@ -406,13 +436,16 @@ def main() -> None:
           f"score error on the exact top-10: sd {error['sd']:.2e}"
           + (f"; every image re-ranked from the store: R@10 {limits['store_recall@10']:.3f}, R@50 "
              f"{limits['store_recall@50']:.3f}" if "store_recall@10" in limits else ""))
-    print(f"{'nprobe':>6} {'cands':>6} {'rerank':>6} {'R@10':>6} {'R@50':>6} {'reranked':>8} {'cand p50':>9} "
-          f"{'cand p99':>9} {'p50 ms':>7} {'p99 ms':>7}")
+    print(f"{'nprobe':>6} {'cands':>6} {'rerank':>6} {'R@10':>6} {'R@50':>6} {'tol@10':>6} {'tol@50':>6} "
+          f"{'task10':>6} {'exact':>6} {'task50':>6} {'exact':>6} {'reranked':>8} {'cand p50':>9} {'cand p99':>9} "
+          f"{'p50 ms':>7} {'p99 ms':>7}")
     for row in rows:
         extra = (f"{row['reranked_images_mean']:>8.0f} {row['candidates_p50_ms']:>9.2f} {row['candidates_p99_ms']:>9.2f}"
                  if "candidates_p50_ms" in row else f"{'':>8} {'':>9} {'':>9}")
         print(f"{row['nprobe']:>6} {row['candidates']:>6} {str(row['rerank'] or 'all'):>6} {row['recall@10']:>6.3f} "
-              f"{row['recall@50']:>6.3f} {extra} {row['search_p50_ms']:>7.2f} {row['search_p99_ms']:>7.2f}")
+              f"{row['recall@50']:>6.3f} {row['recall_tol@10']:>6.3f} {row['recall_tol@50']:>6.3f} "
+              f"{row['task_recall@10']:>6.3f} {row['exact_task_recall@10']:>6.3f} {row['task_recall@50']:>6.3f} "
+              f"{row['exact_task_recall@50']:>6.3f} {extra} {row['search_p50_ms']:>7.2f} {row['search_p99_ms']:>7.2f}")
     if served_figures and "error" in served_figures:
         print(f"endpoint failed: {served_figures['error']}")
     elif served_figures:

@@ -11,6 +11,7 @@ names and offsets, the model fingerprint, the fusion score), written last.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -56,18 +57,26 @@ class ShardedIndex:
         self.shards, self.offsets = shards, offsets
         self.model_fingerprint, self.fusion_score = model_fingerprint, fusion_score
         self.image_ids = [name for shard in shards for name in shard.image_ids]
+        self._pool: ThreadPoolExecutor | None = None  # the shards' search threads, made at the first search
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
     def search(self, queries: torch.Tensor, k: int, **options) -> tuple[torch.Tensor, torch.Tensor]:
         """Unified queries [Q, 2D] -> (scores [Q, k], gallery rows [Q, k]) best first, as one index would answer.
-        ``options`` go to every shard's search (compressed shards: candidates, nprobe, rerank)."""
-        parts = []
-        for shard, offset in zip(self.shards, self.offsets):
+        ``options`` go to every shard's search (compressed shards: candidates, nprobe, rerank). The shards are
+        searched at the same time, one thread each (FAISS and torch release the GIL), as Serve fans a query out to
+        one deployment per shard: the latency is the slowest shard's plus the merge, not the sum."""
+        def one(shard_offset):
+            shard, offset = shard_offset
             scores, rows = shard.search(queries, min(k, len(shard)), **options)
-            parts.append((scores, rows + offset))
-        return merge_top_k(parts, k)
+            return scores, rows + offset
+
+        if len(self.shards) == 1:
+            return merge_top_k([one((self.shards[0], self.offsets[0]))], k)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(len(self.shards), thread_name_prefix="shard")
+        return merge_top_k(list(self._pool.map(one, zip(self.shards, self.offsets))), k)
 
     def check_model(self, fingerprint: str, where: str = "index") -> None:
         check_fingerprint(self.model_fingerprint, fingerprint, where)
