@@ -128,8 +128,8 @@ def test_a_stage_job_interrupted_while_training_frees_its_workers(ray_local, sta
 
 
 def test_a_stage_job_terminated_while_its_train_run_starts_frees_it(ray_local, stage_args, tmp_path):
-    """The moment the worker group's placement group has reserved its CPUs, before any step. SIGTERM takes Ctrl-C's
-    path (Train aborts the run; the driver closes its MLflow run) instead of ending the driver on the spot."""
+    """The moment the worker group's placement group has reserved its CPUs, before any step; the driver closes its
+    MLflow run on the way out."""
     interrupt(ray_local, stage_args(tmp_path / "run", "train.epochs=20"), lambda: cpus_held(ray_local),
               signal.SIGTERM, tmp_path / "log")
     assert stage_run_statuses(tmp_path / "run") == ["FAILED"]

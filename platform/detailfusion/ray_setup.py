@@ -36,9 +36,10 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int | None = None, da
 def stop_on_sigterm() -> None:
     """SIGTERM (``kill``, a scheduler's stop, ``ray job stop``) does what Ctrl-C does at that moment: the SIGINT
     handler in force then (Ray Train's: abort the run, freeing its workers and placement group; Ray Tune's: stop
-    the trials and save the sweep's state), else a KeyboardInterrupt. Replaces the handler Ray's core worker leaves
-    on SIGTERM at connect, which ends the driver on the spot and leaves the run to the cluster's clean-up of a dead
-    job (not the detached actors a run made). Only from the main thread, where Python handles signals."""
+    the trials and save the sweep's state), else a KeyboardInterrupt. Replaces ``ray.init``'s own handler, which
+    raises SystemExit wherever the driver is: past Tune's stop (no trial stopped, no state saved at the stop) and
+    Train's abort, leaving the run to the cluster's clean-up of a dead job (which spares the detached actors a run
+    made). Only from the main thread, where Python handles signals."""
     if threading.current_thread() is not threading.main_thread():
         return
 
