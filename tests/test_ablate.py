@@ -38,14 +38,22 @@ def test_reduced_ablation_trains_every_row_and_writes_the_table(ray_local, tmp_p
     assert loss["no_reference_negative"]["subset_negatives"] == 0
     assert not loss["no_reference_negative"]["reference_negative"]
     both_families = {"local", "global"} <= set(result["rows"][0]["by_family"])
+    arms = {f"{r['chain']}/{r['variant']}": r["mean"] for r in result["rows"]}
     for name, claim in result["claims"].items():
         family_level = name in ("di_gm_gap_local_above_global", "gm_at_least_di_on_global_r5",
                                 "a_di_local_above_global", "family_explains_a_di_over_root")
         assert claim["measured"] == (both_families or not family_level), name
         for part in claim.get("parts", {"": claim}).values() if claim["measured"] else ():
             low, high = part["interval_95"]
-            assert low <= high and part["seed_interval_95"] is None, (name, part)
+            assert np.isfinite([low, high]).all() and part["seed_interval_95"] is None, (name, part)
             assert "means" not in part or low <= part["difference"] <= high, (name, part)
+            if "means" in part:  # compared arms: their means are the table's rows, the difference the first less the best
+                first, *others = part["means"].values()
+                assert part["difference"] == pytest.approx(first - max(others), abs=0.02), (name, part)
+                for arm, mean in part["means"].items():
+                    if arm in arms:  # over all queries (a family's are in by_family)
+                        assert mean == pytest.approx(arms[arm][part["metric"]], abs=0.02), (name, arm, part)
+                assert any(arm in arms for arm in part["means"]) or name == "gm_at_least_di_on_global_r5", (name, part)
             assert part["seed_level"] == "needs >= 5 seeds (1 given)" and part["holds"] is False, name
             assert part["verdict"] in ("does not hold", "not established"), name
     # the joint_max row really is another fusion rule, and concat_linear another compositor
