@@ -123,17 +123,37 @@ def from_blip2(path_or_id: str, **config_overrides: Any) -> DetailFusionModel:
 def save_model(model: DetailFusionModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path,
                dtype: torch.dtype | None = None) -> Path:
     """Export model (safetensors + config.json) and tokenizer into one directory; ``dtype``: the weights' type in the
-    files (default: as the model holds them; the model itself is left unchanged)."""
+    files (default: as the model holds them; the model itself is left unchanged). Atomic: written into a temporary
+    directory beside ``directory`` and renamed into place (an existing export is replaced), so a crash mid-write
+    never leaves a half-written export under the real name."""
+    import os
+    import shutil
+    import tempfile
+
     directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
     state = None if dtype is None else {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    model.save_pretrained(directory, state_dict=state)
-    tokenizer.save_pretrained(directory)
+    partial = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    try:
+        model.save_pretrained(partial, state_dict=state)
+        tokenizer.save_pretrained(partial)
+        for path in partial.iterdir():  # on disk before the rename makes them the export
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        if directory.exists():
+            os.rename(directory, old)
+        os.rename(partial, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return directory
 
 
 def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> tuple[DetailFusionModel, PreTrainedTokenizerBase]:
     """Load what ``save_model`` wrote (no pickle: safetensors weights, JSON config), as ``dtype`` whatever the file
-    holds (fp32 by default: training keeps fp32 master weights; a bf16 export is upcast)."""
+    holds (fp32 by default: training keeps fp32 master weights; a bf16 export is upcast). A damaged file is refused
+    by name (``check_export``)."""
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory}: no config.json; not a DetailFusion model directory")

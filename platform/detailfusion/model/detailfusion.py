@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from transformers.utils import ModelOutput
 from .branch import BranchQueryOutput, QFormerBranch, clamped_temperature
 from .compositor import AdaptiveFeatureCompositor, CompositorOutput, ConcatLinearCompositor, build_compositor
 from .configuration import DetailFusionConfig
+from .integrity import check_export
 
 BRANCHES = ("gm", "di")
 
@@ -89,6 +91,14 @@ class DetailFusionModel(DetailFusionPreTrainedModel):
         if name not in BRANCHES:
             raise ValueError(f"unknown branch {name!r}; known: {', '.join(BRANCHES)}")
         return self.gm_branch if name == "gm" else self.di_branch
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``; a local export is load-checked first (``check_export``: a truncated
+        or corrupt file is refused by name)."""
+        if Path(str(pretrained_model_name_or_path)).is_dir():
+            check_export(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def train(self, mode: bool = True) -> "DetailFusionModel":
         super().train(mode)

@@ -98,6 +98,32 @@ def one_cycle(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps:
     )
 
 
+def train_step(engine, micro_batches: list, loss_of, clip_groups: list, grad_clip: float, autocast_context
+               ) -> dict[str, torch.Tensor]:
+    """One optimizer step over ``grad_accum`` micro-batches: forward (under ``autocast_context()``) and backward of
+    each, DeepSpeed scaling each loss by 1 / grad_accum, so the applied gradient is that of the micro-batches' mean
+    loss (with a row-wise loss: the whole batch's; with in-batch negatives each micro-batch contrasts within itself);
+    the accumulated gradient clipped per ``clip_groups`` at the boundary; the step. Returns the loss parts
+    (``loss_of(batch)``: {name: 0-d tensor}) averaged over the micro-batches, detached: the step's loss."""
+    summed: dict[str, torch.Tensor] = {}
+    boundary = False
+    for batch in micro_batches:
+        with autocast_context():
+            parts = loss_of(batch)
+        engine.backward(parts["loss"])
+        for name, value in parts.items():
+            summed[name] = summed.get(name, 0) + value.detach().float()
+        boundary = engine.is_gradient_accumulation_boundary()  # before engine.step(), which counts this micro-batch
+        if boundary:
+            for group in clip_groups:
+                torch.nn.utils.clip_grad_norm_(group, grad_clip)
+        engine.step()
+    if not boundary:
+        raise RuntimeError(f"{len(micro_batches)} micro-batches did not end on DeepSpeed's accumulation boundary "
+                           f"(gradient_accumulation_steps {engine.gradient_accumulation_steps()})")
+    return {name: value / len(micro_batches) for name, value in summed.items()}
+
+
 def use_environment_extension_cache() -> str:
     """Point torch's JIT-extension cache (DeepSpeed's CPU communication op) into this Python environment
     (``<sys.prefix>/torch_extensions``) unless TORCH_EXTENSIONS_DIR is set: two environments on one machine (two

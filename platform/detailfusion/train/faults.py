@@ -4,6 +4,9 @@ A test sets ``DETAILFUSION_INJECT_FAULT="step=7"`` (optionally ``",rank=1"``) in
 ``run_stage``; the stage hands the variable to its training workers (``worker_env``), and the worker whose rank
 matches raises once when it reaches that step (``FaultPlan.maybe_fail``). "Once" is per stage directory: the first
 fault writes ``fault_injected`` there, so Ray Train's restart, or the same command rerun, goes past it.
+
+``DETAILFUSION_DETERMINISTIC=1`` (the resume tests) makes the workers use deterministic kernels
+(``torch.use_deterministic_algorithms``), so two runs of one seed can be compared step by step.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from ..errors import ConfigError
 
 FAULT_ENV = "DETAILFUSION_INJECT_FAULT"
+DETERMINISTIC_ENV = "DETAILFUSION_DETERMINISTIC"
 MARKER = "fault_injected"
 
 
@@ -48,8 +52,17 @@ def planned() -> FaultPlan | None:
     return FaultPlan.parse(text) if text else None
 
 
+def deterministic() -> bool:
+    """Whether this process's environment asks for deterministic kernels."""
+    return os.environ.get(DETERMINISTIC_ENV, "") not in ("", "0")
+
+
 def worker_env() -> dict:
     """The training workers' runtime environment carrying the driver's plan (checked here, before any worker
-    starts); {} without one."""
-    plan = planned()
-    return {"env_vars": {FAULT_ENV: f"step={plan.step},rank={plan.rank}"}} if plan else {}
+    starts) and its determinism switch; {} without either."""
+    plan, env = planned(), {}
+    if plan:
+        env[FAULT_ENV] = f"step={plan.step},rank={plan.rank}"
+    if deterministic():
+        env[DETERMINISTIC_ENV] = "1"
+    return {"env_vars": env} if env else {}

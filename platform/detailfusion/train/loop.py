@@ -1,10 +1,13 @@
 """The one training recipe every stage runs inside each Ray Train worker, with a DeepSpeed engine.
 
 Life: check settings -> setup (model, freezing, engine, resume state) -> train -> export. Checkpoints: every
-``checkpoint_every`` steps (0: every epoch end) each rank saves its DeepSpeed checkpoint and all ranks report
-it to Ray Train with the metrics. Resume (a restarted worker group, or the same command rerun): the latest
-reported checkpoint restores weights, optimizer, schedule, the step count and the epoch; within an epoch the
-position is restored as a count of batches (the first ones of the epoch are skipped; their order is not).
+``checkpoint_every`` steps (0: every epoch end) each rank saves its DeepSpeed checkpoint and its RNG state, and all
+ranks report it to Ray Train with the metrics (``checkpoints.py``: written under temporary names, then renamed, with a
+checksum manifest per rank). Resume (a restarted worker group, or the same command rerun): the latest reported
+checkpoint that checks restores weights, optimizer, schedule, the step count, the epoch and every rank's RNG; within
+an epoch the position is a count of micro-batches, skipped in the epoch's seeded order (a planned or dealt split: the
+same batches; a streamed split: the count only). The logged loss of a step is the mean over its micro-batches and
+ranks: the objective whose gradient the step applies.
 Stage 3 encodes its split once with the frozen branches and then trains the compositor on those outputs.
 """
 
@@ -25,13 +28,15 @@ import torch
 from ..config import JobConfig, from_dict
 from ..data.training_input import Prefetched, iter_worker_batches
 from ..pixels import normalize_pixels
-from .engine import (autocast, build_engine, clip_groups, clips_with_torch, keep_fp32, micro_batch_size,
+from .engine import (autocast, build_engine, clip_groups, clips_with_torch, keep_fp32, micro_batch_size, train_step,
                      without_deepspeed_autotuner_mlflow)
-from .faults import planned
+from .checkpoints import resumable, upload, write_manifest
+from .faults import deterministic, planned
 from .stage_run import StageRun, export_dir, stage_dir
 from .stages import STAGES, branch_loss, branch_outputs, build_loss, freeze_for_stage, fused_loss
 
 CLIENT_STATE = "detailfusion_state"
+RNG_STATE = "rng.rank{rank}.safetensors"  # each rank's torch RNG state in a checkpoint (dropout draws differ by rank)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -42,6 +47,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """The seed of one rank's data order in one epoch (a fresh, reproducible order every epoch, METHOD.md)."""
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def in_groups(items, size: int):
+    """Consecutive lists of ``size`` items (a short last one dropped: a step needs all its micro-batches)."""
+    iterator = iter(items)
+    while len(group := list(itertools.islice(iterator, size))) == size:
+        yield group
 
 
 def dealt(rows: dict[str, torch.Tensor], size: int, seed: int):
@@ -66,6 +78,8 @@ class StageRecipe:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if config.train.use_gpu else "cpu")
         # Ray sets OMP_NUM_THREADS=1 in a worker with a fractional CPU share: use the cores it was given instead
         torch.set_num_threads(config.train.threads_per_worker or math.ceil(config.train.cpus_per_worker))
+        if deterministic():  # a test's switch (faults.py): deterministic kernels, for bit-comparable runs
+            torch.use_deterministic_algorithms(True)
         self.micro_batch = micro_batch_size(config.train, self.world_size)
         self.steps_per_epoch = run.rows // self.world_size // self.micro_batch // config.train.grad_accum
         if self.steps_per_epoch < 1:
@@ -117,14 +131,22 @@ class StageRecipe:
 
     def _resume(self) -> None:
         import ray.train
+        from safetensors.torch import load_file
 
-        checkpoint = ray.train.get_checkpoint()
+        latest = ray.train.get_checkpoint()
+        checkpoint = resumable(latest, self.world_size, self._log) if latest is not None else None
         if checkpoint is None:
             return
         with checkpoint.as_directory() as directory:
             _, state = self.engine.load_checkpoint(directory)  # the tag named in its "latest" file
+            rng = load_file(Path(directory) / RNG_STATE.format(rank=self.rank))
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
         state = state[CLIENT_STATE]
         self.step, self.epoch, self.skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
+        if checkpoint is not latest and self.stream is not None:  # opened for the latest's epoch: reopen for ours
+            self.stream = None
         self._log(f"resumed at step {self.step} (epoch {self.epoch}, batch {self.skip_batches})")
 
     # -- train ---------------------------------------------------------------------------------------
@@ -143,26 +165,18 @@ class StageRecipe:
         cached = self._encode_split_once() if self.spec.batches == "branch_outputs" else None
         self.engine.train()
         started, seen, last_loss = time.perf_counter(), 0, float("nan")
-        first_step = self.step + 1
+        first_step, accum = self.step + 1, self.config.train.grad_accum
         for epoch, batches in self._epochs(cached):
-            for index, batch in enumerate(batches):
-                if index < self.skip_batches:
-                    continue
-                if index // self.config.train.grad_accum >= self.steps_per_epoch:
-                    break
+            # the epoch's micro-batches after the resumed position, in optimizer steps of grad_accum each
+            steps = in_groups(itertools.islice(batches, self.skip_batches, self.steps_per_epoch * accum), accum)
+            for done, micro_batches in enumerate(steps, start=1):
                 if self.fault:
                     self.fault.maybe_fail(self.step, self.rank, self.stage_dir)
-                with autocast(self.config.train.precision, self.device):
-                    parts = self._loss(batch)
-                self.engine.backward(parts["loss"])
-                if self.engine.is_gradient_accumulation_boundary():
-                    for group in self.clip_groups:
-                        torch.nn.utils.clip_grad_norm_(group, self.config.optim.grad_clip)
-                self.engine.step()
-                seen += self.micro_batch * self.world_size
-                if not self.engine.is_gradient_accumulation_boundary():
-                    continue
+                parts = self._step_mean(train_step(self.engine, micro_batches, self._loss, self.clip_groups,
+                                                   self.config.optim.grad_clip,
+                                                   lambda: autocast(self.config.train.precision, self.device)))
                 self.step += 1
+                seen += len(micro_batches) * self.micro_batch * self.world_size
                 last_loss = parts["loss"].item()
                 rate = seen / (time.perf_counter() - started)
                 self._write_metrics(epoch, parts, rate)
@@ -177,12 +191,25 @@ class StageRecipe:
                               f"lr {self.scheduler.get_last_lr()[0]:.2e} {rate:.1f} samples/s")
                 every = self.config.train.checkpoint_every
                 if every and self.step % every == 0 and self.step < self.total_steps:
-                    self._checkpoint(epoch, index + 1, {"loss": last_loss, "epoch": epoch})
+                    self._checkpoint(epoch, self.skip_batches + done * accum, {"loss": last_loss, "epoch": epoch})
             self.skip_batches = 0
             last = epoch + 1 == self.config.train.epochs
             validation = self._validate(epoch) if self._validates(epoch) else {}
             if not self.config.train.checkpoint_every or last:
                 self._checkpoint(epoch + 1, 0, {"loss": last_loss, "epoch": epoch + 1, **validation}, export=last)
+
+    def _step_mean(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's step loss parts (``train_step``: the mean over its micro-batches) averaged over the ranks with
+        one all-reduce: the objective whose gradient DeepSpeed averaged for the step."""
+        if self.world_size == 1:
+            return parts
+        names = sorted(parts)
+        values = torch.stack([parts[name] for name in names])
+        if self.world_size > 1:
+            values = values.to(self.device)
+            torch.distributed.all_reduce(values)
+            values = values / self.world_size
+        return dict(zip(names, values.cpu()))
 
     # -- validation ----------------------------------------------------------------------------------
 
@@ -308,15 +335,24 @@ class StageRecipe:
         import ray.train
 
         self._flush_metrics()
+        from safetensors.torch import save_file
+
         with tempfile.TemporaryDirectory() as directory:
-            state = {CLIENT_STATE: {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}}
+            state = {CLIENT_STATE: {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                                    "world_size": self.world_size}}
             self.engine.save_checkpoint(directory, tag=f"step{self.step}", client_state=state)
+            rng = {"cpu": torch.get_rng_state()}
+            if self.device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(self.device)
+            save_file(rng, Path(directory) / RNG_STATE.format(rank=self.rank))
             if export:
                 self._export()
             metrics = {**metrics, "step": self.step, "stage": self.spec.number}
             checkpoint = ray.train.Checkpoint.from_directory(directory)
             checkpoint.set_metadata(state[CLIENT_STATE])  # read back before the input opens (_resumed_epoch)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            write_manifest(directory, self.rank)  # last: covers every file above
+            ray.train.report(metrics, checkpoint=checkpoint,
+                             checkpoint_upload_fn=lambda c, name: upload(c, name, self.rank))
 
     def _export(self) -> None:
         """``save_pretrained`` of the trained model for the next stage, evaluation and serving (no DeepSpeed)."""
