@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from detailfusion.data.query_tags import QueryTag
-from detailfusion.eval.claims import QuerySet, check_claims, query_set
+from detailfusion.eval.claims import check_claims, query_set
 from detailfusion.eval.metrics import cirr_metrics, target_ranks
 from detailfusion.eval.outcomes import METRICS, Outcomes, per_query
 from detailfusion.eval.statistics import (
