@@ -17,6 +17,7 @@ from detailfusion.train.faults import DETERMINISTIC_ENV, FAULT_ENV, FaultPlan
 from detailfusion.train.run import StageError, check_stage, run_stage
 
 from conftest import REPO
+from loss_trend import falls
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
@@ -46,26 +47,6 @@ def job(stage, root, workdir, *overrides):
 def losses(stage_dir):
     with open(stage_dir / "metrics.csv") as f:
         return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
-
-
-def falls(rows, t_min: float = 3.0):
-    """Whether the loss fell by more than the run's own noise: the mean of the first quarter of steps against the
-    last quarter's, in units of the per-step noise, measured as the spread of the last quarter (where the loss has
-    settled; the first quarter's spread is mostly the fall itself: a bf16 stage 2 fell 5.68 -> 2.99 and the
-    first quarter's spread alone gave t 2.5). t > 3 with >= 4 steps a quarter: one-sided p <= 0.012 (6 degrees of
-    freedom) for a loss that does not fall. (It replaces a fixed 0.05 drop, which one stage-3 run of 24 steps
-    missed at 0.048 and others cleared by 0.1.)"""
-    import statistics
-
-    values = [loss for _, loss in rows]
-    n = max(4, len(values) // 4)
-    first, last = values[:n], values[-n:]
-    noise = statistics.stdev(last) * (2 / n) ** 0.5
-    t = (statistics.mean(first) - statistics.mean(last)) / max(noise, 1e-12)
-    figures = {"first": round(statistics.mean(first), 4), "last": round(statistics.mean(last), 4),
-               "steps_each": n, "t": round(t, 2)}
-    print(f"loss first vs last quarter: {figures}")
-    return t > t_min, figures
 
 
 def test_all_stages_train_and_stage3_changes_only_the_compositor(data, tmp_path, capsys, monkeypatch):
