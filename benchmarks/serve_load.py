@@ -1,7 +1,16 @@
-"""Loopback load test of the Serve endpoint: batching on vs off, 1 vs 2 model replicas, in one run.
+"""Loopback load test of the Serve endpoint: batching on vs off, 1 vs 2 model replicas, in one run; or (--shed)
+load shedding past capacity.
 
     python benchmarks/serve_load.py --requests 1000 --concurrency 16
     python benchmarks/serve_load.py --checkpoint runs/tiny/stage3/model --index runs/tiny/index
+    python benchmarks/serve_load.py --shed --overload 1,2,4 --seconds 20 --bound-s 10
+
+--shed: one model replica (batching on); its capacity is measured closed-loop (--concurrency clients, --requests
+requests), then requests are sent open-loop (a fixed arrival rate, each on its own, whatever the answers) at each
+--overload multiple of that capacity for --seconds. Every request must be answered 200, or 503 in the error shape
+with Retry-After, within --bound-s seconds (the client's timeout); anything else (another status, a 503 of another
+shape, a timeout, a refused connection) counts as an other error. It prints the table of docs/serving.md and exits
+1 if any request was an other error.
 
 Every configuration gets the same fixed number of requests (bounded also by --max-seconds) from an aiohttp
 client to 127.0.0.1 only, at a fixed concurrency; it prints QPS, p50/p95/p99 latency and the error counts, then
@@ -83,6 +92,81 @@ async def load(url: str, bodies: list[dict], count: int, concurrency: int, max_s
             "client_errors": sum(n for s, n in statuses.items() if 400 <= s < 500)}
 
 
+async def open_loop(url: str, bodies: list[dict], rate: float, seconds: float, bound_s: float) -> dict:
+    """``rate`` requests/s for ``seconds``, each started on schedule whatever the others' answers (an open loop: load
+    does not back off when the server slows down) -> counts of 200 / 503 (error shape + Retry-After) / other, and
+    latencies (s) of the 200s and of all answers."""
+    import aiohttp
+
+    ok, shed, other, answered = [], [], {}, []
+
+    async def one(session, body):
+        start = time.perf_counter()
+        try:
+            async with session.post(url, json=body) as response:
+                data = await response.read()
+                elapsed = time.perf_counter() - start
+                answered.append(elapsed)
+                if response.status == 200:
+                    ok.append(elapsed)
+                    return
+                if response.status == 503 and response.headers.get("Retry-After", "").isdigit():
+                    try:
+                        if json.loads(data)["error"]["code"] == "overloaded":
+                            shed.append(elapsed)
+                            return
+                    except (ValueError, KeyError, TypeError):
+                        pass
+                kind = f"HTTP {response.status}"
+        except asyncio.TimeoutError:
+            kind = f"no answer in {bound_s:g} s"
+        except aiohttp.ClientError as exc:
+            kind = type(exc).__name__
+        other[kind] = other.get(kind, 0) + 1
+
+    timeout = aiohttp.ClientTimeout(total=bound_s)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        started, tasks = time.perf_counter(), []
+        for i in range(int(rate * seconds)):
+            delay = started + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(session, bodies[i % len(bodies)])))
+        sent_in = time.perf_counter() - started
+        await asyncio.gather(*tasks)
+    quantile = lambda xs, q: 1000 * statistics.quantiles(xs, n=100)[q - 1] if len(xs) > 1 else float("nan")  # noqa: E731
+    return {"sent": len(tasks), "sent_in_s": sent_in, "ok": len(ok), "shed": len(shed),
+            "other": sum(other.values()), "other_kinds": other, "p50_ms": quantile(ok, 50), "p99_ms": quantile(ok, 99),
+            "shed_p99_ms": quantile(shed, 99), "max_answer_ms": 1000 * max(answered, default=float("nan"))}
+
+
+def shed_table(url: str, bodies: list[dict], args) -> int:
+    """Capacity (closed loop), then each --overload multiple of it open-loop; prints the table, returns other errors."""
+    capacity = asyncio.run(load(url, bodies, args.requests, args.concurrency, args.max_seconds))
+    print(f"capacity: {capacity['qps']:.1f} QPS ({capacity['ok']}/{capacity['requests']} ok at concurrency "
+          f"{args.concurrency}, p50 {capacity['p50_ms']:.0f} ms, p99 {capacity['p99_ms']:.0f} ms)", flush=True)
+    rows = []
+    for factor in (float(f) for f in args.overload.split(",")):
+        rate = factor * capacity["qps"]
+        result = asyncio.run(open_loop(url, bodies, rate, args.seconds, args.bound_s))
+        rows.append({"factor": factor, "rate": rate, **result})
+        print(f"{factor:g}x ({rate:.0f}/s, sent in {result['sent_in_s']:.1f} s): {result} ", flush=True)
+        time.sleep(2)  # let the queue drain between rows
+    print(f"\n{platform.machine()}, {args.num_cpus} CPUs for Ray, 1 model replica (batching on, max batch "
+          f"{args.max_batch_size}), max_ongoing_requests {args.max_ongoing_requests or 2 * args.max_batch_size}, "
+          f"max_queued_requests {args.max_queued_requests}; capacity {capacity['qps']:.1f} QPS; open loop "
+          f"{args.seconds:g} s per row; bound {args.bound_s:g} s; {time.strftime('%Y-%m-%d')}\n")
+    print("| offered load | requests/s | sent | 200 | 503 | other errors | p50 of 200s (ms) | p99 of 200s (ms) | "
+          "p99 of 503s (ms) | slowest answer (ms) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['factor']:g}x capacity | {r['rate']:.0f} | {r['sent']} | {r['ok']} | {r['shed']} | {r['other']} | "
+              f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['shed_p99_ms']:.0f} | {r['max_answer_ms']:.0f} |")
+    errors = sum(r["other"] for r in rows)
+    print(f"other errors: {errors}" + (f" {[r['other_kinds'] for r in rows]}" if errors else ""))
+    return errors
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -100,6 +184,12 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=120.0, help="per configuration")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--shed", action="store_true", help="the load-shedding table instead (see above)")
+    parser.add_argument("--overload", default="1,2,4", help="--shed: offered loads, multiples of the capacity")
+    parser.add_argument("--seconds", type=float, default=20.0, help="--shed: open-loop seconds per offered load")
+    parser.add_argument("--bound-s", type=float, default=10.0, help="--shed: a request unanswered by then fails")
+    parser.add_argument("--max-ongoing-requests", type=int, help="--shed: per model replica (default 2 x batch)")
+    parser.add_argument("--max-queued-requests", type=int, default=64, help="--shed: at the Frontend replica")
     args = parser.parse_args()
 
     import ray
@@ -120,6 +210,16 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}/search"
         random.seed(0)
+        if args.shed:
+            config = ServeConfig(checkpoint=checkpoint, index=index, port=port, max_batch_size=args.max_batch_size,
+                                 min_replicas=1, max_replicas=1, replica_cpus=0.5, frontend_cpus=0.25,
+                                 max_ongoing_requests=args.max_ongoing_requests,
+                                 max_queued_requests=args.max_queued_requests)
+            serve.run(build_app(config), name="detailfusion", route_prefix="/")
+            asyncio.run(load(url, bodies, 32, 4, 30))  # warm-up, not counted
+            errors = shed_table(url, bodies, args)
+            serve.shutdown()
+            raise SystemExit(1 if errors else 0)
         rows = []
         for replicas in (1, 2):
             for batching in (True, False):

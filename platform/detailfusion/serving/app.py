@@ -12,7 +12,8 @@ Swagger UI assets of the installed ``fastapi-offline`` package, no CDN):
   ``GET /`` the search page.
 
 Shared-network guards: past the model replicas' ``max_ongoing_requests`` each, ``max_queued_requests`` more may
-wait at each Frontend replica; the rest are answered at once 503 ``overloaded`` with ``Retry-After``. With an API
+wait at each Frontend replica; the rest are answered at once 503 ``overloaded`` with ``Retry-After``, before their
+body is read (the Frontend counts the searches it holds; Ray's queue limit on the model deployment backs it). With an API
 token (``auth.py``) every route but ``/healthz`` answers 401 without ``Authorization: Bearer <token>``.
 
 ``app_builder(args)`` is the import path for ``serve run`` / ``serve deploy`` (``deploy/config.yaml``).
@@ -180,11 +181,15 @@ class Retriever:
 class Frontend:
     """HTTP: parses and checks requests, answers errors, serves the page and thumbnails; forwards searches."""
 
-    def __init__(self, retriever, index: str, image_size: int, limits: dict, token_digest: bytes | None = None):
+    def __init__(self, retriever, index: str, image_size: int, limits: dict, token_digest: bytes | None = None,
+                 admit: int | None = None, retry_after_s: float = 1.0):
         from ..index import IMAGES_FILE, Thumbnails
 
         self.retriever = retriever
         self.token_digest = token_digest  # SHA-256 of the API token (None: open), read by `check_token`
+        # searches this replica holds at most (the model replicas' room + their queue; None: no limit): past it a
+        # search is answered 503 before its body is read, so an overload costs the parsing nothing
+        self.admit, self.searching, self.retry_after_s = admit, 0, retry_after_s
         self.limits = Limits(**limits)
         self.image_size = image_size  # the model's input side (px): requests and thumbnails are resized to it
         self.thumbnails = Thumbnails(Path(index) / IMAGES_FILE)  # read on demand, a row group at a time
@@ -217,6 +222,9 @@ class Frontend:
         """Returns the ``top_k`` gallery images closest to the composed query, best first, and the query's branch
         weights. The body is read and size-checked as it streams in (413 past ``max_body_mb``); 503 at once when the
         model replicas' queue is full."""
+        if self.admit is not None and self.searching >= self.admit:  # shed before the body is read: cheap
+            return self._overloaded()
+        self.searching += 1
         try:
             query = await self._query(request)
             pixels = query.pixels if query.pixels is not None else self._reference_pixels(query.reference_id)
@@ -226,13 +234,18 @@ class Frontend:
             return JSONResponse(result)
         except RequestError as exc:
             return error(exc)
-        except BackPressureError as exc:  # the model deployment's queue is full: shed, do not wait
-            wait = max(1, math.ceil(exc.retry_after_s or 1))
-            return error(RequestError(503, "overloaded", f"the server is at capacity; retry after {wait} s"),
-                         headers={"Retry-After": str(wait)})
+        except BackPressureError:  # the model deployment's queue is full (other Frontend replicas share it)
+            return self._overloaded()
         except Exception:  # noqa: BLE001  (logged server-side; the client gets no internals)
             logger.exception("search failed")
             return error(RequestError(500, "internal", "internal error"))
+        finally:
+            self.searching -= 1
+
+    def _overloaded(self) -> JSONResponse:
+        wait = max(1, math.ceil(self.retry_after_s))
+        return error(RequestError(503, "overloaded", f"the server is at capacity; retry after {wait} s"),
+                     headers={"Retry-After": str(wait)})
 
     async def _query(self, request: Request) -> SearchQuery:
         check_content_length(request.headers.get("content-length"), self.limits)
@@ -287,8 +300,10 @@ def build_app(config: ServeConfig):
     token = token_digest(load_token(config.api_token_file))  # read here, once: the replicas get its digest only
     shards = _shard_deployments(config, fingerprint)
     shed = BackpressureConfig(status_code=503, retry_after_s=config.retry_after_s)
+    ongoing = config.max_ongoing_requests or max(2 * batch, 2)
+    admit = None if config.max_queued_requests == -1 else ongoing * config.max_replicas + config.max_queued_requests
     retriever = Retriever.options(
-        max_ongoing_requests=config.max_ongoing_requests or max(2 * batch, 2),
+        max_ongoing_requests=ongoing,
         max_queued_requests=config.max_queued_requests, backpressure_config=shed,
         **({"max_replicas_per_node": config.max_replicas_per_node} if config.max_replicas_per_node else {}),
         autoscaling_config={"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
@@ -301,7 +316,7 @@ def build_app(config: ServeConfig):
               "max_text_chars": config.max_text_chars, "max_top_k": config.max_top_k}
     return Frontend.options(ray_actor_options={"num_cpus": config.frontend_cpus}, max_ongoing_requests=256,
                             max_queued_requests=FRONTEND_QUEUE, backpressure_config=shed).bind(
-        retriever, config.index, image_size(config.checkpoint), limits, token)
+        retriever, config.index, image_size(config.checkpoint), limits, token, admit, config.retry_after_s)
 
 
 def _shard_deployments(config: ServeConfig, fingerprint: str) -> list:
