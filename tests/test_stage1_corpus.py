@@ -4,9 +4,12 @@ synthetic IPr2Pr corpus of its world (every edit type, no test1 scene) and the d
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -97,3 +100,51 @@ def test_fractions_nest_and_keep_whole_scene_roots(tmp_path, held_out):
     images = json.loads((out / "image_splits" / "split.rc2.train.json").read_text())
     needed = {n for r in kept for n in [r["reference"], r["target_hard"], *r["img_set"]["members"]]}
     assert needed <= set(images) and all((out / path).is_file() for path in images.values())
+
+
+def _outcomes(values_by_variant: dict, ids: list[str]):
+    from detailfusion.eval.outcomes import METRICS, Outcomes
+
+    return Outcomes(ids, {v: {m: np.asarray(x, float) for m in METRICS} for v, x in values_by_variant.items()},
+                    np.full((len(ids), 2), np.nan))
+
+
+def test_study_summary_measures_stage1_gain_on_all_and_held_out_queries():
+    """Known outcomes: from stage 1, DI hits every held-out query; without, none; the seen queries are equal."""
+    from detailfusion.data_efficiency import DataEfficiencyConfig, summarise
+    from detailfusion.eval.claims import QuerySet
+
+    rng = np.random.default_rng(0)
+    types = ["move", "recolour", "zoom", "resize"] * 50  # 200 queries, half of a held-out type
+    ids = [f"cirr/test1/{n}" for n in range(len(types))]
+    held = np.array([t in HELD_OUT_TYPES for t in types])
+    queries = QuerySet([n // 10 for n in range(len(ids))], "scene_root", types,
+                       ["local" if t in ("move", "recolour", "resize") else "global" for t in types])
+    config = DataEfficiencyConfig(workdir="unused", seeds=5, fractions=(0.5, 1.0), bootstrap=200)
+    outcomes = {}
+    for fraction in (50, 100):
+        for arm in ("stage1", "no_stage1"):
+            runs = []
+            for _ in range(5):
+                seen = 100.0 * (rng.random(len(ids)) < 0.5)
+                di = np.where(held, 100.0 if arm == "stage1" else 0.0, seen) if fraction == 50 else seen
+                runs.append(_outcomes({"di": di, "gm": seen}, ids))
+            outcomes[f"f{fraction}pct-{arm}"] = runs
+    result = summarise(config, outcomes, queries, {"kind": "detail"})
+    gains = {(g["fraction"], g["queries"]): g for g in result["gains"]}
+    assert gains[(0.5, "held_out")]["difference"] == 100.0 and gains[(0.5, "held_out")]["verdict"] == "holds"
+    assert gains[(0.5, "all")]["verdict"] == "holds" and 40 < gains[(0.5, "all")]["difference"] < 60
+    assert gains[(1.0, "all")]["verdict"] != "holds" and abs(gains[(1.0, "all")]["difference"]) < 10
+    row = next(r for r in result["rows"] if r["fraction"] == 0.5 and r["arm"] == "stage1")
+    assert row["di/held_out"]["mean"]["Avg"] == 100.0 and result["held_out_queries"] == int(held.sum())
+
+
+def test_cli_writes_the_stage1_corpus_and_refuses_fractions_without_the_study(tmp_path, held_out):
+    out = tmp_path / "corpus"
+    done = subprocess.run([sys.executable, "-m", "detailfusion", "synth", "--kind", "ipr2pr-detail", "--pairs", "40",
+                           "--exclude-from", str(held_out), "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert pq.read_table(out / "data").num_rows == 40
+    refused = subprocess.run([sys.executable, "-m", "detailfusion", "ablate", "--workdir", str(tmp_path / "w"),
+                              "--fractions", "0.5"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--study data-efficiency" in refused.stderr

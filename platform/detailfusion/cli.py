@@ -17,11 +17,14 @@ def _synth(args: argparse.Namespace) -> int:
     from .data.synthetic import write_synthetic
 
     start = time.perf_counter()
-    what = "detail benchmark v2" if args.kind == "detail" else f"{args.kind} ({args.benchmark})"
+    what = {"detail": "detail benchmark v2", "ipr2pr-detail": "IPr2Pr of benchmark v2's scenes"}.get(
+        args.kind, f"{args.kind} ({args.benchmark})")
     print(f"writing synthetic {what}, seed {args.seed}, to {args.out} ...", flush=True)
+    held_out = tuple(t for t in (args.held_out_types or "").split(",") if t)
     summary = write_synthetic(args.kind, args.out, pairs=args.pairs, seed=args.seed, image_size=args.image_size,
                               benchmark=args.benchmark, val_pairs=args.val_pairs, test_pairs=args.test_pairs,
-                              family_size=args.family_size, pairs_per_set=args.pairs_per_set)
+                              family_size=args.family_size, pairs_per_set=args.pairs_per_set,
+                              held_out_types=held_out, exclude_from=args.exclude_from)
     counts = ", ".join(f"{split}: {n}" for split, n in summary.items())
     print(f"done in {time.perf_counter() - start:.1f} s -> {counts}")
     return 0
@@ -154,6 +157,19 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
+    if args.study == "data-efficiency":
+        from .data_efficiency import FRACTIONS, DataEfficiencyConfig, run_data_efficiency
+
+        fractions = tuple(float(f) for f in args.fractions.split(",")) if args.fractions else FRACTIONS
+        run_data_efficiency(DataEfficiencyConfig(
+            workdir=args.workdir, seeds=args.seeds, first_seed=args.first_seed, data_seed=args.data_seed,
+            fractions=fractions, overrides=tuple(args.set or ()), bootstrap=args.bootstrap, num_cpus=args.num_cpus,
+            **_given(args, "cirr_pairs", "test_pairs", "ipr2pr_pairs")))
+        return 0
+    if args.fractions:
+        from .errors import ConfigError
+
+        raise ConfigError("--fractions: only with --study data-efficiency")
     from .ablate import AblationConfig, run_ablation
 
     config = AblationConfig(workdir=args.workdir, preset=args.preset, seeds=args.seeds, first_seed=args.first_seed,
@@ -279,9 +295,10 @@ def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
         "synth", help="write a procedural CIR dataset in the on-disk format of CIRR, FashionIQ or IPr2Pr, or the detail "
                       "benchmark v2 (CIRR format; --kind detail)"
     )
-    synth.add_argument("--kind", required=True, choices=["cirr", "fashioniq", "ipr2pr", "detail"],
+    synth.add_argument("--kind", required=True, choices=["cirr", "fashioniq", "ipr2pr", "detail", "ipr2pr-detail"],
                        help="detail: benchmark v2 (local and global edits, every img_set member one edit from the "
-                            "reference, each query tagged; --pairs train queries, 10 per scene root)")
+                            "reference, each query tagged; --pairs train queries, 10 per scene root); ipr2pr-detail: "
+                            "stage 1's corpus of v2's scenes, every edit type (IPr2Pr's parquet layout)")
     synth.add_argument("--out", required=True, help="output directory (the dataset root)")
     synth.add_argument("--pairs", type=int,
                        help="total pairs over all splits (default 2000); --benchmark detail: train pairs (2000); "
@@ -295,6 +312,10 @@ def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
     synth.add_argument("--test-pairs", type=int, help="--kind detail: test1 queries (4000); --benchmark detail: (2000)")
     synth.add_argument("--family-size", type=int, help="--benchmark detail: img_sets per family (24)")
     synth.add_argument("--pairs-per-set", type=int, help="--benchmark detail: queries per img_set, of its 10 (5)")
+    synth.add_argument("--held-out-types", help="--kind detail: edit types absent from train and val, comma-separated "
+                                                "(e.g. move,resize,texture,rotation; test1 keeps them)")
+    synth.add_argument("--exclude-from", help="--kind ipr2pr-detail: a benchmark v2 root whose test1 scenes never "
+                                              "appear")
     synth.set_defaults(run=_synth)
 
     prep = commands.add_parser(
@@ -382,6 +403,11 @@ def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
     abl.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples per interval (2000)")
     abl.add_argument("--set", action="append", metavar="KEY=VALUE", help="override in every stage config, e.g. train.epochs=1")
     abl.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    abl.add_argument("--study", default="rows", choices=["rows", "data-efficiency"],
+                     help="rows: the ablation table (default); data-efficiency: stage 2 on fractions of its rows, with "
+                          "and without stage 1, on a benchmark with edit types held out of train (--ipr2pr-pairs: "
+                          "stage 1's corpus, default 10x --cirr-pairs) -> data_efficiency.md/.json/.png")
+    abl.add_argument("--fractions", help="--study data-efficiency: stage 2's shares of its scene roots (0.1,0.25,1)")
     abl.set_defaults(run=_ablate)
 
     sw = commands.add_parser(
@@ -451,6 +477,9 @@ def main(argv: list[str] | None = None, prog: str = "detailfusion") -> int:
     args = build_parser(prog).parse_args(argv)
     try:
         return args.run(args)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (ray_setup.stop_on_sigterm): what ran has been stopped and freed
+        print(f"{prog} {args.command}: interrupted; rerun the same command to resume where it can", file=sys.stderr)
+        return 130
     except Exception as exc:  # noqa: BLE001  (reported: one line for a refusal, with its traceback otherwise)
         report_error(f"{prog} {args.command}", exc)
         return 2

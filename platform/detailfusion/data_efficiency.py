@@ -42,7 +42,7 @@ class DataEfficiencyConfig:
     fractions: tuple[float, ...] = FRACTIONS
     cirr_pairs: int = TRAIN_QUERIES  # benchmark v2's train queries (stage 2 at 100 %)
     test_pairs: int = TEST_QUERIES
-    ipr2pr_pairs: int = 10 * TRAIN_QUERIES  # stage 1's corpus: 10x stage 2's queries
+    ipr2pr_pairs: int | None = None  # stage 1's corpus; None: 10x stage 2's queries (cirr_pairs)
     stage0_pairs: int = 2000  # stage 0's share of it (its first rows)
     stage1_epochs: int = 1
     held_out_types: tuple[str, ...] = HELD_OUT_TYPES
@@ -53,6 +53,8 @@ class DataEfficiencyConfig:
     configs: str = str(CONFIGS)
 
     def __post_init__(self):
+        if self.ipr2pr_pairs is None:
+            object.__setattr__(self, "ipr2pr_pairs", 10 * self.cirr_pairs)
         if not self.fractions or any(not 0 < f <= 1 for f in self.fractions):
             raise ConfigError(f"fractions must be in (0, 1], got {self.fractions}")
         if self.seeds < 1:
