@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -213,6 +215,7 @@ def run_stage(config: JobConfig, callbacks: list | None = None) -> Path:
           f"({held}), {config.train.num_workers} worker(s), ZeRO-{config.train.zero_stage}, {config.train.precision}, clipping "
           f"{clipping(config.train, config.optim)}", flush=True)
     tracked = stage_run(config, manifest)  # before the workers start: a wrong tracking URI fails here
+    interrupt = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     try:
         result = trainer.fit()
         if result.error is not None:
@@ -224,6 +227,10 @@ def run_stage(config: JobConfig, callbacks: list | None = None) -> Path:
             except Exception as exc:  # noqa: BLE001  (the training error is the one to raise)
                 print(f"[stage {spec.number}] could not record the failed run in MLflow: {exc}", flush=True)
         raise
+    finally:  # Train's SIGINT handler outlives fit(): a later Ctrl-C (the pipeline's next step) would abort a finished
+        # controller and exit 0; the caller's handler is put back
+        if interrupt is not None:
+            signal.signal(signal.SIGINT, interrupt)
     cost = stage_cost(out / "metrics.csv", called_at, time.time())
     if cost:
         print(f"[stage {spec.number}] {cost['steps']} steps in {cost['train_s']:.1f} s ({cost['ms_per_step']:.0f} ms/step); "
