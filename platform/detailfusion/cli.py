@@ -477,8 +477,9 @@ def main(argv: list[str] | None = None, prog: str = "detailfusion") -> int:
     args = build_parser(prog).parse_args(argv)
     try:
         return args.run(args)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (ray_setup.stop_on_sigterm): what ran has been stopped and freed
-        print(f"{prog} {args.command}: interrupted; rerun the same command to resume where it can", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (ray_setup.stop_on_sigterm): what ran is stopped and freed
+        said = str(exc) or "interrupted; rerun the same command to resume where it can"
+        print(f"{prog} {args.command}: {said}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001  (reported: one line for a refusal, with its traceback otherwise)
         report_error(f"{prog} {args.command}", exc)
