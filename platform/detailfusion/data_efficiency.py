@@ -251,7 +251,10 @@ def markdown(result: dict, plot: str | None = None) -> str:
                      f"({gain['seed_level']}) |")
     if plot:
         lines += ["", f"![DI Avg against stage 2's rows]({plot})"]
-    lines += ["", f"Wall time: {result.get('seconds', 0):.0f} s."]
+    if result.get("seconds"):
+        lines += ["", f"Wall time: {result['seconds']:.0f} s."]
+    if result.get("note"):
+        lines += ["", result["note"]]
     return "\n".join(lines) + "\n"
 
 
