@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .ablate import CONFIGS
+from .ablate import CONFIGS, _summary
 from .data.benchmark import TEST_QUERIES, TRAIN_QUERIES, cirr_options
 from .errors import ConfigError
 from .eval.outcomes import METRICS, Outcomes
@@ -215,12 +215,6 @@ def summarise(config: DataEfficiencyConfig, outcomes: dict[str, list[Outcomes]],
             "stage2_train_queries": config.cirr_pairs, "benchmark": manifest, "queries": len(groups),
             "held_out_queries": groups.count("held_out"), "clusters": queries.cluster_kind,
             "bootstrap": config.bootstrap, "rows": rows, "gains": gains}
-
-
-def _summary(per_seed: dict[str, list[float]]) -> dict:
-    return {"mean": {m: round(float(np.mean(v)), 2) for m, v in per_seed.items()},
-            "std": {m: round(float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, 2) for m, v in per_seed.items()},
-            "per_seed": {m: [round(x, 2) for x in v] for m, v in per_seed.items()}}
 
 
 def markdown(result: dict, plot: str | None = None) -> str:
