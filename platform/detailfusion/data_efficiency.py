@@ -76,7 +76,12 @@ def train_subset(root: Path, fraction: float, out: Path) -> Path:
     made = {"parent": str(root), "fraction": fraction}
     if marker.is_file() and json.loads(marker.read_text()) == made:
         return out
-    captions = json.loads((root / "captions" / "cap.rc2.train.json").read_text())
+    source = root / "captions" / "cap.rc2.train.json"
+    captions = json.loads(source.read_text())
+    untagged = next((c.get("pairid") for c in captions if "scene_root" not in c), None)
+    if untagged is not None:
+        raise ConfigError(f"{source}: pairid {untagged} has no scene_root; fractions keep whole scene roots of a "
+                          "benchmark v2 (synth --kind detail)")
     kept = [c for c in captions if in_fraction(c["scene_root"], fraction)]
     if not kept:
         raise ConfigError(f"fraction {fraction} of {root}'s train split keeps no scene root: use a larger fraction")
