@@ -58,11 +58,17 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from detailfusion.compressed_index import Codec, CompressedIndex, CompressedIndexConfig, IndexWriter, RunningTopK
-from detailfusion.index import IMAGES_FILE, concat_images
-from detailfusion.index_store import open_index, write_sharded_meta
-from detailfusion.sharded_index import shard_bounds, shard_name
-from detailfusion.model.fusion import fused_query
+from detailfusion.library.index.compressed import (
+    Codec,
+    CompressedIndex,
+    CompressedIndexConfig,
+    IndexWriter,
+    RunningTopK,
+)
+from detailfusion.library.index.exact import IMAGES_FILE, concat_images
+from detailfusion.library.index.sharded import shard_bounds, shard_name
+from detailfusion.library.index.store import open_index, write_sharded_meta
+from detailfusion.library.model.fusion import fused_query
 
 CHUNK = 1024  # images generated (and exactly scored) at a time
 EXACT_DEPTH = 256  # the exact reference's list per query: top-50 and every image within tolerance of its 50th
@@ -258,7 +264,7 @@ def build_args(args) -> dict:
 def shaped_model(args, directory: Path) -> str:
     """An untrained tiny-architecture model whose embeddings have the gallery's shape (Nq tokens, D per branch), for
     the endpoint: the Serve app refuses an index another model built."""
-    from detailfusion.model import build_model, model_fingerprint, save_model
+    from detailfusion.library.model import build_model, model_fingerprint, save_model
 
     torch.manual_seed(args.seed)
     save_model(*build_model("tiny", embed_dim=args.dim, num_query_tokens=args.tokens), directory)
@@ -277,9 +283,9 @@ def endpoint(args, model_dir: Path, index_dir: Path, requests_per_client: int) -
     from PIL import Image
     from ray import serve
 
-    from detailfusion.config import ServeConfig
-    from detailfusion.model.inference import image_size
-    from detailfusion.serving.run import start
+    from detailfusion.library.config import ServeConfig
+    from detailfusion.library.model.inference import image_size
+    from detailfusion.platform.serving.run import start
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

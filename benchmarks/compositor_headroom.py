@@ -25,12 +25,12 @@ GRID = np.round(np.linspace(0.0, 1.0, 11), 2)
 def weight_outcomes(run: Path, model_dir: Path, split: str, targets: dict[str, str] | None = None) -> dict:
     """{"grid": {a_di: per-query values}, "model": per-query values, "a_di": [Q], "ids": [Q]} on one split;
     ``targets``: the hidden targets of a split whose annotations hold none (test1)."""
-    from detailfusion.eval.metrics import target_ranks
-    from detailfusion.eval.outcomes import per_query
-    from detailfusion.eval.protocols import CirrQueries
-    from detailfusion.eval.validate import ValidationSplit
-    from detailfusion.model import load_model
-    from detailfusion.model.fusion import fused_query
+    from detailfusion.library.eval.metrics import target_ranks
+    from detailfusion.library.eval.outcomes import per_query
+    from detailfusion.library.eval.protocols import CirrQueries
+    from detailfusion.library.model import load_model
+    from detailfusion.library.model.fusion import fused_query
+    from detailfusion.platform.eval.validate import ValidationSplit
 
     model, tokenizer = load_model(model_dir)
     model.eval()
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="the model to study (default: RUN/stage3/model; for an ablation "
                                                    "e.g. runs/ablate/seed0/main/stage3/model)")
     args = parser.parse_args()
-    from detailfusion.data.benchmark import labelled_test1
+    from detailfusion.platform.data.benchmark import labelled_test1
 
     model_dir = args.model or args.run / "stage3" / "model"
     chosen = None  # the ablation's benchmark prepares no val split: then test1 alone, no val-chosen constant

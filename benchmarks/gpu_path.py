@@ -20,9 +20,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from detailfusion.config import LossConfig
-from detailfusion.model import DetailFusionConfig, DetailFusionModel
-from detailfusion.train.stages import STAGES, branch_loss, build_loss, freeze_for_stage
+from detailfusion.library.config import LossConfig
+from detailfusion.library.model import DetailFusionConfig, DetailFusionModel
+from detailfusion.platform.train.stages import STAGES, branch_loss, build_loss, freeze_for_stage
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per GPU (vendor figures)
 

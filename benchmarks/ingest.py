@@ -69,10 +69,10 @@ def main() -> None:
 
     import ray
 
-    from detailfusion.config import PrepareConfig
-    from detailfusion.data.images import load_pixels
-    from detailfusion.data.prepare import prepare
-    from detailfusion.data.synthetic import write_synthetic
+    from detailfusion.library.config import PrepareConfig
+    from detailfusion.library.data.images import load_pixels
+    from detailfusion.library.data.synthetic import write_synthetic
+    from detailfusion.platform.data.prepare import prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "raw"

@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from detailfusion.losses import ContrastiveLoss, DetailLoss, JointLoss
-from detailfusion.model import build_model
+from detailfusion.library.losses import ContrastiveLoss, DetailLoss, JointLoss
+from detailfusion.library.model import build_model
 
 
 def make_batch(tokenizer, batch: int, size: int) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_stage2(cluster, data: Path, workdir: Path, strategy: str, epochs: int, batch: int) -> dict:
-    from detailfusion import local_cluster
+    from detailfusion.platform import local_cluster
 
     sets = [f"workdir={workdir}", f"data.prepared={data / 'prep'}", f"model.init_from={data / 'init'}",
             "train.num_workers=2", f"train.placement_strategy={strategy}", "train.zero_stage=2",
@@ -58,11 +58,11 @@ def main() -> None:
     import ray
     import torch
 
-    from detailfusion import local_cluster
-    from detailfusion.config import PrepareConfig
-    from detailfusion.data.prepare import prepare
-    from detailfusion.data.synthetic import write_synthetic
-    from detailfusion.model import build_model, save_model
+    from detailfusion.library.config import PrepareConfig
+    from detailfusion.library.data.synthetic import write_synthetic
+    from detailfusion.library.model import build_model, save_model
+    from detailfusion.platform import local_cluster
+    from detailfusion.platform.data.prepare import prepare
 
     local_cluster.check_supported()
     directory = Path(args.dir or tempfile.mkdtemp(prefix="dfbench", dir="/tmp"))

@@ -43,11 +43,11 @@ def bare_loop(model_dir: Path, prepared: Path, batch_size: int, steps: int, subs
     import pyarrow.parquet as pq
     import torch
 
-    from detailfusion.config import LossConfig
-    from detailfusion.data.training_input import PIXELS, load_image_store
-    from detailfusion.pixels import normalize_pixels
-    from detailfusion.model import load_model
-    from detailfusion.train.stages import STAGES, branch_loss, build_loss, freeze_for_stage
+    from detailfusion.library.config import LossConfig
+    from detailfusion.library.model import load_model
+    from detailfusion.library.pixels import normalize_pixels
+    from detailfusion.platform.data.training_input import PIXELS, load_image_store
+    from detailfusion.platform.train.stages import STAGES, branch_loss, build_loss, freeze_for_stage
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -96,8 +96,8 @@ def bare_loop(model_dir: Path, prepared: Path, batch_size: int, steps: int, subs
 
 def platform_stage(workdir: Path, prepared: Path, init: Path, epochs: int, batch_size: int, overrides: list[str]) -> dict:
     """``run_stage`` of the tiny stage 2 config: per-step wall ms from its metrics.csv, start-up and finish seconds."""
-    from detailfusion.config import JobConfig, load_config
-    from detailfusion.train.run import run_stage
+    from detailfusion.library.config import JobConfig, load_config
+    from detailfusion.platform.train.run import run_stage
 
     store = f"sqlite:///{workdir.parent / 'mlflow.db'}"  # one MLflow store for every run, as a pipeline's stages share one
     config = load_config(JobConfig, REPO / "jobs/configs/stage2_tiny.yaml", [
@@ -164,11 +164,11 @@ def main() -> None:
     import ray
     import torch
 
-    from detailfusion.config import PrepareConfig
-    from detailfusion.data.prepare import prepare
-    from detailfusion.data.synthetic import write_synthetic
-    from detailfusion.model import build_model, save_model
-    from detailfusion.ray_setup import init_ray
+    from detailfusion.library.config import PrepareConfig
+    from detailfusion.library.data.synthetic import write_synthetic
+    from detailfusion.library.model import build_model, save_model
+    from detailfusion.platform.data.prepare import prepare
+    from detailfusion.platform.ray_setup import init_ray
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)

@@ -25,7 +25,7 @@ def search_points(sizes: list[int], tokens: int, dim: int, queries: int = 200) -
     import torch
     from torch.nn import functional as F
 
-    from detailfusion.index import GalleryIndex
+    from detailfusion.library.index.exact import GalleryIndex
 
     rows = []
     for n in sizes:
@@ -41,9 +41,9 @@ def search_points(sizes: list[int], tokens: int, dim: int, queries: int = 200) -
 
 
 def prepared_split(root: Path, pairs: int) -> Path:
-    from detailfusion.config import PrepareConfig
-    from detailfusion.data.prepare import prepare
-    from detailfusion.data.synthetic import write_synthetic
+    from detailfusion.library.config import PrepareConfig
+    from detailfusion.library.data.synthetic import write_synthetic
+    from detailfusion.platform.data.prepare import prepare
 
     write_synthetic("cirr", root / f"raw{pairs}", pairs=pairs, seed=0, image_size=64)
     out = root / f"prep{pairs}"
@@ -52,7 +52,7 @@ def prepared_split(root: Path, pairs: int) -> Path:
 
 
 def encode_point(prepared: Path, model_dir: Path) -> dict:
-    from detailfusion.eval.encode import EncodeOptions, encode_gallery
+    from detailfusion.platform.eval.encode import EncodeOptions, encode_gallery
 
     start = time.perf_counter()
     index = encode_gallery(prepared, model_dir, "bench", EncodeOptions(actors=1, cpus_per_actor=1, batch_size=32))
@@ -63,8 +63,8 @@ def encode_point(prepared: Path, model_dir: Path) -> dict:
 def train_point(root: Path, prepared: Path, model_dir: Path, workers: int, epochs: int) -> dict:
     import json
 
-    from detailfusion.config import JobConfig, load_config
-    from detailfusion.train.run import run_stage
+    from detailfusion.library.config import JobConfig, load_config
+    from detailfusion.platform.train.run import run_stage
 
     workdir = root / f"train-{prepared.name}-{workers}w"
     config = load_config(JobConfig, REPO / "jobs/configs/stage2_tiny.yaml", [
@@ -91,8 +91,8 @@ def main() -> None:
 
     import torch
 
-    from detailfusion.model import build_model, save_model
-    from detailfusion.ray_setup import init_ray
+    from detailfusion.library.model import build_model, save_model
+    from detailfusion.platform.ray_setup import init_ray
 
     torch.manual_seed(0)
     model, tokenizer = build_model("tiny")

@@ -18,7 +18,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from detailfusion.index import GalleryIndex
+from detailfusion.library.index.exact import GalleryIndex
 
 
 def timed(fn, repeats: int = 3):

@@ -36,10 +36,10 @@ from pathlib import Path
 def tiny_model_and_index(root: Path) -> tuple[str, str, list[dict]]:
     import torch
 
-    from detailfusion.config import EvalConfig
-    from detailfusion.data.synthetic import write_synthetic
-    from detailfusion.eval.evaluate import build_index
-    from detailfusion.model import build_model, save_model
+    from detailfusion.library.config import EvalConfig
+    from detailfusion.library.data.synthetic import write_synthetic
+    from detailfusion.library.model import build_model, save_model
+    from detailfusion.platform.eval.evaluate import build_index
 
     torch.manual_seed(0)
     save_model(*build_model("tiny"), root / "model")
@@ -195,8 +195,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from detailfusion.config import ServeConfig
-    from detailfusion.serving.app import build_app
+    from detailfusion.library.config import ServeConfig
+    from detailfusion.platform.serving.app import build_app
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.checkpoint and args.index and args.cirr_root:

@@ -1,10 +1,10 @@
 """How hard the synthetic CIRR layouts are without a trained model: the near-duplicate layout, the detail benchmark
 v1 and v2, in the same run, on test1 with its hidden targets. v2 also gets its shortcut report per edit family and
-direction (random, pixel NN, text only, late fusion, oracle: detailfusion.data.shortcut_report).
+direction (random, pixel NN, text only, late fusion, oracle: detailfusion.library.data.shortcut_report).
 
 Writes both layouts (timing each), then scores test1 with the image-only pixel baseline (cosine of mean-centred
 ``--side`` x ``--side`` RGB, reference removed), random scores and the caption + ground-truth-scene oracle
-(detailfusion.data.synthetic_difficulty); prints R@1/5/10/50 over the split's images and Rs@1/2/3 in img_set.
+(detailfusion.library.data.synthetic_difficulty); prints R@1/5/10/50 over the split's images and Rs@1/2/3 in img_set.
 
     python benchmarks/synthetic_difficulty.py [--test-pairs 2000] [--val-pairs 500] [--train-pairs 1600]
         [--old-pairs 20000] [--image-size 128] [--side 16] [--seed 0] [--out DIR]
@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from detailfusion.data.shortcut_report import shortcut_report, shortcut_table
-from detailfusion.data.synthetic import write_synthetic
-from detailfusion.data.synthetic_difficulty import RECALL_AT, SUBSET_RECALL_AT, difficulty, load_queries
+from detailfusion.library.data.shortcut_report import shortcut_report, shortcut_table
+from detailfusion.library.data.synthetic import write_synthetic
+from detailfusion.library.data.synthetic_difficulty import RECALL_AT, SUBSET_RECALL_AT, difficulty, load_queries
 
 
 def main() -> None:

@@ -30,11 +30,11 @@ def main() -> None:
     import ray
     import torch
 
-    from detailfusion.config import JobConfig, PrepareConfig, load_config
-    from detailfusion.data.prepare import prepare
-    from detailfusion.data.synthetic import write_synthetic
-    from detailfusion.model import build_model, save_model
-    from detailfusion.train.run import run_stage
+    from detailfusion.library.config import JobConfig, PrepareConfig, load_config
+    from detailfusion.library.data.synthetic import write_synthetic
+    from detailfusion.library.model import build_model, save_model
+    from detailfusion.platform.data.prepare import prepare
+    from detailfusion.platform.train.run import run_stage
 
     repo = Path(__file__).resolve().parents[1]
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)

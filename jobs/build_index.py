@@ -2,13 +2,13 @@
 
     python jobs/build_index.py --config jobs/configs/eval_cirr_val.yaml --set split=test1 --set out=runs/index ...
 
-The same as ``detailfusion index ...`` (the one front door, ``detailfusion.cli``), for
+The same as ``detailfusion index ...`` (the one front door, ``detailfusion.platform.cli``), for
 ``ray job submit`` where the console script is not on the cluster's PATH.
 """
 
 import sys
 
-from detailfusion.cli import main
+from detailfusion.platform.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["index", *sys.argv[1:]], prog="jobs/build_index.py"))

@@ -32,6 +32,6 @@ else
 fi
 # DeepSpeed JIT-compiles its shared-memory communication op (CPU accelerator) the first time a process group starts:
 # build it here, once, so that no training stage pays for it (a no-op where the accelerator has no such op).
-.venv/bin/python -c "from detailfusion.train.engine import use_environment_extension_cache as cache; cache()
+.venv/bin/python -c "from detailfusion.platform.train.engine import use_environment_extension_cache as cache; cache()
 from deepspeed.comm.torch import build_shm_op; build_shm_op()" 2>&1 | grep -v "WARNING\|^$" || true
 .venv/bin/python -c "import torch, ray, deepspeed, transformers, detailfusion; print(f'setup: ok (torch {torch.__version__}, ray {ray.__version__}, transformers {transformers.__version__}, deepspeed {deepspeed.__version__})')"

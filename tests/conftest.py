@@ -50,7 +50,7 @@ def tiny():
     """A tiny model (eval mode) and its tokenizer, built once per session; tests must not train it in place."""
     import torch
 
-    from detailfusion.model import build_model
+    from detailfusion.library.model import build_model
 
     torch.manual_seed(0)
     model, tokenizer = build_model("tiny")
@@ -102,10 +102,10 @@ def stage2_data(tmp_path_factory, ray_local):
     and a negligible one differ clearly, which makes ASHA's decisions in the sweep test deterministic."""
     import torch
 
-    from detailfusion.config import PrepareConfig
-    from detailfusion.data.prepare import prepare
-    from detailfusion.data.synthetic import write_synthetic
-    from detailfusion.model import build_model, save_model
+    from detailfusion.library.config import PrepareConfig
+    from detailfusion.library.data.synthetic import write_synthetic
+    from detailfusion.library.model import build_model, save_model
+    from detailfusion.platform.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("stage2")
     torch.manual_seed(0)

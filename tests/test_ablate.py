@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from detailfusion.ablate import CHAINS, ROWS, AblationConfig, run_ablation
-from detailfusion.eval.outcomes import METRICS
+from detailfusion.library.eval.outcomes import METRICS
+from detailfusion.platform.ablate import CHAINS, ROWS, AblationConfig, run_ablation
 
 
 @pytest.mark.slow

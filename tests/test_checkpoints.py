@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from detailfusion.model import load_model, save_model
-from detailfusion.model.detailfusion import DetailFusionModel
-from detailfusion.train.checkpoints import problem, resumable, write_manifest
+from detailfusion.library.model import load_model, save_model
+from detailfusion.library.model.detailfusion import DetailFusionModel
+from detailfusion.platform.train.checkpoints import problem, resumable, write_manifest
 
 
 def a_checkpoint(run, name, step):

@@ -5,12 +5,18 @@ import numpy as np
 import pytest
 import torch
 
-from detailfusion.data.query_tags import QueryTag
-from detailfusion.eval.claims import check_claims, query_set
-from detailfusion.eval.metrics import cirr_metrics, target_ranks
-from detailfusion.eval.outcomes import METRICS, Outcomes, per_query
-from detailfusion.eval.statistics import (
-    CLUSTER, bootstrap_draws, bootstrap_interval, epsilon_squared, percentile_interval, seed_interval, t_quantile,
+from detailfusion.library.data.query_tags import QueryTag
+from detailfusion.library.eval.claims import check_claims, query_set
+from detailfusion.library.eval.metrics import cirr_metrics, target_ranks
+from detailfusion.library.eval.outcomes import METRICS, Outcomes, per_query
+from detailfusion.library.eval.statistics import (
+    CLUSTER,
+    bootstrap_draws,
+    bootstrap_interval,
+    epsilon_squared,
+    percentile_interval,
+    seed_interval,
+    t_quantile,
 )
 
 difference = lambda v: float((v["a"] - v["b"]).mean())  # noqa: E731

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import globbed
-from detailfusion.config import EvalConfig, JobConfig, ServeConfig, load_config
+
+from detailfusion.library.config import EvalConfig, JobConfig, ServeConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster.yaml"

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from detailfusion.compressed_index import CompressedIndex, CompressedIndexConfig, exact_search, pool_tokens
-from detailfusion.errors import ConfigError
-from detailfusion.index import GalleryIndex, IndexMismatch
-from detailfusion.model.fusion import fused_query
+from detailfusion.library.errors import ConfigError
+from detailfusion.library.index.compressed import CompressedIndex, CompressedIndexConfig, exact_search, pool_tokens
+from detailfusion.library.index.exact import GalleryIndex, IndexMismatch
+from detailfusion.library.model.fusion import fused_query
 
 TOKENS, WIDTH = 8, 16  # Nq, D per branch
 EVERYTHING = dict(nlist=8, m=4, nbits=4, nprobe=8, candidates=10**6, rerank=0)  # every list, token and image
@@ -151,7 +151,7 @@ def test_bad_settings_name_the_field(tmp_path):
 def test_a_writer_fed_out_of_order_builds_the_same_index_and_refuses_gaps_and_repeats(tmp_path):
     """Chunks of rows in any order (as a shard's builder gets them from the encoder pool) give the same answers as
     ``build``; a row given twice, out of range or never given is an error naming it."""
-    from detailfusion.compressed_index import Codec, IndexWriter, sample_rows
+    from detailfusion.library.index.compressed import Codec, IndexWriter, sample_rows
 
     embeddings, ids = random_gallery(300), [str(n) for n in range(300)]
     config = CompressedIndexConfig(nlist=16, m=4, nbits=4, nprobe=4, candidates=64)

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from detailfusion.config import ConfigError, JobConfig, load_config, save_config
+from detailfusion.library.config import ConfigError, JobConfig, load_config, save_config
 
 
 def write(tmp_path, text, name="job.yaml"):

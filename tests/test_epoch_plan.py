@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from detailfusion.data.training_input import epoch_plan, holdout_groups, holdout_mask, sample_key
-from detailfusion.model.tokenizer import build_tiny_tokenizer
+from detailfusion.library.model.tokenizer import build_tiny_tokenizer
+from detailfusion.platform.data.training_input import epoch_plan, holdout_groups, holdout_mask, sample_key
 
 ROWS = 22
 

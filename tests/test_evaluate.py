@@ -12,17 +12,17 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from detailfusion.cli import main
-from detailfusion.config import EvalConfig
-from detailfusion.data.synthetic import write_synthetic
-from detailfusion.errors import DataError
-from detailfusion.eval.evaluate import evaluate, query_tags
-from detailfusion.data.prepare import read_quarantine
-from detailfusion.eval.fashioniq_predictions import check_predictions, predictions
-from detailfusion.eval.submission import SubmissionError, check_submission, load_submission, score_cirr
-from detailfusion.index import GalleryIndex, IndexMismatch
-from detailfusion.eval.validate import ValidationSplit
-from detailfusion.model import load_model, model_fingerprint, save_model
+from detailfusion.library.config import EvalConfig
+from detailfusion.library.data.synthetic import write_synthetic
+from detailfusion.library.errors import DataError
+from detailfusion.library.eval.fashioniq_predictions import check_predictions, predictions
+from detailfusion.library.eval.submission import SubmissionError, check_submission, load_submission, score_cirr
+from detailfusion.library.index.exact import GalleryIndex, IndexMismatch
+from detailfusion.library.model import load_model, model_fingerprint, save_model
+from detailfusion.platform.cli import main
+from detailfusion.platform.data.prepare import read_quarantine
+from detailfusion.platform.eval.evaluate import evaluate, query_tags
+from detailfusion.platform.eval.validate import ValidationSplit
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +254,7 @@ def test_fashioniq_ranks_each_query_in_its_own_category_gallery():
     in the dress gallery the target is first (R@10 100), ranked over every image it would be 21st (R@10 0)."""
     import pyarrow as pa
 
-    from detailfusion.eval.protocols import fashioniq_variant_metrics
+    from detailfusion.library.eval.protocols import fashioniq_variant_metrics
 
     tokens, width = 2, 4  # index embeddings [N, tokens, 2 * width]; branch_max scores each half
     axis = torch.eye(2 * width)
@@ -293,9 +293,9 @@ def test_in_process_encoding_equals_the_actor_pool(ray_local, tmp_path, cirr_roo
     gives the same gallery index (embeddings, order, thumbnails) and the same query features."""
     import pyarrow.parquet as pq
 
-    from detailfusion.config import PrepareConfig
-    from detailfusion.data.prepare import prepare
-    from detailfusion.eval.encode import EncodeOptions, encode_gallery, encode_queries
+    from detailfusion.library.config import PrepareConfig
+    from detailfusion.platform.data.prepare import prepare
+    from detailfusion.platform.eval.encode import EncodeOptions, encode_gallery, encode_queries
 
     prepared = tmp_path / "prep"
     prepare(PrepareConfig(dataset="cirr", root=str(cirr_root), split="val", out=str(prepared)))

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from detailfusion.data.images import BadImage, decode_image, load_pixels
-from detailfusion.data.schema import pixel_type, pixels_from_bytes, pixels_to_arrow
-from detailfusion.data.transforms import preprocess, resize_crop, target_pad
-from detailfusion.pixels import CLIP_MEAN, normalize_pixels
+from detailfusion.library.data.images import BadImage, decode_image, load_pixels
+from detailfusion.library.data.schema import pixel_type, pixels_from_bytes, pixels_to_arrow
+from detailfusion.library.data.transforms import preprocess, resize_crop, target_pad
+from detailfusion.library.pixels import CLIP_MEAN, normalize_pixels
 
 
 def png(size=(40, 20), colour=(255, 0, 0)):
@@ -98,5 +98,5 @@ def test_stored_pixel_bytes_round_trip_to_exactly_the_loaded_pixels(tmp_path):
 
 def test_prepare_workers_import_no_torch():
     """Ray Data workers import the modules of prepare's batch functions; torch would cost seconds per worker."""
-    code = "import sys, detailfusion.data.prepare, detailfusion.data.ipr2pr; assert 'torch' not in sys.modules"
+    code = "import sys, detailfusion.platform.data.prepare, detailfusion.library.data.ipr2pr; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from detailfusion.compressed_index import CompressedIndex, CompressedIndexConfig
-from detailfusion.config import ConfigError, EvalConfig, IndexBackendConfig, from_dict, load_config
-from detailfusion.index import EMBEDDINGS_FILE, IMAGES_FILE, GalleryIndex, IndexMismatch
-from detailfusion.index_store import open_index, stored_backend, write_index
-from detailfusion.model.fusion import fused_query
+from detailfusion.library.config import ConfigError, EvalConfig, IndexBackendConfig, from_dict, load_config
+from detailfusion.library.index.compressed import CompressedIndex, CompressedIndexConfig
+from detailfusion.library.index.exact import EMBEDDINGS_FILE, IMAGES_FILE, GalleryIndex, IndexMismatch
+from detailfusion.library.index.store import open_index, stored_backend, write_index
+from detailfusion.library.model.fusion import fused_query
 
 IMAGES, TOKENS, WIDTH = 120, 8, 16  # N, Nq, D per branch
 # every IVF list, every token vector a hit, every candidate re-ranked, on float32 values: exact search
@@ -105,7 +105,7 @@ def test_index_backend_from_overrides_and_files(tmp_path):
 
 
 def test_the_index_command_takes_the_backend():
-    from detailfusion import cli
+    from detailfusion.platform import cli
 
     args = cli.build_parser().parse_args(["index", "--checkpoint", "model", "--out", "index",
                                           "--set", "index_backend.kind=ivfpq", "--set", "index_backend.ivfpq.rerank=0"])
@@ -130,7 +130,7 @@ def test_bad_backend_settings_are_config_errors(tmp_path):
 def test_evaluate_refuses_a_compressed_index(tmp_path):
     """Evaluation ranks with the exact index (the reference): a compressed one given as --index is refused, not
     overwritten, before anything starts."""
-    from detailfusion.eval.evaluate import evaluate
+    from detailfusion.platform.eval.evaluate import evaluate
 
     write_index(gallery(), tmp_path / "index", IVFPQ)
     with pytest.raises(ConfigError, match="holds an index of backend 'ivfpq'; evaluate ranks with the exact index"):
@@ -143,7 +143,7 @@ def test_evaluate_refuses_a_compressed_index(tmp_path):
 
 
 def test_merge_top_k_keeps_the_best_and_breaks_ties_by_gallery_row():
-    from detailfusion.sharded_index import merge_top_k
+    from detailfusion.library.index.sharded import merge_top_k
 
     shard_a = (torch.tensor([[0.9, 0.5, 0.5]]), torch.tensor([[7, 2, 9]]))
     shard_b = (torch.tensor([[0.5, 0.1]]), torch.tensor([[1, 4]]))
@@ -154,7 +154,7 @@ def test_merge_top_k_keeps_the_best_and_breaks_ties_by_gallery_row():
 
 
 def test_shard_bounds_cover_the_gallery_without_gaps():
-    from detailfusion.sharded_index import shard_bounds
+    from detailfusion.library.index.sharded import shard_bounds
 
     assert shard_bounds(10, 3) == [(0, 3), (3, 7), (7, 10)] and shard_bounds(5, 5)[-1] == (4, 5)
     with pytest.raises(ValueError, match="between 1 and 5"):
@@ -166,7 +166,7 @@ def test_shard_bounds_cover_the_gallery_without_gaps():
 def test_sharded_search_equals_one_index(tmp_path, kind, rule):
     """Fan-out over 3 shards and merge = one exact index over the whole gallery (ids, scores, tie order), with
     duplicate images across shard borders so that ties between shards occur; the shards reopen from disk."""
-    from detailfusion.sharded_index import ShardedIndex
+    from detailfusion.library.index.sharded import ShardedIndex
 
     whole = gallery(rule)
     whole.embeddings[45] = whole.embeddings[30]  # images 30 (shard 0) and 45 (shard 1) tie for every query
@@ -199,7 +199,7 @@ def test_rewriting_unsharded_removes_the_shards(tmp_path):
 def test_thumbnails_are_read_a_row_group_at_a_time(tmp_path):
     """Serving's thumbnails: images.parquet in row groups of THUMBNAIL_ROWS, one group read per thumbnail asked for,
     at most ``cached_groups`` kept; every image's own bytes, None where it has none or is unknown."""
-    from detailfusion.index import THUMBNAIL_ROWS, Thumbnails, write_images
+    from detailfusion.library.index.exact import THUMBNAIL_ROWS, Thumbnails, write_images
 
     ids = [f"img{n}" for n in range(1000)]
     jpegs = [n.to_bytes(2, "big") * 8 if n % 7 else None for n in range(1000)]

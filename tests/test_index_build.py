@@ -8,13 +8,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from detailfusion.config import CompressedIndexConfig, EvalConfig, IndexBackendConfig, PrepareConfig
-from detailfusion.data.prepare import prepare
-from detailfusion.data.synthetic import write_synthetic
-from detailfusion.errors import ConfigError
-from detailfusion.eval.evaluate import build_index
-from detailfusion.index_store import open_index
-from detailfusion.model import build_model, save_model
+from detailfusion.library.config import CompressedIndexConfig, EvalConfig, IndexBackendConfig, PrepareConfig
+from detailfusion.library.data.synthetic import write_synthetic
+from detailfusion.library.errors import ConfigError
+from detailfusion.library.index.store import open_index
+from detailfusion.library.model import build_model, save_model
+from detailfusion.platform.data.prepare import prepare
+from detailfusion.platform.eval.evaluate import build_index
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local", "one_faiss_thread")]
 

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 STAGE2 = REPO / "jobs/configs/stage2_tiny.yaml"
@@ -64,7 +63,7 @@ def interrupt(ray, args: list[str], when, sig: int, log_path: Path, timeout_s: f
     before = snapshot(ray)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     with log_path.open("w") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "detailfusion.cli", *args], cwd=REPO, env=env, stdout=log,
+        driver = subprocess.Popen([sys.executable, "-m", "detailfusion.platform.cli", *args], cwd=REPO, env=env, stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     while not when():
@@ -84,7 +83,7 @@ def test_sigterm_takes_the_path_of_ctrl_c():
     (Ray Train's, once it has aborted the run) still ends the driver as interrupted, not as a success."""
     code = """if True:
         import os, signal
-        from detailfusion.ray_setup import stop_on_sigterm
+        from detailfusion.platform.ray_setup import stop_on_sigterm
         calls = []
         signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
         stop_on_sigterm()

@@ -3,9 +3,9 @@
 import re
 
 import pytest
-
 from conftest import REPO, globbed
-from detailfusion.config import EvalConfig, JobConfig, PrepareConfig, load_config
+
+from detailfusion.library.config import EvalConfig, JobConfig, PrepareConfig, load_config
 
 CONFIGS = globbed(REPO / "jobs" / "configs", "*.yaml")
 
@@ -53,7 +53,7 @@ def test_header_commands_are_accepted(path, monkeypatch):
     """The launch command in a config's header parses with the real CLI and builds its typed config (a dry run)."""
     import shlex
 
-    from detailfusion import cli
+    from detailfusion.platform import cli
 
     monkeypatch.chdir(REPO)
     commands = header_commands(path)

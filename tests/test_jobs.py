@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 
@@ -23,14 +22,14 @@ def test_prepare_job_help_and_bad_keys():
 
 
 def test_cli_prepare_refuses_a_wrong_dataset_name():
-    result = run("-m", "detailfusion.cli", "prepare", "--dataset", "coco", "--root", ".", "--split", "val", "--out", "x")
+    result = run("-m", "detailfusion.platform.cli", "prepare", "--dataset", "coco", "--root", ".", "--split", "val", "--out", "x")
     assert result.returncode == 2 and "invalid choice: 'coco'" in result.stderr
 
 
 def test_stage_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
     """Train workers run in other working directories: a relative workdir / prepared / init_from must not reach them."""
-    from detailfusion.config import JobConfig, load_config
-    from detailfusion.train.run import absolute_paths
+    from detailfusion.library.config import JobConfig, load_config
+    from detailfusion.platform.train.run import absolute_paths
 
     monkeypatch.chdir(tmp_path)
     config = absolute_paths(load_config(JobConfig, None, ["workdir=runs/x", "data.prepared=prep/a",
@@ -53,10 +52,10 @@ def test_a_refusal_is_one_line_and_a_failure_elsewhere_keeps_its_traceback(capsy
     our own code that is not a refusal (a bug: top-k asked of a gallery too small), keep their tracebacks."""
     import torch
 
-    from detailfusion.cli import report_error
+    from detailfusion.platform.cli import report_error
 
     def ours():
-        from detailfusion.data.cirr import read_cirr
+        from detailfusion.library.data.cirr import read_cirr
 
         read_cirr("/nonexistent", "bogus")  # refused by a check of the package
 
@@ -66,7 +65,7 @@ def test_a_refusal_is_one_line_and_a_failure_elsewhere_keeps_its_traceback(capsy
         json.loads("{not json")  # a ValueError from a library: a failure, not a refusal
 
     def bug():
-        from detailfusion.ranking import top_k
+        from detailfusion.library.ranking import top_k
 
         top_k(torch.zeros(1, 2), 5)
 
@@ -98,8 +97,8 @@ def test_train_refuses_another_stage_s_config_through_every_door():
 def test_a_command_s_config_file_then_flags_then_set(tmp_path):
     """Each config-backed command reads --config first, its flags override the file, --set overrides both; a
     required field left empty is refused naming the flag and the file key."""
-    from detailfusion.cli import build_parser, command_config
-    from detailfusion.config import ConfigError
+    from detailfusion.library.config import ConfigError
+    from detailfusion.platform.cli import build_parser, command_config
 
     file = tmp_path / "eval.yaml"
     file.write_text("dataset: fashioniq\nsplit: val\ncheckpoint: runs/a/model\nout: runs/a/eval\nbatch_size: 8\n")

@@ -7,10 +7,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import missing_prerequisite
-from detailfusion import local_cluster
-from detailfusion.cli import main
+
+from detailfusion.platform import local_cluster
+from detailfusion.platform.cli import main
 
 
 def namespaces_or_skip() -> None:

@@ -6,11 +6,10 @@ import importlib.metadata
 import re
 import tomllib
 
+from conftest import REPO
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
-
-from conftest import REPO
 
 
 def locked() -> dict[str, str]:

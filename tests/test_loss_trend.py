@@ -3,7 +3,6 @@ false-positive rate under its null measured by simulation (issue 35, point 6).""
 
 import numpy as np
 import pytest
-
 from loss_trend import falls
 
 

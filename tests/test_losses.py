@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from detailfusion.losses import ContrastiveLoss, DetailLoss, JointLoss, gather_features, max_similarity
+from detailfusion.library.losses import ContrastiveLoss, DetailLoss, JointLoss, gather_features, max_similarity
 
 ONE = torch.tensor(1.0)
 

@@ -5,8 +5,14 @@ import json
 import pytest
 import torch
 
-from detailfusion.eval.metrics import cirr_metrics, fashioniq_metrics, recall_at_k, target_ranks, top_k
-from detailfusion.eval.submission import SubmissionError, check_submission, load_submission, score_cirr, submission
+from detailfusion.library.eval.metrics import cirr_metrics, fashioniq_metrics, recall_at_k, target_ranks, top_k
+from detailfusion.library.eval.submission import (
+    SubmissionError,
+    check_submission,
+    load_submission,
+    score_cirr,
+    submission,
+)
 
 
 def test_target_rank_counts_better_candidates_and_earlier_ties():
@@ -117,9 +123,9 @@ def test_unimodal_hard_queries_known_by_construction():
     q1 (10, 10) hard: rank 10 is the 11th place; q2 (10, 0) solved by the text; q3 (11, 10) hard."""
     import pyarrow as pa
 
-    from detailfusion.eval.protocols import CirrQueries, SplitRanks
-    from detailfusion.eval.query_subsets import unimodal_hard
-    from detailfusion.index import GalleryIndex
+    from detailfusion.library.eval.protocols import CirrQueries, SplitRanks
+    from detailfusion.library.eval.query_subsets import unimodal_hard
+    from detailfusion.library.index.exact import GalleryIndex
 
     size, references, targets = 14, [0, 1, 2, 3], [13, 12, 11, 10]
     ids = [f"g{i}" for i in range(size)]
@@ -150,8 +156,8 @@ def test_unimodal_hard_queries_known_by_construction():
 
 def test_unimodal_hard_on_fashioniq_keeps_the_per_category_protocol():
     """FashionIQ ranks within category galleries; the hard queries' metrics average the categories they hold."""
-    from detailfusion.eval.protocols import SplitRanks
-    from detailfusion.eval.query_subsets import unimodal_hard
+    from detailfusion.library.eval.protocols import SplitRanks
+    from detailfusion.library.eval.query_subsets import unimodal_hard
 
     ranks = SplitRanks({"image_only": torch.tensor([0, 12, 15, 30]), "text_only": torch.tensor([11, 10, 3, 40]),
                         "gm": torch.tensor([0, 4, 0, 20])}, categories=["dress", "dress", "shirt", "toptee"])
@@ -164,8 +170,8 @@ def test_unimodal_hard_on_fashioniq_keeps_the_per_category_protocol():
 def test_metrics_by_tag_partition_the_tagged_queries():
     """CIRR metrics are means over queries: each tag's metrics, weighted by its count, give back the metrics of
     the tagged queries; untagged queries are left out."""
-    from detailfusion.eval.protocols import SplitRanks
-    from detailfusion.eval.query_subsets import by_tag
+    from detailfusion.library.eval.protocols import SplitRanks
+    from detailfusion.library.eval.query_subsets import by_tag
 
     generator = torch.Generator().manual_seed(0)
     ranks = SplitRanks({v: torch.randint(0, 20, (40,), generator=generator) for v in ("gm", "di")},

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
-from detailfusion.model import (
+from detailfusion.library.losses import max_similarity
+from detailfusion.library.model import (
     DetailFusionModel,
     build_model,
     list_compositors,
@@ -15,8 +16,7 @@ from detailfusion.model import (
     load_model,
     save_model,
 )
-from detailfusion.losses import max_similarity
-from detailfusion.model.fusion import fused_scores
+from detailfusion.library.model.fusion import fused_scores
 
 B = 4
 
@@ -196,7 +196,7 @@ def tiny_blip2_checkpoint(path):
     with torch.no_grad():  # HF zero-initialises query tokens; make them distinguishable
         source.query_tokens.normal_()
     source.eval().save_pretrained(path)
-    from detailfusion.model.tokenizer import build_tiny_tokenizer
+    from detailfusion.library.model.tokenizer import build_tiny_tokenizer
 
     build_tiny_tokenizer(300).save_pretrained(path)
     return source

@@ -20,15 +20,15 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 from conftest import REPO, missing_prerequisite, registered_checkpoint_step
-from detailfusion import local_cluster
-from detailfusion.config import EvalConfig, PrepareConfig
-from detailfusion.data.prepare import prepare
-from detailfusion.data.synthetic import write_synthetic
-from detailfusion.eval.evaluate import build_index, evaluate
-from detailfusion.index import GalleryIndex
-from detailfusion.model import build_model, load_model, save_model
+
+from detailfusion.library.config import EvalConfig, PrepareConfig
+from detailfusion.library.data.synthetic import write_synthetic
+from detailfusion.library.index.exact import GalleryIndex
+from detailfusion.library.model import build_model, load_model, save_model
+from detailfusion.platform import local_cluster
+from detailfusion.platform.data.prepare import prepare
+from detailfusion.platform.eval.evaluate import build_index, evaluate
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
@@ -139,7 +139,7 @@ def test_gallery_encoding_on_both_hosts_matches_one_host(cluster, data, stage2_m
     model_dir = stage2_model / "model"
     common = ["--dataset", "cirr", "--split", "train", "--checkpoint", str(model_dir), "--prepared", str(data / "prep"),
               "--batch-size", "8"]
-    across = [sys.executable, "-m", "detailfusion.cli", "evaluate", *common, "--out", str(tmp_path / "two"),
+    across = [sys.executable, "-m", "detailfusion.platform.cli", "evaluate", *common, "--out", str(tmp_path / "two"),
               "--encoder-actors", "2", "--cpus-per-actor", "1"]
     submitted = submit(cluster, across)
     assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-4000:]
@@ -205,7 +205,7 @@ def test_serving_scales_to_the_other_host_and_back(cluster, data, stage2_model, 
     head = cluster.hosts[0].ip
     settings = ["host=0.0.0.0", "max_batch_size=4", "min_replicas=1", "max_replicas=2", "upscale_delay_s=1",
                 "downscale_delay_s=5", "look_back_period_s=5", "max_replicas_per_node=1"]
-    command = cluster.on_host(0, [sys.executable, "-m", "detailfusion.cli", "serve", "--checkpoint", model_dir,
+    command = cluster.on_host(0, [sys.executable, "-m", "detailfusion.platform.cli", "serve", "--checkpoint", model_dir,
                                   "--index", str(tmp_path / "index"), *[a for s in settings for a in ("--set", s)]],
                               env={"RAY_ADDRESS": cluster.head_address})
     log = (tmp_path / "serve.log").open("w")

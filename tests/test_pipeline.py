@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from detailfusion.pipeline import PipelineConfig, hidden_test1_annotations, run_pipeline
+from detailfusion.platform.pipeline import PipelineConfig, hidden_test1_annotations, run_pipeline
 
 VARIANTS = {"gm", "di", "static", "afc", "image_only", "text_only", "random"}
 

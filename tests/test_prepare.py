@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from detailfusion.config import PrepareConfig
-from detailfusion.data.images import load_pixels
-from detailfusion.data.training_input import load_image_store
-from detailfusion.data.prepare import PrepareError, prepare, read_quarantine
-from detailfusion.data.synthetic import write_synthetic
+from detailfusion.library.config import PrepareConfig
+from detailfusion.library.data.images import load_pixels
+from detailfusion.library.data.synthetic import write_synthetic
+from detailfusion.platform.data.prepare import PrepareError, prepare, read_quarantine
+from detailfusion.platform.data.training_input import load_image_store
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -202,7 +202,7 @@ def test_missing_root_and_wrong_columns_are_clear_errors(tmp_path):
 
 
 def test_ipr2pr_streams_several_shards_and_drops_a_row_repeated_in_another_shard(tmp_path, capsys):
-    from detailfusion.data.synthetic_scenes import write_ipr2pr
+    from detailfusion.library.data.synthetic_scenes import write_ipr2pr
 
     root = tmp_path / "raw"
     write_ipr2pr(root, pairs=45, seed=0, image_size=32, rows_per_shard=15)

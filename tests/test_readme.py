@@ -27,6 +27,6 @@ def test_main_job_command_refers_to_things_that_exist():
         if words[0] == "bash" or words[0].endswith("python"):
             assert (REPO / words[1]).is_file(), words[1]
         elif words[0].endswith("/detailfusion"):
-            from detailfusion.cli import build_parser
+            from detailfusion.platform.cli import build_parser
 
             build_parser().parse_args(words[1:])  # exits (fails the test) on an unknown subcommand or flag

@@ -8,14 +8,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from detailfusion.config import JobConfig, load_config, with_value
-from detailfusion.losses import ContrastiveLoss, DetailLoss, max_similarity
-from detailfusion.model import build_model, load_model, save_model
-from detailfusion.model.branch import TEMPERATURE_BOUNDS
-from detailfusion.train.engine import autocast, clip_groups, deepspeed_config, keep_fp32, one_cycle, param_groups
-from detailfusion.train.loop import dealt, epoch_seed
-from detailfusion.train.run import StageError, check_optimisation, compositor_fields, initial_model, subset_negatives
-from detailfusion.train.stages import STAGES, branch_loss, build_loss, freeze_for_stage
+from detailfusion.library.config import JobConfig, load_config, with_value
+from detailfusion.library.losses import ContrastiveLoss, DetailLoss, max_similarity
+from detailfusion.library.model import build_model, load_model, save_model
+from detailfusion.library.model.branch import TEMPERATURE_BOUNDS
+from detailfusion.platform.train.engine import (
+    autocast,
+    clip_groups,
+    deepspeed_config,
+    keep_fp32,
+    one_cycle,
+    param_groups,
+)
+from detailfusion.platform.train.loop import dealt, epoch_seed
+from detailfusion.platform.train.run import (
+    StageError,
+    check_optimisation,
+    compositor_fields,
+    initial_model,
+    subset_negatives,
+)
+from detailfusion.platform.train.stages import STAGES, branch_loss, build_loss, freeze_for_stage
 
 
 def batch(size=4, text=6, image=64, subset=2):
@@ -152,7 +165,7 @@ def _engine_worker(rank, init_file, results):
     the bound; reports each optimizer group's weight decay and the raw temperature after one step."""
     import os
 
-    from detailfusion.train.engine import build_engine
+    from detailfusion.platform.train.engine import build_engine
 
     os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", DS_ACCELERATOR="cpu")
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
@@ -221,7 +234,7 @@ def test_stage2_per_branch_clipping_needs_zero0_and_fp16_needs_zero0():
     with pytest.raises(StageError, match="per_branch"):
         check_optimisation(job("train.stage=2", "train.zero_stage=2", "optim.clip=per_branch"))
     check_optimisation(job("train.stage=2", "train.zero_stage=2"))  # auto: DeepSpeed's global norm there
-    from detailfusion.train.engine import clipping
+    from detailfusion.platform.train.engine import clipping
 
     assert clipping(job("train.zero_stage=2").train, job().optim) == "global (DeepSpeed)"
     assert clipping(job("train.zero_stage=0").train, job().optim) == "per branch (torch)"
@@ -341,7 +354,7 @@ def test_cached_rows_are_dealt_into_new_batches_every_epoch():
 
 
 def test_image_text_loss_is_symmetric_infonce_by_hand():
-    from detailfusion.losses import ImageTextContrastiveLoss
+    from detailfusion.library.losses import ImageTextContrastiveLoss
 
     text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     images = torch.tensor([[[1.0, 0.0], [0.6, 0.8]], [[0.0, 1.0], [0.8, 0.6]]])  # [B=2, Nq=2, D=2]
@@ -361,9 +374,10 @@ def test_image_text_loss_is_symmetric_infonce_by_hand():
 
 
 def test_stage0_trains_the_gm_qformer_on_captions_and_exports_it_into_both_branches():
-    from detailfusion.data.training_input import TripletBatcher
-    from detailfusion.data.schema import pixels_to_arrow
     import numpy as np
+
+    from detailfusion.library.data.schema import pixels_to_arrow
+    from detailfusion.platform.data.training_input import TripletBatcher
 
     model, tokenizer = build_model("tiny")
     spec = STAGES[0]
@@ -379,7 +393,7 @@ def test_stage0_trains_the_gm_qformer_on_captions_and_exports_it_into_both_branc
     assert not np.array_equal(out["input_ids"], out["target_input_ids"])
     assert "target_input_ids" not in TripletBatcher(tokenizer, 32, "pixels")(rows)
     batch = {k: torch.from_numpy(v) for k, v in out.items()}
-    from detailfusion.pixels import normalize_pixels
+    from detailfusion.library.pixels import normalize_pixels
 
     batch["reference"], batch["target"] = normalize_pixels(batch["reference"]), normalize_pixels(batch["target"])
     parts = branch_loss(spec, model, build_loss(spec, job().loss), batch, "pixel_values")

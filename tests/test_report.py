@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from detailfusion.ablate import ROWS, _row, markdown
-from detailfusion.data.query_tags import QueryTag
-from detailfusion.eval.claims import check_claims, query_set
-from detailfusion.eval.outcomes import METRICS, Outcomes
-from detailfusion.report import COLUMNS, write_report
+from detailfusion.library.data.query_tags import QueryTag
+from detailfusion.library.eval.claims import check_claims, query_set
+from detailfusion.library.eval.outcomes import METRICS, Outcomes
+from detailfusion.platform.ablate import ROWS, _row, markdown
+from detailfusion.platform.report import COLUMNS, write_report
 
 QUERIES = 400
 FAMILIES = ["local" if i % 2 else "global" for i in range(QUERIES)]

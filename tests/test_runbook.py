@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from detailfusion.cli import build_parser
+from detailfusion.platform.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def runbook_commands() -> list[str]:
 def dry_run(argv: list[str]) -> None:
     """Parse like the console script, then build the typed config the command would run with (the CLI's own
     mapping, ``cli.command_config``); a sweep's settings and space are checked as ``sweep`` checks them."""
-    from detailfusion import cli, tune
+    from detailfusion.platform import cli, tune
 
     args = build_parser().parse_args(argv)
     if args.command in ("prepare", "evaluate", "index", "serve"):

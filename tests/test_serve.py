@@ -19,17 +19,17 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 import torch
+from conftest import missing_prerequisite
 from PIL import Image
 
-from conftest import missing_prerequisite
-from detailfusion.config import EvalConfig, JobConfig, PrepareConfig, ServeConfig, load_config
-from detailfusion.data.prepare import prepare
-from detailfusion.data.synthetic import write_synthetic
-from detailfusion.model.inference import embed_queries
-from detailfusion.eval.evaluate import build_index
-from detailfusion.index import GalleryIndex
-from detailfusion.model import build_model, load_model, save_model
-from detailfusion.train.run import run_stage
+from detailfusion.library.config import EvalConfig, JobConfig, PrepareConfig, ServeConfig, load_config
+from detailfusion.library.data.synthetic import write_synthetic
+from detailfusion.library.index.exact import GalleryIndex
+from detailfusion.library.model import build_model, load_model, save_model
+from detailfusion.library.model.inference import embed_queries
+from detailfusion.platform.data.prepare import prepare
+from detailfusion.platform.eval.evaluate import build_index
+from detailfusion.platform.train.run import run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
@@ -61,7 +61,7 @@ def trained(tmp_path_factory, ray_local):
     index = GalleryIndex.load(root / "index")
     triplets = pq.read_table(root / "prep" / "triplets").to_pylist()
     source = json.loads((root / "raw/image_splits/split.rc2.train.json").read_text())
-    from detailfusion.data.training_input import PIXELS, load_image_store
+    from detailfusion.platform.data.training_input import PIXELS, load_image_store
 
     position, images = load_image_store(root / "prep", PIXELS)
     pixels = torch.from_numpy(images[[position[t["reference_id"]] for t in triplets]])
@@ -81,7 +81,7 @@ def trained(tmp_path_factory, ray_local):
 def server(trained):
     from ray import serve
 
-    from detailfusion.serving.run import start
+    from detailfusion.platform.serving.run import start
 
     config = ServeConfig(checkpoint=str(trained["model"]), index=str(trained["index"]), port=free_port(),
                          replica_cpus=0.5, frontend_cpus=0.1, max_replicas=1, max_body_mb=1.0, max_top_k=50)
@@ -252,9 +252,9 @@ def test_a_sharded_index_answers_as_the_whole_one(server, trained, tmp_path):
     whose top 40 crosses the shard border."""
     from ray import serve
 
-    from detailfusion.config import IndexBackendConfig
-    from detailfusion.index_store import write_index
-    from detailfusion.serving.app import build_app
+    from detailfusion.library.config import IndexBackendConfig
+    from detailfusion.library.index.store import write_index
+    from detailfusion.platform.serving.app import build_app
 
     write_index(GalleryIndex.load(trained["index"]), tmp_path / "sharded", IndexBackendConfig(shards=2))
     config = ServeConfig(checkpoint=str(trained["model"]), index=str(tmp_path / "sharded"), replica_cpus=0.25,
@@ -293,9 +293,9 @@ def test_a_killed_shard_replica_is_replaced_under_load(server, trained, tmp_path
     import ray
     from ray import serve
 
-    from detailfusion.config import IndexBackendConfig
-    from detailfusion.index_store import write_index
-    from detailfusion.serving.app import build_app
+    from detailfusion.library.config import IndexBackendConfig
+    from detailfusion.library.index.store import write_index
+    from detailfusion.platform.serving.app import build_app
 
     write_index(GalleryIndex.load(trained["index"]), tmp_path / "sharded", IndexBackendConfig(shards=2))
     config = ServeConfig(checkpoint=str(trained["model"]), index=str(tmp_path / "sharded"), replica_cpus=0.2,
@@ -392,7 +392,7 @@ def guarded(server, trained, tmp_path_factory):
     replica and one waiting (batching off), so a burst must be shed."""
     from ray import serve
 
-    from detailfusion.serving.app import build_app
+    from detailfusion.platform.serving.app import build_app
 
     token = tmp_path_factory.mktemp("token") / "token"
     token.write_text("s3cret-token\n")

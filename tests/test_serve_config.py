@@ -1,4 +1,4 @@
-"""deploy/config.yaml is a valid Serve deploy config (Ray's own schema) whose app args are ServeConfig keys, and
+"""serve/config.yaml is a valid Serve deploy config (Ray's own schema) whose app args are ServeConfig keys, and
 the request checks of the endpoint, without a server."""
 
 import base64
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from detailfusion.config import ServeConfig, from_dict
-from detailfusion.serving.queries import Limits, RequestError, parse_json
+from detailfusion.library.config import ServeConfig, from_dict
+from detailfusion.platform.serving.queries import Limits, RequestError, parse_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,11 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 def test_serve_config_yaml_validates_with_rays_schema():
     from ray.serve.schema import ServeDeploySchema
 
-    raw = yaml.safe_load((REPO / "deploy" / "config.yaml").read_text())
+    raw = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(raw)
     (app,) = schema.applications
-    assert app.import_path == "detailfusion.serving.app:app_builder"
-    config = from_dict(ServeConfig, app.args, source="deploy/config.yaml")
+    assert app.import_path == "detailfusion.platform.serving.app:app_builder"
+    config = from_dict(ServeConfig, app.args, source="serve/config.yaml")
     assert config.min_replicas <= config.max_replicas
 
 
@@ -50,9 +50,9 @@ def test_a_data_url_image_is_accepted(tmp_path):
 def test_an_index_of_another_model_is_refused_before_serving(tmp_path, tiny):
     import torch
 
-    from detailfusion.index import GalleryIndex, IndexMismatch
-    from detailfusion.model import save_model
-    from detailfusion.serving.app import build_app
+    from detailfusion.library.index.exact import GalleryIndex, IndexMismatch
+    from detailfusion.library.model import save_model
+    from detailfusion.platform.serving.app import build_app
 
     model, tokenizer = tiny
     save_model(model, tokenizer, tmp_path / "model")
@@ -64,8 +64,8 @@ def test_an_index_of_another_model_is_refused_before_serving(tmp_path, tiny):
 
 
 def test_the_api_token_comes_from_the_environment_or_a_file_not_both(tmp_path, monkeypatch):
-    from detailfusion.config import ConfigError
-    from detailfusion.serving.auth import TOKEN_VARIABLE, load_token
+    from detailfusion.library.config import ConfigError
+    from detailfusion.platform.serving.auth import TOKEN_VARIABLE, load_token
 
     monkeypatch.delenv(TOKEN_VARIABLE, raising=False)
     assert load_token(None) is None  # no token: an open endpoint
@@ -85,7 +85,7 @@ def test_the_api_token_comes_from_the_environment_or_a_file_not_both(tmp_path, m
 
 
 def test_a_request_is_authorized_by_its_bearer_token_only():
-    from detailfusion.serving.auth import authorized, token_digest
+    from detailfusion.platform.serving.auth import authorized, token_digest
 
     digest = token_digest("s3cret")
     assert authorized("Bearer s3cret", digest) and authorized("bearer s3cret", digest)

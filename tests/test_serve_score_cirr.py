@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from detailfusion.cli import main
+from detailfusion.platform.cli import main
 
 
 def submissions(annotations: list[dict], images: list[str]) -> tuple[dict, dict]:

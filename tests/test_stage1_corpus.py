@@ -13,11 +13,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from detailfusion.data.synthetic import write_synthetic
-from detailfusion.data.synthetic_detail import GLOBAL_TYPES, LOCAL_TYPES, benchmark_scene_keys
-from detailfusion.data.synthetic_ipr2pr import edit_pairs
-from detailfusion.data_efficiency import HELD_OUT_TYPES, in_fraction, train_subset
-from detailfusion.errors import ConfigError
+from detailfusion.library.data.synthetic import write_synthetic
+from detailfusion.library.data.synthetic_detail import GLOBAL_TYPES, LOCAL_TYPES, benchmark_scene_keys
+from detailfusion.library.data.synthetic_ipr2pr import edit_pairs
+from detailfusion.library.errors import ConfigError
+from detailfusion.platform.data_efficiency import HELD_OUT_TYPES, in_fraction, train_subset
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_fractions_nest_and_keep_whole_scene_roots(tmp_path, held_out):
 
 
 def _outcomes(values_by_variant: dict, ids: list[str]):
-    from detailfusion.eval.outcomes import METRICS, Outcomes
+    from detailfusion.library.eval.outcomes import METRICS, Outcomes
 
     return Outcomes(ids, {v: {m: np.asarray(x, float) for m in METRICS} for v, x in values_by_variant.items()},
                     np.full((len(ids), 2), np.nan))
@@ -111,8 +111,8 @@ def _outcomes(values_by_variant: dict, ids: list[str]):
 
 def test_study_summary_measures_stage1_gain_on_all_and_held_out_queries():
     """Known outcomes: from stage 1, DI hits every held-out query; without, none; the seen queries are equal."""
-    from detailfusion.data_efficiency import DataEfficiencyConfig, summarise
-    from detailfusion.eval.claims import QuerySet
+    from detailfusion.library.eval.claims import QuerySet
+    from detailfusion.platform.data_efficiency import DataEfficiencyConfig, summarise
 
     rng = np.random.default_rng(0)
     types = ["move", "recolour", "zoom", "resize"] * 50  # 200 queries, half of a held-out type

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from detailfusion.config import LossConfig
-from detailfusion.losses import FusedContrastiveLoss
-from detailfusion.model import build_model
-from detailfusion.model.fusion import fused_scores
-from detailfusion.train.stages import STAGES, branch_outputs, build_loss, freeze_for_stage, fused_loss
+from detailfusion.library.config import LossConfig
+from detailfusion.library.losses import FusedContrastiveLoss
+from detailfusion.library.model import build_model
+from detailfusion.library.model.fusion import fused_scores
+from detailfusion.platform.train.stages import STAGES, branch_outputs, build_loss, freeze_for_stage, fused_loss
 
 ONE = torch.tensor(1.0)
 
@@ -102,15 +102,14 @@ def test_a_stage3_run_trains_l_c_with_its_hard_negatives(tmp_path_factory, ray_l
     """Stage 3 on Ray Train + DeepSpeed from stage3_tiny.yaml (reference negative on, 2 img_set members): the driver
     draws the members (run.subset_negatives), the loop caches their gallery embeddings, and every step's L_C puts
     softmax mass on them (metrics.csv's hard_negative_mass); only the compositor and tau_u change."""
+    from conftest import REPO
     from safetensors.torch import load_file
 
-    from detailfusion.config import JobConfig, PrepareConfig, load_config
-    from detailfusion.data.prepare import prepare
-    from detailfusion.data.synthetic import write_synthetic
-    from detailfusion.model import save_model
-    from detailfusion.train.run import run_stage
-
-    from conftest import REPO
+    from detailfusion.library.config import JobConfig, PrepareConfig, load_config
+    from detailfusion.library.data.synthetic import write_synthetic
+    from detailfusion.library.model import save_model
+    from detailfusion.platform.data.prepare import prepare
+    from detailfusion.platform.train.run import run_stage
 
     root = tmp_path_factory.mktemp("stage3")
     torch.manual_seed(0)

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from detailfusion.config import ConfigError, JobConfig, load_config
-from detailfusion.model import load_model, model_fingerprint
-from detailfusion.tune import SpaceError, SweepSettings, load_space, sweep
-
 from conftest import registered_checkpoint_step
 from test_interrupts import assert_all_freed, snapshot
+
+from detailfusion.library.config import ConfigError, JobConfig, load_config
+from detailfusion.library.model import load_model, model_fingerprint
+from detailfusion.platform.tune import SpaceError, SweepSettings, load_space, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE2 = REPO / "jobs/configs/stage2_tiny.yaml"
@@ -122,7 +121,7 @@ def test_an_interrupted_sweep_keeps_finished_trials_and_continues_the_unfinished
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     log = (tmp_path / "first.log").open("w")
     before = snapshot(ray_local)
-    first = subprocess.Popen([sys.executable, "-m", "detailfusion.cli", *args], cwd=REPO, env=env,
+    first = subprocess.Popen([sys.executable, "-m", "detailfusion.platform.cli", *args], cwd=REPO, env=env,
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
     while (long := long_trial_with_a_checkpoint(out)) is None:

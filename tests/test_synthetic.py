@@ -12,10 +12,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from detailfusion.data.synthetic import write_synthetic
-from detailfusion.data.synthetic_scenes import (
-    COLOURS,
+from detailfusion.library.data.synthetic import write_synthetic
+from detailfusion.library.data.synthetic_difficulty import (
+    cirr_recall,
+    image_only_scores,
+    load_queries,
+    oracle_scores,
+    random_scores,
+)
+from detailfusion.library.data.synthetic_scenes import (
     CELLS,
+    COLOURS,
     EDIT_TYPES,
     KINDS,
     Edit,
@@ -23,13 +30,6 @@ from detailfusion.data.synthetic_scenes import (
     describe,
     random_edit,
     random_scene,
-)
-from detailfusion.data.synthetic_difficulty import (
-    cirr_recall,
-    image_only_scores,
-    load_queries,
-    oracle_scores,
-    random_scores,
 )
 
 
@@ -171,7 +171,7 @@ def test_groups_are_near_duplicates_with_forward_and_inverse_pairs():
 
 
 def test_cli_writes_a_dataset_and_rejects_bad_arguments(tmp_path):
-    exe = [sys.executable, "-m", "detailfusion.cli", "synth"]
+    exe = [sys.executable, "-m", "detailfusion.platform.cli", "synth"]
     ok = subprocess.run(exe + ["--kind", "cirr", "--out", str(tmp_path / "d"), "--pairs", "30"],
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from detailfusion.data.query_tags import read_query_tags
-from detailfusion.data.shortcut_report import shortcut_report, shortcut_table
-from detailfusion.data.synthetic import write_synthetic
-from detailfusion.errors import ConfigError
+from detailfusion.library.data.query_tags import read_query_tags
+from detailfusion.library.data.shortcut_report import shortcut_report, shortcut_table
+from detailfusion.library.data.synthetic import write_synthetic
+from detailfusion.library.errors import ConfigError
 
 SMALL = dict(pairs=60, val_pairs=40, test_pairs=60)
 

@@ -6,10 +6,10 @@ import csv
 import pytest
 from mlflow import MlflowClient
 
-from detailfusion.config import JobConfig, TrackingConfig
-from detailfusion.tracking import TrackingError, open_run, store_uri
-from detailfusion.data.manifest import Manifest
-from detailfusion.train.model_card import model_card
+from detailfusion.library.config import JobConfig, TrackingConfig
+from detailfusion.library.data.manifest import Manifest
+from detailfusion.platform.tracking import TrackingError, open_run, store_uri
+from detailfusion.platform.train.model_card import model_card
 
 
 def test_store_precedence(tmp_path, monkeypatch):

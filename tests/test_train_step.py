@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from detailfusion.config import OptimConfig, TrainConfig
-from detailfusion.train.engine import build_engine, clips_with_torch, train_step
+from detailfusion.library.config import OptimConfig, TrainConfig
+from detailfusion.platform.train.engine import build_engine, clips_with_torch, train_step
 
 
 @pytest.fixture(scope="module")

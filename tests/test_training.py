@@ -7,17 +7,16 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from detailfusion.config import JobConfig, PrepareConfig, load_config
-from detailfusion.data.prepare import prepare
-from detailfusion.data.synthetic import write_synthetic
-from detailfusion.model import build_model, save_model
-from detailfusion.train.faults import DETERMINISTIC_ENV, FAULT_ENV, FaultPlan
-from detailfusion.train.run import StageError, check_stage, run_stage
-
 from conftest import REPO
 from loss_trend import falls
+from safetensors.torch import load_file
+
+from detailfusion.library.config import JobConfig, PrepareConfig, load_config
+from detailfusion.library.data.synthetic import write_synthetic
+from detailfusion.library.model import build_model, save_model
+from detailfusion.platform.data.prepare import prepare
+from detailfusion.platform.train.faults import DETERMINISTIC_ENV, FAULT_ENV, FaultPlan
+from detailfusion.platform.train.run import StageError, check_stage, run_stage
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
@@ -189,7 +188,7 @@ def test_bad_configs_fail_before_any_worker_starts(data, tmp_path):
         check_stage(job(2, data, tmp_path, f"model.init_from={tmp_path / 'no-stage1'}"))
     with pytest.raises(StageError, match="starts from the stage 2 export"):
         check_stage(job(3, data, tmp_path, "model.init_from=null"))
-    from detailfusion.config import ConfigError
+    from detailfusion.library.config import ConfigError
 
     with pytest.raises(StageError, match="zero_stage=3 is not supported yet"):  # ZeRO-3 broke L_DI (0-size params)
         check_stage(job(2, data, tmp_path, f"model.init_from={data / 'init'}", "train.zero_stage=3"))
@@ -208,7 +207,7 @@ def test_a_stage_starts_only_the_train_actors_it_uses():
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    from detailfusion.train.trainer import StageTrainer
+    from detailfusion.platform.train.trainer import StageTrainer
 
     def kinds(trainer):
         return {type(callback) for callback in trainer._create_default_callbacks()}
@@ -224,7 +223,7 @@ def test_a_stage_starts_only_the_train_actors_it_uses():
 def test_a_fault_plan_is_read_from_the_environment_and_fires_once(tmp_path, monkeypatch):
     """The test-only fault hook: parsed from DETAILFUSION_INJECT_FAULT (a bad value is refused naming it), handed to
     the workers' runtime environment, raised once per stage directory on the planned rank and step only."""
-    from detailfusion.train.faults import planned, worker_env
+    from detailfusion.platform.train.faults import planned, worker_env
 
     monkeypatch.delenv(FAULT_ENV, raising=False)
     assert planned() is None and worker_env() == {}

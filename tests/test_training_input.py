@@ -10,14 +10,21 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from detailfusion.config import PrepareConfig
-from detailfusion.data.feature_cache import vision_fingerprint
-from detailfusion.data.training_input import gallery_input, inline_input, holdout_mask, load_image_store, sample_key, training_dataset
-from detailfusion.data.prepare import prepare
-from detailfusion.data.schema import pixels_from_bytes
-from detailfusion.data.synthetic import write_synthetic
-from detailfusion.pixels import normalize_pixels
-from detailfusion.model import build_model, save_model
+from detailfusion.library.config import PrepareConfig
+from detailfusion.library.data.schema import pixels_from_bytes
+from detailfusion.library.data.synthetic import write_synthetic
+from detailfusion.library.model import build_model, save_model
+from detailfusion.library.pixels import normalize_pixels
+from detailfusion.platform.data.feature_cache import vision_fingerprint
+from detailfusion.platform.data.prepare import prepare
+from detailfusion.platform.data.training_input import (
+    gallery_input,
+    holdout_mask,
+    inline_input,
+    load_image_store,
+    sample_key,
+    training_dataset,
+)
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -182,8 +189,8 @@ def test_holdout_rows_are_stable_disjoint_and_complete(cirr_prepared, exported):
     """data.holdout_fraction: stage 2 gathers only the rows outside the held-out share, stage 3 only those inside;
     the share is fixed by the rows' groups (here the img_sets: the split's captions record no scene root), the same
     in every stage, seed and run, and no img_set has rows on both sides."""
-    from detailfusion.data.manifest import read_manifest
-    from detailfusion.data.training_input import holdout_groups
+    from detailfusion.library.data.manifest import read_manifest
+    from detailfusion.platform.data.training_input import holdout_groups
 
     _, tokenizer, _ = exported
     table = pq.read_table(cirr_prepared / "triplets")

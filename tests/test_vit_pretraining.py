@@ -12,18 +12,30 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from detailfusion.data.feature_cache import vision_fingerprint
-from detailfusion.data.images import model_pixels
-from detailfusion.data.synthetic_detail import KINDS, DetailV2Layout, random_root, render_detail, write_detail_v2
-from detailfusion.data.synthetic_scenes import COLOURS, SIZES
-from detailfusion.errors import ConfigError
-from detailfusion.model import build_model, load_model, save_model
-from detailfusion.pixels import normalize_pixels
-from detailfusion.vit_pretraining import (
-    PretrainConfig, benchmark_scene_keys, build_corpus, corpus_groups, corpus_scenes, pretrain_vit, save_vit,
+from detailfusion.library.data.images import model_pixels
+from detailfusion.library.data.synthetic_detail import (
+    KINDS,
+    DetailV2Layout,
+    random_root,
+    render_detail,
+    write_detail_v2,
 )
+from detailfusion.library.data.synthetic_scenes import COLOURS, SIZES
+from detailfusion.library.errors import ConfigError
+from detailfusion.library.model import build_model, load_model, save_model
+from detailfusion.library.pixels import normalize_pixels
+from detailfusion.library.vit_pretraining import (
+    PretrainConfig,
+    benchmark_scene_keys,
+    build_corpus,
+    corpus_groups,
+    corpus_scenes,
+    pretrain_vit,
+    save_vit,
+)
+from detailfusion.platform.data.feature_cache import vision_fingerprint
 
-SHIPPED = resources.files("detailfusion.model") / "presets" / "tiny_vit"
+SHIPPED = resources.files("detailfusion.library.model") / "presets" / "tiny_vit"
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,447 @@
+"""Typed configs: frozen dataclasses loaded from YAML, with dotted ``--set a.b=c`` overrides.
+
+Every section is a frozen dataclass; ``load_config(JobConfig, "x.yaml", ["train.lr=1e-4"])`` merges the
+overrides over the file, checks every key and value type, and returns the typed, immutable config.
+An unknown or mistyped key raises ``ConfigError`` naming the key and the file (or ``--set``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from detailfusion.library.errors import ConfigError  # re-exported: callers import it from here
+
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sections. Defaults are METHOD.md's (paper values where it states them, ours marked there).
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: Literal["tiny", "blip2"] = "tiny"
+    pretrained: str | None = None  # blip2: local dir or hub id of a Blip2ForImageTextRetrieval checkpoint
+    init_from: str | None = None  # exported model dir to start from (the previous stage's export); None: preset
+    compositor: Literal["afc", "static", "concat_linear"] = "afc"  # built at stage 3 (from scratch on the frozen branches)
+    static_weights: tuple[float, float] = (0.5, 0.5)  # (a_gm, a_di) for the static compositor
+    compositor_layers: int | None = None  # the AFC block's depth; None: the preset's
+    compositor_heads: int | None = None  # the AFC block's heads; None: the preset's
+    fusion_score: Literal["branch_max", "joint_max"] | None = None  # METHOD.md's fusion score; None: the model's
+    #   (branch_max, the default, for a preset); set with the compositor at stage 3
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    gamma: float = 2.0  # L_joint = L_DI + gamma * L_GM
+    # The hard negatives of L_DI (stages 1-2) and of L_C (stage 3, as gallery embeddings), each switch on its own:
+    reference_negative: bool = True  # the query's own reference; false: the paper's "without L_DI" ablation (L_DI =
+    #   L_GM when subset_negatives is 0 too: compare with img_set negatives off in both arms)
+    hard_negative_scale: float = 1.0  # w >= 1: adds log(w) to the own reference's and subset negatives' logits
+    batch_reference_negatives: bool = False  # the batch's other references too
+    subset_negatives: int = 0  # K img_set members per query (CIRR near-duplicates, drawn each epoch; at stage 3 once),
+    #   whatever reference_negative says
+    gather_across_ranks: bool = True  # global contrastive batch over all data-parallel ranks
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["synthetic", "cirr", "fashioniq", "ipr2pr"] = "synthetic"
+    root: str | None = None
+    prepared: str | None = None  # output dir of `detailfusion prepare` for the training split
+    val_prepared: str | None = None  # a prepared labelled CIRR/FashionIQ split: validation recall every epoch
+    use_feature_cache: bool = True  # train on cached frozen-ViT features when the prepared split has them
+    in_memory_max_mb: float = 1024.0  # an inline split (IPr2Pr) up to this size on disk is held whole in the object
+    #   store like a gallery split (a fresh permutation every epoch, no Ray Data start-up); larger ones stream
+    holdout_fraction: float = 0.0  # [ours] a stable share of a CIRR/FashionIQ training split that stages 1-2 never
+    #   see and stage 3 trains on alone: the compositor learns on queries the branches did not fit. Held out by group
+    #   (data/training_input.py holdout_groups): the scene root where the captions record one, else the img_set
+    train_split: str = "train"
+    val_split: str = "val"
+    categories: tuple[str, ...] = ("dress", "shirt", "toptee")  # FashionIQ only
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-7
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0  # max gradient L2 norm (0: no clipping)
+    clip: Literal["auto", "per_branch", "global"] = "auto"  # per_branch: each branch's norm on its own (stage 2 clips
+    #   GM and DI apart: one branch's large gradient never shrinks the other's step; needs ZeRO-0, not fp16);
+    #   global: one norm over everything; auto: per_branch where it can run, else global (DeepSpeed's)
+    warmup_fraction: float = 0.1  # one-cycle: share of steps spent warming up
+    div_factor: float = 25.0  # one-cycle: the first lr is lr / div_factor
+    final_div_factor: float = 1e4  # one-cycle: the last lr is lr / (div_factor * final_div_factor)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: Literal[0, 1, 2, 3] = 2  # 0: Q-Former image-text pre-training (tiny preset's stand-in for BLIP-2's)
+    epochs: int = 1
+    batch_size: int = 128  # global batch, split over workers
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # bf16/fp16: autocast over fp32 master weights
+    export_precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # weights of the stage's save_pretrained export
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0  # Ray CPUs each worker reserves (a scheduling share)
+    threads_per_worker: int = 0  # torch intra-op threads of each worker; 0: cpus_per_worker rounded up
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # of workers over nodes
+    seed: int = 0
+    checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of every epoch
+    keep_checkpoints: int = 2  # best N by loss (plus the latest)
+    max_failures: int = 0  # worker-group restarts Ray Train may make after a crash
+    log_every: int = 10  # steps between progress lines
+    validate_every: int = 1  # epochs between validations (with data.val_prepared; the last epoch always)
+    data_actor_cpus: float = 1.0  # CPUs of the Ray Data actor tokenising an inline split (IPr2Pr; fractional on small hosts)
+    shuffle_buffer_batches: int = 8  # inline splits: each epoch's seeded local shuffle over this many micro-batches
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow experiment tracking of stages, sweep trials and evaluations (``tracking.py``)."""
+
+    enabled: bool = True
+    uri: str | None = None  # any MLflow tracking URI; None: sqlite:///<workdir (stages) or out (evaluate)>/mlflow.db
+    experiment: str = "detailfusion"
+    log_model: bool = True  # a stage's export (weights, config, model card) as an artifact of its run
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str = "detailfusion"
+    workdir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """``prepare``: read a dataset split, validate, decode + transform images, write canonical shards."""
+
+    dataset: Literal["cirr", "fashioniq", "ipr2pr"] = "cirr"
+    root: str = ""
+    split: str = "val"
+    out: str = ""
+    preset: str = "tiny"  # image resolution comes from the model preset ...
+    image_size: int | None = None  # ... unless given here (pixels)
+    categories: tuple[str, ...] = ("dress", "shirt", "toptee")  # FashionIQ only
+    max_bad_fraction: float = 0.01  # fail when more than this share of records is quarantined
+    batch_size: int = 64  # images per Ray Data batch
+    cache_vision_features: bool = False
+    model: str | None = None  # model dir or preset whose frozen ViT fills the cache (default: ``preset``)
+    encoder_actors: int = 1  # actor-pool size of the feature-cache encoder
+    use_gpu: bool = False  # one GPU per encoder actor
+    num_cpus: int | None = None  # CPUs of a local Ray started by the job (ignored when joining a cluster)
+
+
+STORE_DTYPES = ("float16", "float32", "int8")  # of the compressed index's re-ranking store (int8: with a
+# float32 scale per token and branch half)
+
+
+@dataclass(frozen=True)
+class CompressedIndexConfig:
+    """The compressed index (``compressed_index.py``): how it compresses and searches; the defaults aim at BLIP-2
+    scale (Nq = 32 tokens, D = 256 per branch). On ``benchmarks/catalogue.py``'s 20,000-image synthetic catalogue
+    (nlist 512) they keep 0.997 of exact search's top-10, with 2.6 KiB of RAM per image; with 2,048 hits, 0.95.
+    Larger catalogues need more hits for the same recall.
+
+    nlist: IVF lists per FAISS index; None: the power of two at or below ``4 sqrt(token vectors)``, at most
+        ``train_sample / 39`` (FAISS's fewest training points per centroid).
+    m: PQ sub-quantizers per token vector per branch half (its code bytes at ``nbits = 8``); must divide D.
+        joint_max codes the whole 2D token with ``2 m``.
+    nbits: bits per sub-quantizer code.
+    nprobe: IVF lists scanned per query and index (a search may override it).
+    candidates: token hits kept per branch half and query (a search may override it); more: better recall, more
+        images re-ranked.
+    rerank: at most this many candidate images (but at least k) are re-ranked exactly: the best by the approximate
+        fusion score of their hits (a search may override it); 0: every candidate.
+    store_dtype: the re-ranking store's dtype: float16 (half the disk), float32 (GalleryIndex's exact values) or
+        int8 (a quarter, with a float32 scale per token and branch half: a 1 M-image store that fits a 24 GB
+        machine's page cache; re-ranking on the rounded values).
+    train_sample: token vectors sampled (whole images) to train the IVF centroids and the PQ codebooks.
+    pool: 0: every token vector is searched; P (1 <= P < Nq): each image's Nq tokens are pooled into P vectors per
+        FAISS index (the means of a k-means of that image's own tokens: token pooling, as ColBERT engines do) and
+        only those are searched, P/Nq of the RAM and of the hits an image takes; re-ranking still scores all Nq
+        tokens from the store. ``candidates`` then counts pooled hits. The shortlist (``rerank`` below the
+        candidates) then ranks images by a pooled mean, which under-scores a noisy cluster's best token: keep
+        ``rerank`` high (or 0) where an image's tokens are noisy.
+    seed: the training sample's and k-means' seed.
+    """
+
+    nlist: int | None = None
+    m: int = 32
+    nbits: int = 8
+    nprobe: int = 64
+    candidates: int = 8192
+    rerank: int = 512
+    store_dtype: str = "float16"
+    train_sample: int = 262_144
+    pool: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("m", "nbits", "nprobe", "candidates", "train_sample"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"compressed index: {name}={getattr(self, name)} must be at least 1")
+        if self.nlist is not None and self.nlist < 1:
+            raise ConfigError(f"compressed index: nlist={self.nlist} must be at least 1 (or None: automatic)")
+        if self.pool < 0:
+            raise ConfigError(f"compressed index: pool={self.pool} must be at least 0 (0: every token vector)")
+        if self.rerank < 0:
+            raise ConfigError(f"compressed index: rerank={self.rerank} must be at least 0 (0: every candidate)")
+        if self.nbits > 16:
+            raise ConfigError(f"compressed index: nbits={self.nbits} must be at most 16")
+        if self.store_dtype not in STORE_DTYPES:
+            raise ConfigError(f"compressed index: store_dtype={self.store_dtype!r}; known: {', '.join(STORE_DTYPES)}")
+
+    def resolved(self, vectors: int, width: int) -> "CompressedIndexConfig":
+        """This config for ``vectors`` token vectors of ``width`` dims per FAISS index: nlist set, m checked."""
+        if width % self.m:
+            raise ConfigError(f"compressed index: m={self.m} does not divide the branch width D={width}")
+        sample = min(self.train_sample, vectors)
+        nlist = self.nlist or 2 ** int(math.log2(max(1.0, min(4 * math.sqrt(vectors), sample / 39))))
+        if nlist > sample:
+            raise ConfigError(f"compressed index: nlist={nlist} exceeds the {sample} training vectors (train_sample)")
+        return dataclasses.replace(self, nlist=nlist)
+
+
+@dataclass(frozen=True)
+class IndexBackendConfig:
+    """The index ``detailfusion index`` writes and ``serve`` opens (``index_store.py``). exact: every token of every
+    image in float32 (``index.py``), exact search; ivfpq: FAISS IVF-PQ candidates + exact re-ranking from a float16
+    store (``compressed_index.py``), set by ``ivfpq``. ``evaluate`` always ranks with the exact index."""
+
+    kind: Literal["exact", "ivfpq"] = "exact"
+    ivfpq: CompressedIndexConfig = field(default_factory=CompressedIndexConfig)
+    shards: int = 1  # contiguous gallery slices, each a whole index of ``kind`` (sharded_index.py); serving runs
+    # one deployment per shard and merges their top-k
+    build_cpus: float = 1.0  # CPUs of each shard's builder actor (ivfpq: ``detailfusion index`` codes and stores
+    # every shard in parallel while the encoder pool streams the gallery to them)
+
+    def __post_init__(self):
+        if self.shards < 1:
+            raise ConfigError(f"index_backend.shards must be >= 1, got {self.shards}")
+        if self.build_cpus <= 0:
+            raise ConfigError(f"index_backend.build_cpus must be > 0, got {self.build_cpus}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """``evaluate`` / ``index``: a split (prepared here unless ``prepared`` is given), a model, the protocol."""
+
+    dataset: Literal["cirr", "fashioniq"] = "cirr"
+    root: str = ""  # dataset root in its original layout
+    split: str = "val"  # cirr: val | test1 (writes submissions) | train; fashioniq: val | test | train
+    checkpoint: str = ""  # exported model directory (save_pretrained)
+    out: str = ""
+    prepared: str | None = None  # prepared split to use (default: out/prepared, made by `prepare` when absent)
+    index: str | None = None  # gallery index dir (default: out/index; reused when built by the same model)
+    categories: tuple[str, ...] = ("dress", "shirt", "toptee")  # FashionIQ only
+    max_bad_fraction: float = 0.01  # of the prepare step
+    encoder_actors: int = 1  # Ray Data actor-pool size of the gallery and query encoders
+    cpus_per_actor: float = 1.0
+    use_gpu: bool = False  # one GPU per encoder actor
+    batch_size: int = 64
+    num_cpus: int | None = None  # CPUs of a local Ray started by the job (ignored when joining a cluster)
+    seed: int = 0  # of the random baseline
+    index_backend: IndexBackendConfig = field(default_factory=IndexBackendConfig)  # `index` only; evaluate: exact
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """``serve``: the retrieval endpoint of an exported model and its gallery index (``detailfusion index``)."""
+
+    checkpoint: str = ""  # exported model directory
+    index: str = ""  # gallery index directory built by this model
+    host: str = "127.0.0.1"  # HTTP proxy address (0.0.0.0 to accept other hosts)
+    port: int = 8000
+    batching: bool = True  # @serve.batch dynamic batching (False: one request per forward pass)
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+    min_replicas: int = 1  # model replicas, autoscaled on ongoing requests
+    max_replicas: int = 2
+    target_ongoing_requests: float | None = None  # per replica; None: the batch size
+    upscale_delay_s: float = 3.0
+    downscale_delay_s: float = 30.0
+    look_back_period_s: float = 30.0  # window the autoscaler averages ongoing requests over
+    max_replicas_per_node: int | None = None  # 1: every model replica on its own node (spread over hosts)
+    replica_cpus: float = 1.0
+    shard_cpus: float = 0.5  # per replica of an index shard's deployment (a sharded index: `index_backend.shards`)
+    frontend_cpus: float = 0.25
+    use_gpu: bool = False  # one GPU per model replica
+    max_body_mb: float = 8.0
+    max_image_pixels: int = 40_000_000
+    max_text_chars: int = 300
+    max_top_k: int = 100
+    # load shedding: past max_ongoing_requests searches in each model replica (None: 2 x the batch size), at most
+    # max_queued_requests more wait at each Frontend replica (-1: no limit); the rest get 503 with Retry-After at once
+    max_ongoing_requests: int | None = None
+    max_queued_requests: int = 64
+    retry_after_s: float = 1.0  # the 503's Retry-After (s, rounded up)
+    # a file holding the API token (or $DETAILFUSION_API_TOKEN, not both): every route but /healthz then needs
+    # `Authorization: Bearer <token>`; None and no variable: an open endpoint
+    api_token_file: str | None = None
+    num_cpus: int | None = None  # CPUs of a local Ray started by `detailfusion serve`
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading.
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Build ``cls`` from a YAML file (optional) and ``key.sub=value`` overrides, checking every key."""
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read config file ({exc.strerror})") from exc
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
+    config = from_dict(cls, raw, source=source)
+    for item in overrides:
+        config = apply_override(config, item)
+    return config
+
+
+def apply_override(config: T, item: str) -> T:
+    """Return a copy of ``config`` with one ``a.b.c=value`` override applied (value parsed as YAML)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=1e-4")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
+    return with_value(config, key.strip(), value, source=f"--set {item}")
+
+
+def with_value(config: T, key: str, value: Any, source: str = "<value>") -> T:
+    """A copy of ``config`` with the dotted ``key`` set to ``value`` (checked like a file's keys)."""
+    nested: Any = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return from_dict(type(config), _merge(to_dict(config), nested), source=source)
+
+
+def from_dict(cls: type[T], data: dict[str, Any], source: str = "<dict>", prefix: str = "") -> T:
+    """Construct dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "<root>"
+        raise ConfigError(f"{source}: key '{where}' must be a mapping, got {data!r} ({type(data).__name__})")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key '{dotted}' (known in this section: {', '.join(sorted(known))})")
+        kwargs[key] = _coerce(hints[key], value, source, dotted)
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The plain-dict (YAML-ready) form of a config: tuples become lists."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: key '{key}' expects {expected}, got {value!r} ({type(value).__name__})")
+
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, source, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, source, key)
+            except ConfigError:
+                continue
+        raise fail(" or ".join(_type_name(a) for a in args))
+    if origin is Literal:
+        if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
+            return value
+        raise fail("one of " + ", ".join(repr(a) for a in args))
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise fail(_type_name(hint))
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, source, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise fail(f"{len(args)} items")
+        return tuple(_coerce(a, v, source, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail("true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail("an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise fail("a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise fail("a string")
+    raise ConfigError(f"{source}: key '{key}' has an unsupported type {hint!r}")  # a bug in the dataclass
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))

@@ -1,0 +1,1 @@
+"""Canonical schemas, the dataset readers (CIRR, FashionIQ, IPr2Pr) and the synthetic datasets: no Ray."""

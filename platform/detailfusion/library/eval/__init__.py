@@ -1,0 +1,1 @@
+"""Metrics and protocols (CIRR, FashionIQ), submission files, per-query outcomes, statistics, claims: no Ray."""

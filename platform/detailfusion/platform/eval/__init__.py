@@ -1,0 +1,1 @@
+"""Distributed gallery encoding, the ``evaluate`` job, validation during training and index building."""
