@@ -1,6 +1,6 @@
 """The `blip2`-sized model (ViT-G/14 + two BERT-base Q-Formers, random weights, same shapes) on this machine's
 accelerator, or its CPU: stage 2 training step with and without the frozen-ViT feature cache (the same
-``branch_loss`` the training loop runs), achieved TFLOP/s (FLOPs counted by torch's FlopCounterMode) and MFU,
+``stage_loss`` the training loop runs), achieved TFLOP/s (FLOPs counted by torch's FlopCounterMode) and MFU,
 peak memory, and gallery encoding images/s.
 
     python benchmarks/gpu_path.py [--batch 32] [--steps 5] [--peak-tflops 989]
@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from detailfusion.library.config import LossConfig
 from detailfusion.library.model import DetailFusionConfig, DetailFusionModel
-from detailfusion.platform.train.stages import STAGES, branch_loss, build_loss, freeze_for_stage
+from detailfusion.platform.train.stages import STAGES, build_loss, freeze_for_stage, stage_loss
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per GPU (vendor figures)
 
@@ -47,7 +47,7 @@ def batch_of(model, size: int, device, cached: bool) -> dict[str, torch.Tensor]:
 
 def step(model, loss_fn, batch, cached: bool, autocast) -> None:
     with autocast():
-        parts = branch_loss(STAGES[2], model, loss_fn, dict(batch), "embeds" if cached else "pixel_values")
+        parts = stage_loss(STAGES[2], model, loss_fn, dict(batch), "embeds" if cached else "pixel_values")
     parts["loss"].backward()
     model.zero_grad(set_to_none=True)
 

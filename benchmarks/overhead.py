@@ -47,7 +47,7 @@ def bare_loop(model_dir: Path, prepared: Path, batch_size: int, steps: int, subs
     from detailfusion.library.model import load_model
     from detailfusion.library.pixels import normalize_pixels
     from detailfusion.platform.data.training_input import PIXELS, load_image_store
-    from detailfusion.platform.train.stages import STAGES, branch_loss, build_loss, freeze_for_stage
+    from detailfusion.platform.train.stages import STAGES, build_loss, freeze_for_stage, stage_loss
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -83,7 +83,7 @@ def bare_loop(model_dir: Path, prepared: Path, batch_size: int, steps: int, subs
     for step in range(steps):
         t0 = time.perf_counter()
         first = first or t0
-        parts = branch_loss(spec, model, loss_fn, batch_at(step), "pixel_values")
+        parts = stage_loss(spec, model, loss_fn, batch_at(step), "pixel_values")
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

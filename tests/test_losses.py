@@ -1,7 +1,6 @@
 """Losses against hand-computed logits, the paper's ablation identity, and the gather across 2 ranks."""
 
 import math
-import os
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """The DetailFusion model: shapes, frozen ViT, compositors, save/load round trip, and the real BLIP-2 loading path."""
 
 import math
-import time
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
 from detailfusion.library.losses import max_similarity
 from detailfusion.library.model import (
-    DetailFusionModel,
     build_model,
     list_compositors,
     list_presets,
@@ -38,7 +36,7 @@ def test_presets_and_compositors_are_listed_and_unknown_names_say_what_exists():
     assert list_compositors() == ["afc", "concat_linear", "static"]
     with pytest.raises(ValueError, match="known: .*tiny"):
         build_model("huge")
-    with pytest.raises(ValueError, match="known: afc, concat_linear, static"):
+    with pytest.raises(ValueError, match="unknown compositor .mean.; registered: afc, concat_linear, static"):
         build_model("tiny", compositor="mean")
 
 
@@ -102,7 +100,7 @@ def test_joint_max_score_blends_token_by_token():
         ) / math.sqrt(2)
     assert torch.allclose(unified, expected, atol=1e-5)
     assert torch.allclose(fused_scores(out.unified_query, out.gallery, "joint_max"), expected.amax(-1), atol=1e-5)
-    with pytest.raises(ValueError, match="unknown fusion_score 'best_max'; known: branch_max, joint_max"):
+    with pytest.raises(ValueError, match="fusion_score: unknown fusion rule 'best_max'; registered: branch_max, joint_max"):
         build_model("tiny", fusion_score="best_max")
 
 
@@ -178,7 +176,7 @@ def test_fusion_score_survives_save_and_load_and_old_configs_read_as_branch_max(
     assert load_model(tmp_path / "old")[0].config.fusion_score == "branch_max"
     config["fusion_score"] = "token_max"
     config_file.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="unknown fusion_score 'token_max'"):
+    with pytest.raises(ValueError, match="fusion_score: unknown fusion rule 'token_max'"):
         load_model(tmp_path / "old")
 
 

@@ -28,7 +28,7 @@ from detailfusion.platform.train.run import (
     initial_model,
     subset_negatives,
 )
-from detailfusion.platform.train.stages import STAGES, branch_loss, build_loss, freeze_for_stage
+from detailfusion.platform.train.stages import STAGES, build_loss, freeze_for_stage, stage_loss
 
 
 def batch(size=4, text=6, image=64, subset=2):
@@ -73,7 +73,7 @@ def test_bf16_autocast_keeps_fp32_weights_layernorm_and_logits():
         lambda _, __, out: matmul_dtypes.append(out.dtype))
     loss_fn = build_loss(spec, job().loss)
     with autocast("bf16", torch.device("cpu")):
-        parts = branch_loss(spec, model, loss_fn, batch(), "pixel_values")
+        parts = stage_loss(spec, model, loss_fn, batch(), "pixel_values")
     parts["loss"].backward()
     assert matmul_dtypes and set(matmul_dtypes) == {torch.bfloat16}  # the matmuls do run in bf16
     assert seen and set(seen) == {torch.float32}  # every LayerNorm in fp32
@@ -289,10 +289,10 @@ def test_reference_negative_and_subset_negatives_are_independent_switches():
     original = model.di_branch.encode_target
     model.di_branch.encode_target = lambda embeds: calls.append(embeds.shape[0]) or original(embeds)
     loss_fn = build_loss(spec, job("loss.reference_negative=false").loss)
-    branch_loss(spec, model, loss_fn, batch(), "pixel_values")
+    stage_loss(spec, model, loss_fn, batch(), "pixel_values")
     assert calls == [4, 8]  # the targets, then 4 x 2 subset images; no reference
     calls.clear()
-    branch_loss(spec, model, build_loss(spec, job().loss), {k: v for k, v in batch().items() if k != "subset"},
+    stage_loss(spec, model, build_loss(spec, job().loss), {k: v for k, v in batch().items() if k != "subset"},
                 "pixel_values")
     assert calls == [4, 4]  # the targets, then the references
 
@@ -396,7 +396,7 @@ def test_stage0_trains_the_gm_qformer_on_captions_and_exports_it_into_both_branc
     from detailfusion.library.pixels import normalize_pixels
 
     batch["reference"], batch["target"] = normalize_pixels(batch["reference"]), normalize_pixels(batch["target"])
-    parts = branch_loss(spec, model, build_loss(spec, job().loss), batch, "pixel_values")
+    parts = stage_loss(spec, model, build_loss(spec, job().loss), batch, "pixel_values")
     parts["loss"].backward()
     assert set(parts) == {"loss", "loss_t2i", "loss_i2t"} and torch.isfinite(parts["loss"])
     assert all(p.grad is not None for p in model.gm_branch.parameters() if p.requires_grad)

@@ -12,7 +12,8 @@ from detailfusion.library.config import LossConfig
 from detailfusion.library.losses import FusedContrastiveLoss
 from detailfusion.library.model import build_model
 from detailfusion.library.model.fusion import fused_scores
-from detailfusion.platform.train.stages import STAGES, branch_outputs, build_loss, freeze_for_stage, fused_loss
+from detailfusion.library.objectives import branch_outputs, fused_loss
+from detailfusion.platform.train.stages import STAGES, build_loss, freeze_for_stage
 
 ONE = torch.tensor(1.0)
 

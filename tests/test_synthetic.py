@@ -22,10 +22,7 @@ from detailfusion.library.data.synthetic_difficulty import (
 )
 from detailfusion.library.data.synthetic_scenes import (
     CELLS,
-    COLOURS,
     EDIT_TYPES,
-    KINDS,
-    Edit,
     SceneFactory,
     describe,
     random_edit,

@@ -31,12 +31,20 @@ class ModelConfig:
     preset: Literal["tiny", "blip2"] = "tiny"
     pretrained: str | None = None  # blip2: local dir or hub id of a Blip2ForImageTextRetrieval checkpoint
     init_from: str | None = None  # exported model dir to start from (the previous stage's export); None: preset
-    compositor: Literal["afc", "static", "concat_linear"] = "afc"  # built at stage 3 (from scratch on the frozen branches)
+    compositor: str = "afc"  # a registered compositor (model/compositor.py), built at stage 3 on the frozen branches
     static_weights: tuple[float, float] = (0.5, 0.5)  # (a_gm, a_di) for the static compositor
     compositor_layers: int | None = None  # the AFC block's depth; None: the preset's
     compositor_heads: int | None = None  # the AFC block's heads; None: the preset's
-    fusion_score: Literal["branch_max", "joint_max"] | None = None  # METHOD.md's fusion score; None: the model's
-    #   (branch_max, the default, for a preset); set with the compositor at stage 3
+    fusion_score: str | None = None  # a registered fusion rule (model/fusion.py); None: the model's (a preset's:
+    #   DEFAULT_FUSION_RULE); set with the compositor at stage 3
+
+    def __post_init__(self):
+        from detailfusion.library.model.compositor import COMPOSITORS
+        from detailfusion.library.model.fusion import FUSION_RULES
+
+        COMPOSITORS.check(self.compositor, "model.compositor")
+        if self.fusion_score is not None:
+            FUSION_RULES.check(self.fusion_score, "model.fusion_score")
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,8 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     stage: Literal[0, 1, 2, 3] = 2  # 0: Q-Former image-text pre-training (tiny preset's stand-in for BLIP-2's)
+    objective: str | None = None  # a registered stage objective (library/objectives.py) in place of the stage's own;
+    #   None: the stage's (STAGES in platform/train/stages.py). It must read the batches the stage feeds
     epochs: int = 1
     batch_size: int = 128  # global batch, split over workers
     grad_accum: int = 1
@@ -359,7 +369,10 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "<dict>", prefix
         if key not in known:
             raise ConfigError(f"{source}: unknown key '{dotted}' (known in this section: {', '.join(sorted(known))})")
         kwargs[key] = _coerce(hints[key], value, source, dotted)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:  # a section's own check (__post_init__): name the file or --set it came from
+        raise exc if str(exc).startswith(source) else ConfigError(f"{source}: {exc}") from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -22,7 +22,6 @@ from detailfusion.library.data.synthetic_scenes import (
     COLOURS,
     EDIT_TYPES,
     KINDS,
-    SIZES,
     Edit,
     Group,
     Scene,

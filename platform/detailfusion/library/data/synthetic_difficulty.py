@@ -13,7 +13,6 @@ reference. Ties break at random.
 from __future__ import annotations
 
 import json
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path

@@ -39,7 +39,6 @@ import numpy as np
 import torch
 
 from detailfusion.library.config import (  # re-exported: callers import them from here
-    STORE_DTYPES,
     CompressedIndexConfig,
 )
 from detailfusion.library.errors import ConfigError
@@ -51,7 +50,7 @@ from detailfusion.library.index.exact import (
     read_meta,
     write_images,
 )
-from detailfusion.library.model.fusion import check_rule, fused_scores
+from detailfusion.library.model.fusion import DEFAULT_FUSION_RULE, check_rule, fused_scores, fusion_rule
 from detailfusion.library.ranking import top_k
 
 BACKEND, STORE_FILE, SCALES_FILE = "ivfpq", "store.npy", "scales.npy"  # scales: int8 stores only
@@ -116,7 +115,7 @@ class CompressedIndex:
         int8 = self.store.dtype == np.int8
         self.scales = np.load(directory / SCALES_FILE, mmap_mode="r") if int8 else None  # [N, Nq, 2]
         self.searchers = [faiss.read_index(str(directory / name)) for name in meta["faiss_files"]]
-        self.parts = _parts(self.store.shape[2], joint=len(self.searchers) == 1)  # query columns of each searcher
+        self.parts = fusion_rule(self.fusion_score).parts(self.store.shape[2])  # query columns of each searcher
         self.per_image = self.config.pool or self.store.shape[1]  # FAISS vector id v: image v // per_image
 
     def __len__(self) -> int:
@@ -139,7 +138,7 @@ class CompressedIndex:
 
     @classmethod
     def build(cls, embeddings, image_ids: list[str], model_fingerprint: str, directory: str | Path,
-              config: CompressedIndexConfig = CompressedIndexConfig(), fusion_score: str = "branch_max",
+              config: CompressedIndexConfig = CompressedIndexConfig(), fusion_score: str = DEFAULT_FUSION_RULE,
               locations: list[str | None] | None = None, source: dict | None = None,
               thumbnails: list[bytes | None] | None = None) -> "CompressedIndex":
         """Build from unified embeddings [N, Nq, 2D] (torch or numpy, e.g. a memmap; any float dtype), read in chunks:
@@ -255,7 +254,7 @@ class CompressedIndex:
             return fused_scores(query[None], values, self.fusion_score)[0]
         halves = torch.einsum("hd,nkhd->nkh", query.float().view(2, -1), values.unflatten(-1, (2, -1)))
         halves = halves * _float32(self.scales, images)  # [C, Nq, 2]: each half's token score
-        if self.fusion_score == "joint_max":
+        if fusion_rule(self.fusion_score).joint:
             return halves.sum(dim=-1).amax(dim=-1)
         return halves.amax(dim=1).sum(dim=-1)
 
@@ -298,7 +297,7 @@ class Codec:
 
     @classmethod
     def train(cls, sample, vectors: int, config: CompressedIndexConfig = CompressedIndexConfig(),
-              fusion_score: str = "branch_max") -> "Codec":
+              fusion_score: str = DEFAULT_FUSION_RULE) -> "Codec":
         """Train on the unified embeddings of whole sample images [S, Nq, 2D] (torch or numpy) for indexes of
         ``vectors`` token vectors each (it sets the automatic nlist): IVF centroids and PQ codebooks per searcher,
         on at most ``config.train_sample`` token vectors."""
@@ -310,11 +309,11 @@ class Codec:
             raise ConfigError(f"compressed index: pool={config.pool} must be below the {tokens} tokens per image "
                               "(0: every token vector)")
         config = config.resolved(vectors * (config.pool or tokens) // tokens, width // 2)
-        joint = fusion_score == "joint_max"
-        code = replace(config, m=2 * config.m) if joint else config  # joint_max: whole 2D tokens, 2 m bytes
+        joint = fusion_rule(fusion_score).joint
+        code = replace(config, m=2 * config.m) if joint else config  # a joint rule: whole 2D tokens, 2 m bytes
         codec = cls([], config, fusion_score, tokens, width)
         values = _float32(sample, slice(None)).numpy()
-        for part in _parts(width, joint):
+        for part in fusion_rule(fusion_score).parts(width):
             vectors = codec.vectors(values, part)
             flat = np.ascontiguousarray(vectors.reshape(-1, vectors.shape[-1])[:config.train_sample])
             if len(flat) < max(config.nlist, 2 ** config.nbits):
@@ -348,7 +347,7 @@ class IndexWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / META_FILE).unlink(missing_ok=True)  # a half-rewritten index is no index
         self.searchers = [faiss.clone_index(s) for s in codec.searchers]
-        self.parts = _parts(codec.width, joint=len(self.searchers) == 1)
+        self.parts = fusion_rule(codec.fusion_score).parts(codec.width)
         self.store = np.lib.format.open_memmap(self.directory / STORE_FILE, mode="w+", dtype=codec.config.store_dtype,
                                                shape=(images, codec.tokens, codec.width))
         (self.directory / SCALES_FILE).unlink(missing_ok=True)
@@ -449,11 +448,6 @@ def _branch_pool():
     from concurrent.futures import ThreadPoolExecutor
 
     return ThreadPoolExecutor(max_workers=2, thread_name_prefix="ivfpq-branch")
-
-
-def _parts(width: int, joint: bool) -> list[slice]:
-    """The columns of a unified vector [2D] that each FAISS index holds: both halves (joint_max) or one each."""
-    return [slice(None)] if joint else [slice(None, width // 2), slice(width // 2, None)]
 
 
 def sample_rows(images: int, tokens: int, config: CompressedIndexConfig) -> np.ndarray:

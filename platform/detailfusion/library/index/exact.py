@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from detailfusion.library.errors import DataError
-from detailfusion.library.model.fusion import check_rule, fused_scores
+from detailfusion.library.model.fusion import DEFAULT_FUSION_RULE, check_rule, fused_scores, fusion_rule
 from detailfusion.library.ranking import top_k
 
 EMBEDDINGS_FILE, IMAGES_FILE, META_FILE = "embeddings.safetensors", "images.parquet", "index.json"
@@ -119,7 +119,7 @@ class GalleryIndex:
     locations: list[str | None] = field(default_factory=list)  # where each image came from (for thumbnails)
     source: dict = field(default_factory=dict)  # dataset, split, prepared dir
     thumbnails: list[bytes | None] = field(default_factory=list)  # JPEG at the model's resolution (serving)
-    fusion_score: str = "branch_max"  # the model's rule (model/fusion.py)
+    fusion_score: str = DEFAULT_FUSION_RULE  # the model's rule (model/fusion.py)
 
     def __post_init__(self):
         if self.embeddings.ndim != 3 or self.embeddings.shape[0] != len(self.image_ids):
@@ -151,7 +151,7 @@ class GalleryIndex:
         no candidate scores at most ``a + b`` (the m-th hit of each half), so the candidates' top k is the answer once
         its k-th score reaches ``a + b``; otherwise ``m`` doubles (at worst every token: exact scoring).
         """
-        if self.fusion_score == "joint_max":
+        if fusion_rule(self.fusion_score).joint:
             return self._joint_faiss(queries, k)
         return self._branch_faiss(queries, k)
 
@@ -235,7 +235,7 @@ class GalleryIndex:
             locations=table.column("location").to_pylist(),
             source=meta.get("source", {}),
             thumbnails=table.column("thumbnail").to_pylist() if "thumbnail" in table.column_names else [],
-            fusion_score=meta.get("fusion_score", "branch_max"),  # an index from before the key: METHOD.md's default
+            fusion_score=meta.get("fusion_score", DEFAULT_FUSION_RULE),  # an index from before the key
         )
         if model_fingerprint is not None:
             index.check_model(model_fingerprint, where=f"index {directory}")

@@ -15,32 +15,25 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from detailfusion.library.errors import ConfigError
 from detailfusion.library.model.branch import BranchQueryOutput
 from detailfusion.library.model.configuration import DetailFusionConfig
 from detailfusion.library.model.fusion import fused_query
+from detailfusion.library.registry import Registry
 
-_COMPOSITORS: dict[str, type[nn.Module]] = {}
+COMPOSITORS: Registry[type[nn.Module]] = Registry("compositor", __name__)
 
 
 def register_compositor(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    def add(cls: type[nn.Module]) -> type[nn.Module]:
-        _COMPOSITORS[name] = cls
-        return cls
-
-    return add
+    """Class decorator: ``cls(config: DetailFusionConfig)`` -> ``forward(gm, di) -> CompositorOutput``."""
+    return COMPOSITORS.register(name)
 
 
 def list_compositors() -> list[str]:
-    return sorted(_COMPOSITORS)
+    return list(COMPOSITORS.names())
 
 
 def build_compositor(config: DetailFusionConfig) -> nn.Module:
-    try:
-        cls = _COMPOSITORS[config.compositor]
-    except KeyError:
-        raise ConfigError(f"unknown compositor {config.compositor!r}; known: {', '.join(list_compositors())}") from None
-    return cls(config)
+    return COMPOSITORS.get(config.compositor, "compositor")(config)
 
 
 @dataclass

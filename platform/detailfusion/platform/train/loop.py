@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from detailfusion.library.config import JobConfig, from_dict
+from detailfusion.library.objectives import branch_outputs
 from detailfusion.library.pixels import normalize_pixels
+from detailfusion.library.registry import install
 from detailfusion.platform.data.training_input import Prefetched, iter_worker_batches
 from detailfusion.platform.train.checkpoints import resumable, upload, write_manifest
 from detailfusion.platform.train.engine import (
@@ -41,21 +43,17 @@ from detailfusion.platform.train.engine import (
 )
 from detailfusion.platform.train.faults import deterministic, planned
 from detailfusion.platform.train.stage_run import StageRun, export_dir, stage_dir
-from detailfusion.platform.train.stages import (
-    STAGES,
-    branch_loss,
-    branch_outputs,
-    build_loss,
-    freeze_for_stage,
-    fused_loss,
-)
+from detailfusion.platform.train.stages import build_loss, freeze_for_stage, stage_loss, stage_spec
 
 CLIENT_STATE = "detailfusion_state"
 RNG_STATE = "rng.rank{rank}.safetensors"  # each rank's torch RNG state in a checkpoint (dropout draws differ by rank)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train entry point: ``loop_config`` = {"job": JobConfig as dict, "run": the driver's ``StageRun``}."""
+    """Ray Train entry point: ``loop_config`` = {"job": JobConfig as dict, "run": the driver's ``StageRun``,
+    "extensions": the driver's registered compositors, fusion rules, objectives and datasets from outside the
+    package (``library/registry.py``)}."""
+    install(loop_config.get("extensions"))
     StageRecipe(from_dict(JobConfig, loop_config["job"], source="train loop config"), loop_config["run"]).run()
 
 
@@ -85,7 +83,7 @@ class StageRecipe:
         self.started = time.time()  # the driver's call time is run.called_at: their gap is the group's start-up
         self.config, self.stage_run = config, run
         self.stage_dir = stage_dir(config)
-        self.spec = STAGES[config.train.stage]
+        self.spec = stage_spec(config.train)
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = torch.device("cuda", context.get_local_rank()) if config.train.use_gpu else torch.device("cpu")
@@ -321,10 +319,8 @@ class StageRecipe:
 
     def _loss(self, batch: dict) -> dict[str, torch.Tensor]:
         model = self.engine.module
-        if self.spec.objective == "fused":  # the frozen branches' outputs, encoded once (_encode_split_once)
-            return fused_loss(model, self.loss_fn, batch)
-        images = batch.pop("images")
-        return branch_loss(self.spec, model, self.loss_fn, batch, images)
+        images = batch.pop("images", "embeds")  # stage 3's rows: the frozen branches' outputs (_encode_split_once)
+        return stage_loss(self.spec, model, self.loss_fn, batch, images)
 
     @torch.no_grad()
     def _encode_split_once(self) -> list[dict]:

@@ -45,7 +45,7 @@ def model_card(config: JobConfig, manifest: Manifest, metrics: dict, cost: dict 
     if cost:
         lines.append(f"- {cost['steps']} steps in {cost['train_s']:.0f} s ({cost['ms_per_step']:.0f} ms/step)")
     lines += ["", "## Metrics (last report of the stage)", ""]
-    lines += [f"| metric | value |", "|---|---:|"] + [f"| {k} | {v:.4f} |" for k, v in sorted(shown.items())] \
+    lines += ["| metric | value |", "|---|---:|"] + [f"| {k} | {v:.4f} |" for k, v in sorted(shown.items())] \
         if shown else ["none reported"]
     lines += ["", "## Config", "", "```yaml", yaml.safe_dump(to_dict(config), sort_keys=False).strip(), "```", ""]
     return "\n".join(lines)

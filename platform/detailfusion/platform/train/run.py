@@ -20,19 +20,20 @@ from pathlib import Path
 from detailfusion.library.config import JobConfig, save_config, to_dict
 from detailfusion.library.data.manifest import Manifest, read_manifest
 from detailfusion.library.errors import StageError  # re-exported: callers import it from here
+from detailfusion.library.registry import extensions
 from detailfusion.platform.data.training_input import gallery_input, inline_bytes, inline_input, training_dataset
 from detailfusion.platform.train.engine import clipping
 from detailfusion.platform.train.model_card import write_model_card
 from detailfusion.platform.train.stage_run import StageRun, stage_dir  # stage_dir: re-exported for callers
 from detailfusion.platform.train.stage_run import export_dir as stage_export_dir
-from detailfusion.platform.train.stages import STAGES
+from detailfusion.platform.train.stages import stage_spec
 
 HEALTH_CHECK_INTERVAL_S = 0.5  # Ray Train's worker poll interval (set RAY_TRAIN_HEALTH_CHECK_INTERVAL_S to change)
 
 
 def check_stage(config: JobConfig) -> dict:
     """Validate the config against the data and the previous stage; returns the prepared split's manifest."""
-    spec = STAGES[config.train.stage]
+    spec = stage_spec(config.train)
     if not config.data.prepared:
         raise StageError("data.prepared is not set: point it at the output of `detailfusion prepare`")
     manifest = read_manifest(config.data.prepared)
@@ -80,7 +81,7 @@ def check_optimisation(config: JobConfig) -> None:
     if train.precision == "fp16" and train.zero_stage > 0:
         raise StageError(f"train.precision=fp16 with ZeRO-{train.zero_stage}: autocast over fp32 weights has no loss "
                          "scaler there; use bf16, or zero_stage 0")
-    branches_trained = sum(part.endswith("_branch") for part in STAGES[train.stage].trainable)
+    branches_trained = sum(part.endswith("_branch") for part in stage_spec(train).trainable)
     if branches_trained > 1 and optim.clip == "per_branch" and optim.grad_clip > 0 and not clips_with_torch(train):
         raise StageError(f"optim.clip=per_branch (GM and DI clipped apart) needs train.zero_stage=0 and fp32/bf16, got "
                          f"ZeRO-{train.zero_stage} {train.precision}: DeepSpeed's own clipping takes one global norm; "
@@ -139,7 +140,7 @@ def initial_model(config: JobConfig, directory: Path) -> str:
 
     from detailfusion.library.model import build_model, model_fingerprint, save_model
 
-    new_compositor = STAGES[config.train.stage].starts_from == "previous_export_new_compositor"
+    new_compositor = stage_spec(config.train).starts_from == "previous_export_new_compositor"
     if config.model.init_from and not new_compositor:
         return config.model.init_from
     source = model_fingerprint(config.model.init_from) if new_compositor else None  # the branches' export
@@ -189,7 +190,7 @@ def run_stage(config: JobConfig, callbacks: list | None = None) -> Path:
     called_at = time.time()
     config = absolute_paths(config)
     manifest = check_stage(config)
-    spec = STAGES[config.train.stage]
+    spec = stage_spec(config.train)
     out, export_dir = stage_dir(config), stage_export_dir(config)
     if (export_dir / "config.json").is_file() and (out / "DONE").is_file():
         print(f"[stage {spec.number}] already trained: reusing {export_dir}")
@@ -254,7 +255,7 @@ def stage_run(config: JobConfig, manifest: Manifest):
     """The stage's MLflow run (None with tracking off): the job config as params, what it trains on as tags."""
     from detailfusion.platform.tracking import open_run
 
-    spec = STAGES[config.train.stage]
+    spec = stage_spec(config.train)
     return open_run(config.tracking, config.workdir, f"{config.name}-stage{spec.number}", config, tags={
         "detailfusion.kind": "stage", "detailfusion.stage": str(spec.number), "detailfusion.stage_name": spec.name,
         "detailfusion.dataset": manifest.dataset, "detailfusion.workdir": str(config.workdir)})
@@ -294,7 +295,7 @@ def stage_cost(metrics_csv: Path, called_at: float, returned_at: float) -> dict 
 def subset_negatives(config: JobConfig) -> int:
     """Near-duplicates (img_set members) drawn per row: ``loss.subset_negatives`` where the stage's loss uses them
     (L_DI at stages 1-2, L_C at stage 3), whatever ``loss.reference_negative`` says (independent switches)."""
-    return config.loss.subset_negatives if STAGES[config.train.stage].near_duplicates else 0
+    return config.loss.subset_negatives if stage_spec(config.train).near_duplicates else 0
 
 
 def build_trainer(config: JobConfig, manifest: Manifest, init_from: str, callbacks: list | None = None,
@@ -312,7 +313,7 @@ def build_trainer(config: JobConfig, manifest: Manifest, init_from: str, callbac
     from detailfusion.platform.train.trainer import StageTrainer
 
     called_at = called_at or time.time()
-    train, spec = config.train, STAGES[config.train.stage]
+    train, spec = config.train, stage_spec(config.train)
     tokenizer, max_text_length = load_tokenizer(init_from), DetailFusionConfig.from_pretrained(init_from).max_text_length
     fingerprint = None  # the model's ViT against the split's feature cache: the weights are loaded only to check it
     if config.data.use_feature_cache and manifest.features:
@@ -338,7 +339,7 @@ def build_trainer(config: JobConfig, manifest: Manifest, init_from: str, callbac
     return StageTrainer(
         train_loop_per_worker,
         pg_cleaner=bool(callbacks),  # a sweep trial (Tune's report callback) can be stopped from outside
-        train_loop_config={"job": to_dict(config), "run": run},
+        train_loop_config={"job": to_dict(config), "run": run, "extensions": extensions()},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker},
                                      placement_strategy=train.placement_strategy),

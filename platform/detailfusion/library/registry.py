@@ -1,0 +1,100 @@
+"""Named extension points: every dataset, compositor, fusion rule and stage objective is registered once, by name,
+in the ``Registry`` of its kind, and found there by configs, the model, the index and the jobs (no ``if name == ...``
+chains elsewhere).
+
+    from detailfusion.library.model.fusion import FUSION_RULES, FusionRule
+    FUSION_RULES.register("my_rule", FusionRule(...))        # or @COMPOSITORS.register("mine") on a class
+
+A registry imports the modules that register its built-in entries on its first lookup, so a config naming an entry
+is checked against the full list. Entries registered outside ``detailfusion`` (a user's module, a test file) are
+``extensions()``: the platform ships them with a job to its Ray workers, which ``install`` them before the first
+lookup (an entry must pickle: a class or function of an importable module, or one marked pickle-by-value).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Generic, TypeVar
+
+from detailfusion.library.errors import ConfigError
+
+T = TypeVar("T")
+
+_REGISTRIES: dict[str, "Registry"] = {}
+
+
+class Registry(Generic[T]):
+    """Entries of one kind by name. ``builtins``: the modules whose import registers the built-in entries."""
+
+    def __init__(self, kind: str, home: str, builtins: tuple[str, ...] = ()):
+        """``home``: the module defining this registry (``__name__``), imported by a worker to ``install`` it."""
+        if kind in _REGISTRIES:
+            raise ValueError(f"a registry of {kind}s exists already")
+        self.kind, self.home, self._builtins, self._entries, self._loaded = kind, home, builtins, {}, False
+        _REGISTRIES[kind] = self
+
+    def register(self, name: str, entry: T | None = None, *, replace: bool = False):
+        """Add ``entry`` under ``name`` (returns it); without ``entry``, a decorator. A taken name is refused
+        unless ``replace``."""
+        if entry is None:
+            return lambda found: self.register(name, found, replace=replace)
+        if not name or not isinstance(name, str):
+            raise ValueError(f"a {self.kind} needs a non-empty name, got {name!r}")
+        if name in self._entries and not replace and self._entries[name] is not entry:
+            raise ValueError(f"{self.kind} {name!r} is registered already ({self._entries[name]!r}); "
+                             "pass replace=True to override it")
+        self._entries[name] = entry
+        return entry
+
+    def unregister(self, name: str) -> None:
+        self._entries.pop(name, None)
+
+    def get(self, name: str, where: str = "") -> T:
+        """The entry of ``name``; an unknown name raises ConfigError naming ``where`` and every registered name."""
+        self._load()
+        try:
+            return self._entries[name]
+        except (KeyError, TypeError):
+            at = f"{where}: " if where else ""
+            raise ConfigError(f"{at}unknown {self.kind} {name!r}; registered: {', '.join(self.names())}") from None
+
+    def check(self, name: str, where: str = "") -> str:
+        """``name`` itself when registered (for config validation)."""
+        self.get(name, where)
+        return name
+
+    def names(self) -> tuple[str, ...]:
+        self._load()
+        return tuple(sorted(self._entries))
+
+    def __contains__(self, name: object) -> bool:
+        self._load()
+        return name in self._entries
+
+    def extensions(self) -> dict[str, T]:
+        """The entries registered from outside the ``detailfusion`` package."""
+        self._load()
+        return {n: e for n, e in self._entries.items() if not _module_of(e).startswith("detailfusion.")}
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for module in self._builtins:
+                importlib.import_module(module)
+
+
+def _module_of(entry) -> str:
+    return getattr(entry, "__module__", None) or type(entry).__module__
+
+
+def extensions() -> list[tuple[str, str, dict]]:
+    """(home module, kind, {name: entry}) of every registry's extensions: what a job ships to its workers."""
+    return [(reg.home, kind, found) for kind, reg in _REGISTRIES.items() if (found := reg.extensions())]
+
+
+def install(shipped: list[tuple[str, str, dict]] | None) -> None:
+    """Register the driver's ``extensions()`` in this process (a Ray worker), replacing same-named entries."""
+    for home, kind, entries in shipped or ():
+        importlib.import_module(home)
+        for name, entry in entries.items():
+            _REGISTRIES[kind].register(name, entry, replace=True)
