@@ -68,7 +68,7 @@ from detailfusion.library.index.compressed import (
 from detailfusion.library.index.exact import IMAGES_FILE, concat_images
 from detailfusion.library.index.sharded import shard_bounds, shard_name
 from detailfusion.library.index.store import open_index, write_sharded_meta
-from detailfusion.library.model.fusion import fused_query
+from detailfusion.library.model.fusion import DEFAULT_FUSION_RULE, FUSION_RULES, fused_query
 
 CHUNK = 1024  # images generated (and exactly scored) at a time
 EXACT_DEPTH = 256  # the exact reference's list per query: top-50 and every image within tolerance of its 50th
@@ -336,7 +336,7 @@ def main() -> None:
     parser.add_argument("--latency-queries", type=int, default=200, help="queries timed one at a time")
     parser.add_argument("--dim", type=int, default=256, help="branch width D (unified width 2D)")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per image Nq")
-    parser.add_argument("--rule", default="branch_max", choices=["branch_max", "joint_max"])
+    parser.add_argument("--rule", default=DEFAULT_FUSION_RULE, choices=FUSION_RULES.names())
     parser.add_argument("--concepts", type=int, default=512, help="concept directions per branch")
     parser.add_argument("--concepts-per-image", type=int, default=4)
     parser.add_argument("--image-noise", type=float, default=0.5)

@@ -96,8 +96,9 @@ def main() -> None:
                                                    "e.g. runs/ablate/seed0/main/stage3/model)")
     args = parser.parse_args()
     from detailfusion.platform.data.benchmark import labelled_test1
+    from detailfusion.platform.train.stage_run import export_dir
 
-    model_dir = args.model or args.run / "stage3" / "model"
+    model_dir = args.model or export_dir(args.run, 3)
     chosen = None  # the ablation's benchmark prepares no val split: then test1 alone, no val-chosen constant
     if (args.run / "prep" / "cirr-val").is_dir():
         chosen = report("val", weight_outcomes(args.run, model_dir, "val"), None, None)

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from detailfusion.library.config import LossConfig
 from detailfusion.library.losses import ContrastiveLoss, DetailLoss, JointLoss
 from detailfusion.library.model import build_model
 
@@ -32,7 +33,7 @@ def make_batch(tokenizer, batch: int, size: int) -> dict[str, torch.Tensor]:
 
 def full_step(model, inputs) -> torch.Tensor:
     out = model(**inputs, with_reference_targets=True, compose=True)
-    joint = JointLoss(DetailLoss(), ContrastiveLoss(), gamma=2.0)
+    joint = JointLoss(DetailLoss(), ContrastiveLoss(), gamma=LossConfig().gamma)
     parts = joint(
         gm=dict(query=out.query_gm, targets=out.target_gm, temperature=model.gm_branch.temperature()),
         di=dict(query=out.query_di, targets=out.target_di, temperature=model.di_branch.temperature(),

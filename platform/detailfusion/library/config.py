@@ -8,7 +8,6 @@ An unknown or mistyped key raises ``ConfigError`` naming the key and the file (o
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +17,11 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from detailfusion.library.errors import ConfigError  # re-exported: callers import it from here
+from detailfusion.library.index.settings import (  # noqa: F401  (re-exported: EvalConfig holds one)
+    STORE_DTYPES,
+    CompressedIndexConfig,
+    IndexBackendConfig,
+)
 
 T = TypeVar("T")
 
@@ -30,7 +34,8 @@ T = TypeVar("T")
 class ModelConfig:
     preset: Literal["tiny", "blip2"] = "tiny"
     pretrained: str | None = None  # blip2: local dir or hub id of a Blip2ForImageTextRetrieval checkpoint
-    init_from: str | None = None  # exported model dir to start from (the previous stage's export); None: preset
+    init_from: str | None = None  # exported model dir to start from (the previous stage's export), or "@stage<N>":
+    #   stage N's export in this workdir; None: the preset
     compositor: str = "afc"  # a registered compositor (model/compositor.py), built at stage 3 on the frozen branches
     static_weights: tuple[float, float] = (0.5, 0.5)  # (a_gm, a_di) for the static compositor
     compositor_layers: int | None = None  # the AFC block's depth; None: the preset's
@@ -62,7 +67,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: Literal["synthetic", "cirr", "fashioniq", "ipr2pr"] = "synthetic"
+    dataset: str | None = None  # a registered dataset (library/datasets.py) the prepared split must hold; None: any
     root: str | None = None
     prepared: str | None = None  # output dir of `detailfusion prepare` for the training split
     val_prepared: str | None = None  # a prepared labelled CIRR/FashionIQ split: validation recall every epoch
@@ -74,7 +79,10 @@ class DataConfig:
     #   (data/training_input.py holdout_groups): the scene root where the captions record one, else the img_set
     train_split: str = "train"
     val_split: str = "val"
-    categories: tuple[str, ...] = ("dress", "shirt", "toptee")  # FashionIQ only
+
+    def __post_init__(self):
+        if self.dataset is not None:
+            _registered_dataset(self.dataset, "data.dataset")
 
 
 @dataclass(frozen=True)
@@ -144,13 +152,13 @@ class JobConfig:
 class PrepareConfig:
     """``prepare``: read a dataset split, validate, decode + transform images, write canonical shards."""
 
-    dataset: Literal["cirr", "fashioniq", "ipr2pr"] = "cirr"
+    dataset: str = "cirr"  # a registered dataset (library/datasets.py)
     root: str = ""
     split: str = "val"
     out: str = ""
     preset: str = "tiny"  # image resolution comes from the model preset ...
     image_size: int | None = None  # ... unless given here (pixels)
-    categories: tuple[str, ...] = ("dress", "shirt", "toptee")  # FashionIQ only
+    categories: tuple[str, ...] | None = None  # of a dataset with categories (FashionIQ); None: all of them
     max_bad_fraction: float = 0.01  # fail when more than this share of records is quarantined
     batch_size: int = 64  # images per Ray Data batch
     cache_vision_features: bool = False
@@ -159,110 +167,22 @@ class PrepareConfig:
     use_gpu: bool = False  # one GPU per encoder actor
     num_cpus: int | None = None  # CPUs of a local Ray started by the job (ignored when joining a cluster)
 
-
-STORE_DTYPES = ("float16", "float32", "int8")  # of the compressed index's re-ranking store (int8: with a
-# float32 scale per token and branch half)
-
-
-@dataclass(frozen=True)
-class CompressedIndexConfig:
-    """The compressed index (``compressed_index.py``): how it compresses and searches; the defaults aim at BLIP-2
-    scale (Nq = 32 tokens, D = 256 per branch). On ``benchmarks/catalogue.py``'s 20,000-image synthetic catalogue
-    (nlist 512) they keep 0.997 of exact search's top-10, with 2.6 KiB of RAM per image; with 2,048 hits, 0.95.
-    Larger catalogues need more hits for the same recall.
-
-    nlist: IVF lists per FAISS index; None: the power of two at or below ``4 sqrt(token vectors)``, at most
-        ``train_sample / 39`` (FAISS's fewest training points per centroid).
-    m: PQ sub-quantizers per token vector per branch half (its code bytes at ``nbits = 8``); must divide D.
-        joint_max codes the whole 2D token with ``2 m``.
-    nbits: bits per sub-quantizer code.
-    nprobe: IVF lists scanned per query and index (a search may override it).
-    candidates: token hits kept per branch half and query (a search may override it); more: better recall, more
-        images re-ranked.
-    rerank: at most this many candidate images (but at least k) are re-ranked exactly: the best by the approximate
-        fusion score of their hits (a search may override it); 0: every candidate.
-    store_dtype: the re-ranking store's dtype: float16 (half the disk), float32 (GalleryIndex's exact values) or
-        int8 (a quarter, with a float32 scale per token and branch half: a 1 M-image store that fits a 24 GB
-        machine's page cache; re-ranking on the rounded values).
-    train_sample: token vectors sampled (whole images) to train the IVF centroids and the PQ codebooks.
-    pool: 0: every token vector is searched; P (1 <= P < Nq): each image's Nq tokens are pooled into P vectors per
-        FAISS index (the means of a k-means of that image's own tokens: token pooling, as ColBERT engines do) and
-        only those are searched, P/Nq of the RAM and of the hits an image takes; re-ranking still scores all Nq
-        tokens from the store. ``candidates`` then counts pooled hits. The shortlist (``rerank`` below the
-        candidates) then ranks images by a pooled mean, which under-scores a noisy cluster's best token: keep
-        ``rerank`` high (or 0) where an image's tokens are noisy.
-    seed: the training sample's and k-means' seed.
-    """
-
-    nlist: int | None = None
-    m: int = 32
-    nbits: int = 8
-    nprobe: int = 64
-    candidates: int = 8192
-    rerank: int = 512
-    store_dtype: str = "float16"
-    train_sample: int = 262_144
-    pool: int = 0
-    seed: int = 0
-
     def __post_init__(self):
-        for name in ("m", "nbits", "nprobe", "candidates", "train_sample"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"compressed index: {name}={getattr(self, name)} must be at least 1")
-        if self.nlist is not None and self.nlist < 1:
-            raise ConfigError(f"compressed index: nlist={self.nlist} must be at least 1 (or None: automatic)")
-        if self.pool < 0:
-            raise ConfigError(f"compressed index: pool={self.pool} must be at least 0 (0: every token vector)")
-        if self.rerank < 0:
-            raise ConfigError(f"compressed index: rerank={self.rerank} must be at least 0 (0: every candidate)")
-        if self.nbits > 16:
-            raise ConfigError(f"compressed index: nbits={self.nbits} must be at most 16")
-        if self.store_dtype not in STORE_DTYPES:
-            raise ConfigError(f"compressed index: store_dtype={self.store_dtype!r}; known: {', '.join(STORE_DTYPES)}")
-
-    def resolved(self, vectors: int, width: int) -> "CompressedIndexConfig":
-        """This config for ``vectors`` token vectors of ``width`` dims per FAISS index: nlist set, m checked."""
-        if width % self.m:
-            raise ConfigError(f"compressed index: m={self.m} does not divide the branch width D={width}")
-        sample = min(self.train_sample, vectors)
-        nlist = self.nlist or 2 ** int(math.log2(max(1.0, min(4 * math.sqrt(vectors), sample / 39))))
-        if nlist > sample:
-            raise ConfigError(f"compressed index: nlist={nlist} exceeds the {sample} training vectors (train_sample)")
-        return dataclasses.replace(self, nlist=nlist)
-
-
-@dataclass(frozen=True)
-class IndexBackendConfig:
-    """The index ``detailfusion index`` writes and ``serve`` opens (``index_store.py``). exact: every token of every
-    image in float32 (``index.py``), exact search; ivfpq: FAISS IVF-PQ candidates + exact re-ranking from a float16
-    store (``compressed_index.py``), set by ``ivfpq``. ``evaluate`` always ranks with the exact index."""
-
-    kind: Literal["exact", "ivfpq"] = "exact"
-    ivfpq: CompressedIndexConfig = field(default_factory=CompressedIndexConfig)
-    shards: int = 1  # contiguous gallery slices, each a whole index of ``kind`` (sharded_index.py); serving runs
-    # one deployment per shard and merges their top-k
-    build_cpus: float = 1.0  # CPUs of each shard's builder actor (ivfpq: ``detailfusion index`` codes and stores
-    # every shard in parallel while the encoder pool streams the gallery to them)
-
-    def __post_init__(self):
-        if self.shards < 1:
-            raise ConfigError(f"index_backend.shards must be >= 1, got {self.shards}")
-        if self.build_cpus <= 0:
-            raise ConfigError(f"index_backend.build_cpus must be > 0, got {self.build_cpus}")
+        _registered_dataset(self.dataset, "prepare.dataset", self.categories)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """``evaluate`` / ``index``: a split (prepared here unless ``prepared`` is given), a model, the protocol."""
 
-    dataset: Literal["cirr", "fashioniq"] = "cirr"
+    dataset: str = "cirr"  # a registered dataset with an evaluation protocol (library/datasets.py)
     root: str = ""  # dataset root in its original layout
     split: str = "val"  # cirr: val | test1 (writes submissions) | train; fashioniq: val | test | train
     checkpoint: str = ""  # exported model directory (save_pretrained)
     out: str = ""
     prepared: str | None = None  # prepared split to use (default: out/prepared, made by `prepare` when absent)
     index: str | None = None  # gallery index dir (default: out/index; reused when built by the same model)
-    categories: tuple[str, ...] = ("dress", "shirt", "toptee")  # FashionIQ only
+    categories: tuple[str, ...] | None = None  # of a dataset with categories (FashionIQ); None: all of them
     max_bad_fraction: float = 0.01  # of the prepare step
     encoder_actors: int = 1  # Ray Data actor-pool size of the gallery and query encoders
     cpus_per_actor: float = 1.0
@@ -272,6 +192,9 @@ class EvalConfig:
     seed: int = 0  # of the random baseline
     index_backend: IndexBackendConfig = field(default_factory=IndexBackendConfig)  # `index` only; evaluate: exact
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        _registered_dataset(self.dataset, "evaluate.dataset", self.categories, evaluable=True)
 
 
 @dataclass(frozen=True)
@@ -309,6 +232,19 @@ class ServeConfig:
     # `Authorization: Bearer <token>`; None and no variable: an open endpoint
     api_token_file: str | None = None
     num_cpus: int | None = None  # CPUs of a local Ray started by `detailfusion serve`
+
+
+def _registered_dataset(name: str, where: str, categories: tuple[str, ...] | None = None,
+                        evaluable: bool = False) -> None:
+    """``name`` is a registered dataset (with a protocol when ``evaluable``) that has ``categories``."""
+    from detailfusion.library.datasets import dataset
+    from detailfusion.library.datasets import evaluable as with_protocol
+
+    found = (with_protocol if evaluable else dataset)(name, where)
+    unknown = sorted(set(categories or ()) - set(found.categories))
+    if unknown:
+        raise ConfigError(f"{where}: {name} has no categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}"
+                          f" (it has: {', '.join(found.categories) or 'none'})")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from detailfusion.library.errors import ConfigError
-from detailfusion.library.model.fusion import check_rule, fused_scores
+from detailfusion.library.model.fusion import DEFAULT_FUSION_RULE, check_rule, fused_scores
 
 
 def gather_features(features: torch.Tensor, rank: int, world_size: int, with_grad: bool = True) -> torch.Tensor:
@@ -195,7 +195,7 @@ class FusedContrastiveLoss(DetailLoss):
     (``reference_negative``), its img_set members (``subset_negatives`` [B, S, Nq, 2D] per call) and optionally the
     batch's references, each switch on its own; none: in-batch InfoNCE."""
 
-    def __init__(self, fusion_score: str = "branch_max", reference_negative: bool = False,
+    def __init__(self, fusion_score: str = DEFAULT_FUSION_RULE, reference_negative: bool = False,
                  hard_negative_scale: float = 1.0, batch_reference_negatives: bool = False, **rank_settings):
         super().__init__(reference_negative, hard_negative_scale, batch_reference_negatives, **rank_settings)
         self.fusion_score = check_rule(fusion_score)
@@ -227,7 +227,7 @@ class ImageTextContrastiveLoss(_RankAware):
 class JointLoss(nn.Module):
     """``L_joint = L_DI(DI branch) + gamma * L_GM(GM branch)`` (stage 2)."""
 
-    def __init__(self, detail: DetailLoss, matching: ContrastiveLoss, gamma: float = 2.0):
+    def __init__(self, detail: DetailLoss, matching: ContrastiveLoss, gamma: float):
         super().__init__()
         self.detail, self.matching, self.gamma = detail, matching, gamma
 

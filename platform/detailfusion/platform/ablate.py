@@ -27,6 +27,7 @@ from detailfusion.library.eval.outcomes import METRICS, Outcomes
 from detailfusion.platform.data.benchmark import IPR2PR_PAIRS, TEST_QUERIES, TRAIN_QUERIES
 from detailfusion.platform.eval.model_outcomes import model_outcomes
 from detailfusion.platform.report import claim_lines
+from detailfusion.platform.train.stage_run import export_dir
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # package data (jobs/configs links here)
 
@@ -147,7 +148,7 @@ def _start(config: AblationConfig, chain: Chain, seed: int) -> Path | None:
     if chain.start is None:
         return None
     other, stage = chain.start
-    return Path(config.workdir) / f"seed{seed}" / other / f"stage{stage}" / "model"
+    return export_dir(Path(config.workdir) / f"seed{seed}" / other, stage)
 
 
 def _train_chain(config: AblationConfig, name: str, seed: int, data: dict) -> Path:
@@ -158,7 +159,7 @@ def _train_chain(config: AblationConfig, name: str, seed: int, data: dict) -> Pa
     chain = CHAINS[name]
     model = _start(config, chain, seed)
     for stage, overrides in chain.stages:
-        prepared = data["ipr2pr-train"] if "ipr2pr" in STAGES[stage].datasets else data["cirr-train"]
+        prepared = data["ipr2pr-train"] if STAGES[stage].layout == "inline" else data["cirr-train"]
         model = run_stage(_stage_config(config, name, stage, overrides, seed, prepared, model))
     return model
 

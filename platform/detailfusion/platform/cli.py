@@ -240,7 +240,7 @@ def _eval_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--split", help="cirr: val|test1|train; fashioniq: val|test|train (val)")
     command.add_argument("--checkpoint", help="exported model directory (save_pretrained)")
     command.add_argument("--prepared", help="an already prepared split to use instead of --root")
-    command.add_argument("--categories", nargs="+", help="FashionIQ categories (default: dress shirt toptee)")
+    command.add_argument("--categories", nargs="+", help="of a dataset with categories (FashionIQ): which (default: all)")
     command.add_argument("--encoder-actors", type=int, help="Ray Data actor-pool size of the encoders (1)")
     command.add_argument("--cpus-per-actor", type=float, help="CPUs per encoder actor (1)")
     command.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per encoder actor")
@@ -327,7 +327,7 @@ def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
     prep.add_argument("--out", help="output directory (shards, gallery, quarantine, manifest)")
     prep.add_argument("--preset", help="model preset whose image resolution to use (default tiny)")
     prep.add_argument("--image-size", type=int, help="override the preset's resolution (pixels)")
-    prep.add_argument("--categories", nargs="+", help="FashionIQ categories (default: dress shirt toptee)")
+    prep.add_argument("--categories", nargs="+", help="of a dataset with categories (FashionIQ): which (default: all)")
     prep.add_argument("--max-bad-fraction", type=float, help="fail above this share of quarantined records (0.01)")
     prep.add_argument("--batch-size", type=int, help="images per Ray Data batch (64)")
     prep.add_argument("--cache-vision-features", action="store_true", default=None,

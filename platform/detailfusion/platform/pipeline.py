@@ -18,6 +18,7 @@ from pathlib import Path
 from detailfusion.library.config import EvalConfig, JobConfig, load_config
 from detailfusion.library.errors import ConfigError
 from detailfusion.platform.data.benchmark import IPR2PR_PAIRS, TEST_QUERIES, TRAIN_QUERIES
+from detailfusion.platform.train.stage_run import export_dir
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # package data (jobs/configs links here)
 
@@ -127,10 +128,10 @@ def _stage_config(config: PipelineConfig, stage: int) -> JobConfig:
         raise FileNotFoundError(f"stage {stage} config {path} not found (pipeline.configs names the folder of the "
                                 "stage<N>_<preset>.yaml files; the package ships them in detailfusion/platform/configs)")
     work = Path(config.workdir)
-    prepared = work / "prep" / ("ipr2pr-train" if "ipr2pr" in STAGES[stage].datasets else "cirr-train")
+    prepared = work / "prep" / ("ipr2pr-train" if STAGES[stage].layout == "inline" else "cirr-train")
     overrides = [f"workdir={work}", f"data.prepared={prepared}", f"train.seed={config.seed}"]
     if stage > 0:  # the chain 0 -> 1 -> 2 -> 3: each stage starts from the previous one's export
-        overrides.append(f"model.init_from={work / f'stage{stage - 1}' / 'model'}")
+        overrides.append(f"model.init_from={export_dir(work, stage - 1)}")
     return load_config(JobConfig, path, overrides + list(config.overrides))
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from detailfusion.library.config import ConfigError, JobConfig, from_dict, to_dict, with_value
+from detailfusion.platform.train.stage_run import stage_dirs, stage_dirs_at
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
 SWEEP_OWNED = ("name", "workdir", "train.stage", "data.val_prepared", "train.validate_every", "train.checkpoint_every")
@@ -137,7 +138,7 @@ def run_trial(params: dict[str, Any], base: dict, val_prepared: str, trials_dir:
     config = trial_config(from_dict(JobConfig, base, source="sweep base config"), params,
                           workdir=str(Path(trials_dir) / ray.tune.get_context().get_trial_id()),
                           val_prepared=val_prepared)
-    done = Path(config.workdir) / f"stage{config.train.stage}" / "DONE"
+    done = stage_dirs(config)[0] / "DONE"
     if done.is_file():  # finished before an interruption that Tune did not record: report, do not retrain
         ray.tune.report(json.loads(done.read_text())["metrics"])
         return
@@ -242,8 +243,7 @@ def results_rows(grid, keys: list[str], settings: SweepSettings, epochs: int, tr
         scores = history[settings.metric].dropna().tolist() if history is not None and settings.metric in history else []
         iterations = int((result.metrics or {}).get("training_iteration", 0))
         trial = Path(result.path).name  # the trial id (trial_dirname_creator)
-        stage_dir = trials_dir / trial / f"stage{settings.stage}"
-        export = stage_dir / "model"
+        stage_dir, export = stage_dirs_at(trials_dir / trial, settings.stage)
         # the last epoch's report comes after the export; ASHA may stop a trial right at that report (its top rung)
         finished = (export / "config.json").is_file() and ((stage_dir / "DONE").is_file() or iterations >= epochs)
         status = "ERROR" if result.error else ("FINISHED" if finished else "STOPPED")

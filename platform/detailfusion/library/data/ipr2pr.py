@@ -45,6 +45,11 @@ def ipr2pr_files(root: Path) -> list[Path]:
     return files
 
 
+def columns(files: list[Path]) -> list[str]:
+    """The columns ``to_triplets`` reads: the required ones and the captions every shard has."""
+    return list(REQUIRED_COLUMNS) + [c for c in CAPTION_COLUMNS if all(c in pq.read_schema(f).names for f in files)]
+
+
 def to_triplets(batch: pa.Table, image_size: int, split: str, parts_dir: str) -> pa.Table:
     """Ray Data batch function: raw IPr2Pr rows -> canonical triplet columns + inline pixels."""
     rows, references, targets, captions, bad = [], [], [], [], []

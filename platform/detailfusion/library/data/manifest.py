@@ -17,7 +17,7 @@ FILE = "manifest.json"
 @dataclass(frozen=True)
 class Manifest:
     schema_version: int
-    dataset: Literal["cirr", "fashioniq", "ipr2pr"]
+    dataset: str  # a registered dataset (library/datasets.py)
     split: str
     source: str  # the dataset root it was prepared from (absolute)
     image_size: int  # pixels per side of the stored uint8 images

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from detailfusion.library.data.fashioniq import CATEGORIES
+
 KINDS = ("circle", "square", "triangle", "star", "diamond", "cross")
 COLOURS = {
     "red": (215, 40, 40),
@@ -34,11 +36,11 @@ COLOURS = {
 SIZES = {"small": 0.10, "large": 0.17}  # radius as a fraction of the image side
 CELLS = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
 EDIT_TYPES = ("recolour", "reshape", "add", "remove", "move", "resize")
-FASHIONIQ_CATEGORIES = {  # each category draws from its own shapes and background tone
-    "dress": (("circle", "diamond", "star"), (232, 226, 214)),
-    "shirt": (("square", "cross", "triangle"), (214, 224, 232)),
-    "toptee": (KINDS, (226, 232, 214)),
-}
+FASHIONIQ_CATEGORIES = dict(zip(CATEGORIES, (  # each category draws from its own shapes and background tone
+    (("circle", "diamond", "star"), (232, 226, 214)),  # dress
+    (("square", "cross", "triangle"), (214, 224, 232)),  # shirt
+    (KINDS, (226, 232, 214)),  # toptee
+)))
 
 
 # -- scenes ------------------------------------------------------------------------------------------
@@ -380,7 +382,7 @@ def write_cirr_groups(out: Path, groups: dict[str, Iterable[Group]], counts: dic
 
 
 def write_fashioniq(out: Path, pairs: int, seed: int, image_size: int = 128) -> dict[str, int]:
-    """FashionIQ layout: captions/cap.{dress,shirt,toptee}.{split}.json with two captions per pair (one edit
+    """FashionIQ layout: captions/cap.<category>.<split>.json with two captions per pair (one edit
     each: the target is two edits away from the candidate), image_splits/split.{cat}.{split}.json, images/. test
     captions name no target (as FashionIQ's); their hidden targets go to synthetic/fashioniq_test_targets.json
     ({category: [target per caption record]})."""

@@ -1,16 +1,23 @@
 """The field's protocols over variant scores (METHOD.md "Evaluation protocol"): CIRR (val metrics and test1
 submission rankings) and FashionIQ (per-category galleries). Inputs are canonical triplet rows, the gallery
-index and ``{variant: queries}``; outputs are flat metric dicts and name rankings."""
+index and ``{variant: queries}``; outputs are flat metric dicts and name rankings.
+
+A ``Protocol`` is what a dataset's registration (``library/datasets.py``) names for its evaluation: the per-query
+target ranks of a labelled split (``split_ranks``), the prediction files of any split (``write_predictions``) and
+the caption files those are checked against (``caption_files``)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import torch
 
+from detailfusion.library.eval import fashioniq_predictions
 from detailfusion.library.eval.metrics import cirr_metrics, cirr_rank_metrics, fashioniq_metrics, target_ranks, top_k
-from detailfusion.library.eval.submission import LIST_LENGTH
+from detailfusion.library.eval.submission import FILE_NAMES, LIST_LENGTH, check_submission, submission
 from detailfusion.library.eval.variants import variant_scores
 from detailfusion.library.index.exact import GalleryIndex
 
@@ -131,3 +138,102 @@ def fashioniq_variant_metrics(triplets: pa.Table, gallery: pa.Table, index: Gall
     """{variant: FashionIQ metrics}; ``gallery`` holds (image_id, category) rows of the split's galleries."""
     ranks = fashioniq_split_ranks(triplets, gallery, index, queries, variants, seed)
     return {variant: ranks.metrics(variant) for variant in variants}
+
+
+class Protocol:
+    """One evaluation protocol. ``gallery``: the split's (image_id, category) rows; ``queries``: {variant: unified
+    queries}; ``annotations``: {key: records} of ``caption_files``."""
+
+    description: str
+    predictions_key: str  # metrics.json's key of the written prediction files
+
+    def caption_files(self, split: str, categories: list[str]) -> dict[str | None, str]:
+        """{key: path relative to the dataset root} of the caption files predictions must answer in full."""
+        raise NotImplementedError
+
+    def split_ranks(self, triplets: pa.Table, gallery: pa.Table, index: GalleryIndex, queries: dict,
+                    variants: list[str], seed: int = 0) -> SplitRanks:
+        raise NotImplementedError
+
+    def write_predictions(self, out: Path, split: str, triplets: pa.Table, gallery: pa.Table, index: GalleryIndex,
+                          queries: dict, variants: list[str], annotations: dict, main: str, labelled: bool,
+                          seed: int = 0) -> dict | None:
+        """{variant: written paths} (checked against ``annotations`` first; ``main``'s also into ``out``), or None
+        when the protocol writes none for this split."""
+        raise NotImplementedError
+
+
+class CirrProtocol(Protocol):
+    description = CIRR_PROTOCOL
+    predictions_key = "submissions"
+
+    def caption_files(self, split, categories):
+        return {None: f"captions/cap.rc2.{split}.json"}
+
+    def split_ranks(self, triplets, gallery, index, queries, variants, seed=0):
+        cirr = CirrQueries(triplets, index)
+        ranks = SplitRanks({}, {})
+        for variant in variants:
+            ranks.gallery[variant], ranks.subset[variant] = cirr.ranks(variant_scores(variant, queries, index,
+                                                                                      seed=seed))
+        return ranks
+
+    def write_predictions(self, out, split, triplets, gallery, index, queries, variants, annotations, main, labelled,
+                          seed=0):
+        cirr, written = CirrQueries(triplets, index), {}
+        for variant in variants:
+            recall, subset = cirr.rankings(variant_scores(variant, queries, index, seed=seed), index.image_ids)
+            for metric, rankings in (("recall", recall), ("recall_subset", subset)):
+                check_submission(submission(metric, rankings), metric, annotations[None],
+                                 f"{variant} {metric} rankings of {split}", gallery_size=len(index))
+            written[variant] = _write_rankings(out, split, variant, recall, subset, main=variant == main)
+        return written
+
+
+class FashionIQProtocol(Protocol):
+    description = FASHIONIQ_PROTOCOL
+    predictions_key = "predictions"
+
+    def caption_files(self, split, categories):
+        return {category: f"captions/cap.{category}.{split}.json" for category in categories}
+
+    def split_ranks(self, triplets, gallery, index, queries, variants, seed=0):
+        return fashioniq_split_ranks(triplets, gallery, index, queries, variants, seed)
+
+    def write_predictions(self, out, split, triplets, gallery, index, queries, variants, annotations, main, labelled,
+                          seed=0):
+        if labelled:  # the val split is scored, not submitted
+            return None
+        members: dict[str, set[str]] = {}  # each category's gallery ids, what a ranking may name
+        for image_id, category in zip(gallery.column("image_id").to_pylist(), gallery.column("category").to_pylist()):
+            members.setdefault(category, set()).add(image_id)
+        return {variant: _write_fashioniq_predictions(
+            out, split, variant, fashioniq_rankings(triplets, gallery, index, queries, variant, seed), annotations,
+            members, main=variant == main) for variant in variants}
+
+
+def _write_rankings(out: Path, split: str, variant: str, recall: dict, subset: dict, main: bool) -> dict[str, str]:
+    paths = {}
+    folders = [out / "submissions" / variant] + ([out] if main else [])
+    for metric, rankings in (("recall", recall), ("recall_subset", subset)):
+        name = FILE_NAMES[metric].replace("test1", split)
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(json.dumps(submission(metric, rankings)))
+        paths[metric] = str(folders[-1] / name)
+    return paths
+
+
+def _write_fashioniq_predictions(out: Path, split: str, variant: str, rankings: dict[str, dict[int, list[str]]],
+                                 annotations: dict[str, list[dict]], members: dict[str, set[str]],
+                                 main: bool) -> dict[str, str]:
+    """Check one variant's rankings against every caption record, then write them (also to ``out`` if ``main``)."""
+    by_category = {}
+    for category, records in annotations.items():
+        by_category[category] = fashioniq_predictions.predictions(records, rankings.get(category, {}))
+        fashioniq_predictions.check_predictions(by_category[category], records, members.get(category, set()),
+                                                f"{variant} predictions of {category} {split}")
+    paths = fashioniq_predictions.write_predictions(out / "submissions" / variant, split, by_category)
+    if main:
+        paths = fashioniq_predictions.write_predictions(out, split, by_category)
+    return paths

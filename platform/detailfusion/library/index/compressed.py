@@ -38,9 +38,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detailfusion.library.config import (  # re-exported: callers import them from here
-    CompressedIndexConfig,
-)
 from detailfusion.library.errors import ConfigError
 from detailfusion.library.index.exact import (
     IMAGES_FILE,
@@ -49,6 +46,9 @@ from detailfusion.library.index.exact import (
     check_fingerprint,
     read_meta,
     write_images,
+)
+from detailfusion.library.index.settings import (  # re-exported: callers import them from here
+    CompressedIndexConfig,
 )
 from detailfusion.library.model.fusion import DEFAULT_FUSION_RULE, check_rule, fused_scores, fusion_rule
 from detailfusion.library.ranking import top_k

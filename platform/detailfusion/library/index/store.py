@@ -14,7 +14,6 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from detailfusion.library.config import IndexBackendConfig
 from detailfusion.library.errors import ConfigError, DataError
 from detailfusion.library.index.compressed import BACKEND as IVFPQ
 from detailfusion.library.index.compressed import FAISS_FILES, SCALES_FILE, STORE_FILE, CompressedIndex
@@ -27,6 +26,7 @@ from detailfusion.library.index.exact import (
     check_fingerprint,
     read_meta,
 )
+from detailfusion.library.index.settings import IndexBackendConfig
 from detailfusion.library.index.sharded import SHARDED, ShardedIndex, shard_bounds, shard_directories, shard_name
 
 # each backend's own files (images.parquet and index.json are common): removed when the other backend is written

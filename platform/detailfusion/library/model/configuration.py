@@ -6,7 +6,7 @@ from __future__ import annotations
 from transformers import Blip2QFormerConfig, Blip2VisionConfig, PreTrainedConfig
 
 from detailfusion.library.errors import ConfigError
-from detailfusion.library.model.fusion import check_rule
+from detailfusion.library.model.fusion import DEFAULT_FUSION_RULE, check_rule
 
 
 class DetailFusionConfig(PreTrainedConfig):
@@ -39,7 +39,7 @@ class DetailFusionConfig(PreTrainedConfig):
     compositor_layers: int = 1
     compositor_heads: int = 4
     static_weights: list[float] | tuple[float, float] = (0.5, 0.5)
-    fusion_score: str = "branch_max"
+    fusion_score: str = DEFAULT_FUSION_RULE
     backbone_source: str | None = None
     initializer_range: float = 0.02
 

@@ -24,14 +24,13 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from detailfusion.library.config import PrepareConfig
-from detailfusion.library.data.cirr import read_cirr
-from detailfusion.library.data.fashioniq import read_fashioniq
 from detailfusion.library.data.images import BadImage, load_pixels
 from detailfusion.library.data.manifest import FILE as MANIFEST_FILE
 from detailfusion.library.data.manifest import Manifest
@@ -46,6 +45,9 @@ from detailfusion.library.data.schema import (
     write_quarantine_part,
 )
 from detailfusion.library.errors import DataError
+
+if TYPE_CHECKING:
+    from detailfusion.library.datasets import Dataset
 
 QUARANTINE_PARTS = "_quarantine_parts"
 PARQUET_COMPRESSION = "lz4"  # raw pixels: lz4 wrote 1.8x faster than none and 13x faster than snappy (benchmarks/ingest.py)
@@ -105,10 +107,13 @@ def prepare(config: PrepareConfig) -> Manifest:
     init_ray(config.num_cpus)
     start = time.perf_counter()
     print(f"prepare: {config.dataset}/{config.split} from {root} -> {out} ({image_size} px)", flush=True)
-    if config.dataset == "ipr2pr":
-        counts, bad, warnings = _prepare_ipr2pr(root, out, config, image_size)
+    from detailfusion.library.datasets import dataset  # the protocols' torch stays out of Ray Data's workers
+
+    source = dataset(config.dataset, "prepare.dataset")
+    if source.layout == "inline":
+        counts, bad, warnings = _prepare_inline(source, root, out, config, image_size)
     else:
-        counts, bad, warnings = _prepare_annotated(root, out, config, image_size)
+        counts, bad, warnings = _prepare_gallery(source, root, out, config, image_size)
     _write_quarantine(out, bad)
     fraction = counts["quarantined_records"] / max(1, counts["records_read"])
     images = f", {counts['images']} images" if "images" in counts else ""
@@ -135,7 +140,7 @@ def prepare(config: PrepareConfig) -> Manifest:
     manifest = Manifest(
         schema_version=SCHEMA_VERSION, dataset=config.dataset, split=config.split, source=str(root.resolve()),
         image_size=image_size, pixel_format=PIXEL_FORMAT, config_hash=digest, counts=counts, warnings=warnings,
-        layout="inline" if config.dataset == "ipr2pr" else "gallery", features=None,
+        layout=source.layout, features=None,
         seconds=round(time.perf_counter() - start, 2))
     if config.cache_vision_features:
         from detailfusion.platform.data.feature_cache import cache_vision_features
@@ -145,7 +150,7 @@ def prepare(config: PrepareConfig) -> Manifest:
     return manifest
 
 
-# -- CIRR / FashionIQ: annotations + a gallery of image files ------------------------------------------
+# -- gallery layout (CIRR, FashionIQ): annotations + a folder of image files ------------------------------------------
 
 
 def _load_images(batch: dict[str, np.ndarray], root: str, image_size: int, parts_dir: str) -> pa.Table:
@@ -167,13 +172,10 @@ def _load_images(batch: dict[str, np.ndarray], root: str, image_size: int, parts
                      "pixels": pixels_to_arrow(pixels, image_size)})
 
 
-def _prepare_annotated(root: Path, out: Path, config: PrepareConfig, image_size: int):
+def _prepare_gallery(source: Dataset, root: Path, out: Path, config: PrepareConfig, image_size: int):
     import ray
 
-    if config.dataset == "cirr":
-        read: ReadResult = read_cirr(root, config.split)
-    else:
-        read = read_fashioniq(root, config.split, config.categories)
+    read: ReadResult = source.read(root, config.split, config.categories or source.categories)
     unique = list({row["image_id"]: row for row in read.gallery}.values())
     print(f"prepare: read {len(read.triplets)} triplets, {len(unique)} images to decode", flush=True)
     parts = out / QUARANTINE_PARTS
@@ -222,24 +224,21 @@ def _prepare_annotated(root: Path, out: Path, config: PrepareConfig, image_size:
     return counts, bad, warnings
 
 
-# -- IPr2Pr: parquet shards with both images inline ------------------------------------------------------
+# -- inline layout (IPr2Pr): parquet shards with both images inline ------------------------------------------------------
 
 
-def _prepare_ipr2pr(root: Path, out: Path, config: PrepareConfig, image_size: int):
+def _prepare_inline(source: Dataset, root: Path, out: Path, config: PrepareConfig, image_size: int):
     import ray
-
-    from detailfusion.library.data.ipr2pr import CAPTION_COLUMNS, REQUIRED_COLUMNS, ipr2pr_files, to_triplets
 
     parts = out / QUARANTINE_PARTS
     parts.mkdir(parents=True, exist_ok=True)
-    files = ipr2pr_files(root)
-    captions = [c for c in CAPTION_COLUMNS if all(c in pq.read_schema(f).names for f in files)]
-    source = ray.data.read_parquet([str(f) for f in files], include_paths=True).select_columns(
-        list(REQUIRED_COLUMNS) + captions + ["path"])  # projected into the scan by Ray Data's optimizer
-    print(f"prepare: streaming {len(files)} IPr2Pr parquet shard(s)", flush=True)
+    files = source.files(root)
+    rows = ray.data.read_parquet([str(f) for f in files], include_paths=True).select_columns(
+        source.columns(files) + ["path"])  # projected into the scan by Ray Data's optimizer
+    print(f"prepare: streaming {len(files)} {config.dataset} parquet shard(s)", flush=True)
     (
-        source.map_batches(
-            to_triplets,
+        rows.map_batches(
+            source.to_triplets,
             fn_kwargs={"image_size": image_size, "split": config.split, "parts_dir": str(parts)},
             batch_size=config.batch_size,
             batch_format="pyarrow",

@@ -26,21 +26,13 @@ import torch
 
 from detailfusion.library.config import EvalConfig, PrepareConfig
 from detailfusion.library.data.manifest import read_manifest
-from detailfusion.library.data.query_tags import DIRECTIONS, FAMILIES, QueryTag, read_query_tags
+from detailfusion.library.data.query_tags import DIRECTIONS, FAMILIES, QueryTag
+from detailfusion.library.datasets import Dataset, dataset, evaluable
 from detailfusion.library.errors import ConfigError, DataError
-from detailfusion.library.eval.fashioniq_predictions import check_predictions, predictions, write_predictions
 from detailfusion.library.eval.metrics import TIE_RULE
-from detailfusion.library.eval.protocols import (
-    CIRR_PROTOCOL,
-    FASHIONIQ_PROTOCOL,
-    CirrQueries,
-    SplitRanks,
-    fashioniq_rankings,
-    fashioniq_split_ranks,
-)
+from detailfusion.library.eval.protocols import Protocol, SplitRanks
 from detailfusion.library.eval.query_subsets import by_tag, unimodal_hard
-from detailfusion.library.eval.submission import FILE_NAMES, check_submission, submission
-from detailfusion.library.eval.variants import variant_names, variant_queries, variant_scores
+from detailfusion.library.eval.variants import variant_names, variant_queries
 from detailfusion.library.index.exact import GalleryIndex
 from detailfusion.library.index.store import stored_backend, write_index
 from detailfusion.library.model.inference import image_size
@@ -150,9 +142,10 @@ def evaluate(config: EvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     init_ray(config.num_cpus)
     prepared = prepared_split(config, image_size(config.checkpoint))
-    annotations = caption_records(prepared, config.dataset)  # read (and refused if unreadable) before any encoding
+    protocol = evaluable(config.dataset, "evaluate.dataset").protocol
+    annotations = caption_records(prepared, protocol)  # read (and refused if unreadable) before any encoding
     triplets = pq.read_table(prepared / "triplets")
-    tags = query_tags(prepared, config.dataset, triplets.column("sample_id").to_pylist())
+    tags = query_tags(prepared, dataset(config.dataset), triplets.column("sample_id").to_pylist())
     index = gallery_index(config, prepared, fingerprint, index_dir)
     labelled = triplets.column("target_id").null_count == 0
     print(f"evaluate: encoding {triplets.num_rows} queries", flush=True)
@@ -163,35 +156,15 @@ def evaluate(config: EvalConfig) -> dict:
     result = {
         "dataset": config.dataset, "split": config.split, "checkpoint": str(config.checkpoint),
         "model_fingerprint": fingerprint, "compositor": compositor, "main_variant": compositor,
-        "protocol": CIRR_PROTOCOL if config.dataset == "cirr" else FASHIONIQ_PROTOCOL, "tie_rule": TIE_RULE,
+        "protocol": protocol.description, "tie_rule": TIE_RULE,
         "counts": {"queries": triplets.num_rows, "gallery": len(index)},
     }
-    ranks = None  # labelled splits: every variant's per-query target ranks
-    if config.dataset == "cirr":
-        cirr = CirrQueries(triplets, index)
-        result["submissions"] = {}
-        ranks = SplitRanks({}, {}) if labelled else None
-        for variant in variants:
-            scores = variant_scores(variant, queries, index, seed=config.seed)
-            if ranks is not None:
-                ranks.gallery[variant], ranks.subset[variant] = cirr.ranks(scores)
-            recall, subset = cirr.rankings(scores, index.image_ids)
-            for metric, rankings in (("recall", recall), ("recall_subset", subset)):
-                check_submission(submission(metric, rankings), metric, annotations[None],
-                                 f"{variant} {metric} rankings of {config.split}", gallery_size=len(index))
-            result["submissions"][variant] = _write_rankings(out, config.split, variant, recall, subset,
-                                                             main=variant == compositor)
-    else:
-        gallery = pq.read_table(prepared / "gallery.parquet", columns=["image_id", "category"])
-        if labelled:
-            ranks = fashioniq_split_ranks(triplets, gallery, index, queries, variants, config.seed)
-        else:
-            members: dict[str, set[str]] = {}  # each category's gallery ids, what a ranking may name
-            for image_id, category in zip(gallery.column("image_id").to_pylist(), gallery.column("category").to_pylist()):
-                members.setdefault(category, set()).add(image_id)
-            result["predictions"] = {variant: _write_fashioniq_predictions(
-                out, config.split, variant, fashioniq_rankings(triplets, gallery, index, queries, variant, config.seed),
-                annotations, members, main=variant == compositor) for variant in variants}
+    gallery = pq.read_table(prepared / "gallery.parquet", columns=["image_id", "category"])
+    ranks = protocol.split_ranks(triplets, gallery, index, queries, variants, config.seed) if labelled else None
+    written = protocol.write_predictions(out, config.split, triplets, gallery, index, queries, variants, annotations,
+                                         main=compositor, labelled=labelled, seed=config.seed)
+    if written is not None:
+        result[protocol.predictions_key] = written
     if ranks is not None:
         result["variants"] = {variant: ranks.metrics(variant) for variant in variants}
         result.update(_query_subsets(ranks, variants, tags, result["counts"]))
@@ -224,20 +197,15 @@ def _track(config: EvalConfig, result: dict, out: Path) -> None:
     tracked.end()
 
 
-def caption_records(prepared: Path, dataset: str) -> dict[str | None, list[dict]]:
-    """The split's caption records, from the annotation files the prepared split was made from: {None: records}
-    for CIRR, {category: records} for FashionIQ (the categories the split holds)."""
+def caption_records(prepared: Path, protocol: Protocol) -> dict[str | None, list[dict]]:
+    """The split's caption records, from the annotation files the prepared split was made from, keyed as the
+    protocol's ``caption_files`` (CIRR: {None: records}; FashionIQ: {category: records} of the split's categories)."""
     manifest = read_manifest(prepared)
-    folder = Path(manifest.source) / "captions"
-    if dataset == "cirr":
-        names = {None: f"cap.rc2.{manifest.split}.json"}
-    else:
-        categories = sorted(set(pq.read_table(prepared / "gallery.parquet", columns=["category"])
-                                .column("category").to_pylist()))
-        names = {category: f"cap.{category}.{manifest.split}.json" for category in categories}
+    categories = sorted(set(pq.read_table(prepared / "gallery.parquet", columns=["category"])
+                            .column("category").to_pylist()) - {None})
     records = {}
-    for key, name in names.items():
-        path = folder / name
+    for key, name in protocol.caption_files(manifest.split, categories).items():
+        path = Path(manifest.source) / name
         try:
             records[key] = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
@@ -246,47 +214,20 @@ def caption_records(prepared: Path, dataset: str) -> dict[str | None, list[dict]
     return records
 
 
-def _write_fashioniq_predictions(out: Path, split: str, variant: str, rankings: dict[str, dict[int, list[str]]],
-                                 annotations: dict[str, list[dict]], members: dict[str, set[str]],
-                                 main: bool) -> dict[str, str]:
-    """Check one variant's rankings against every caption record, then write them (also to ``out`` if ``main``)."""
-    by_category = {}
-    for category, records in annotations.items():
-        by_category[category] = predictions(records, rankings.get(category, {}))
-        check_predictions(by_category[category], records, members.get(category, set()),
-                          f"{variant} predictions of {category} {split}")
-    paths = write_predictions(out / "submissions" / variant, split, by_category)
-    if main:
-        paths = write_predictions(out, split, by_category)
-    return paths
-
-
-def _write_rankings(out: Path, split: str, variant: str, recall: dict, subset: dict, main: bool) -> dict[str, str]:
-    paths = {}
-    folders = [out / "submissions" / variant] + ([out] if main else [])
-    for metric, rankings in (("recall", recall), ("recall_subset", subset)):
-        name = FILE_NAMES[metric].replace("test1", split)
-        for folder in folders:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / name).write_text(json.dumps(submission(metric, rankings)))
-        paths[metric] = str(folders[-1] / name)
-    return paths
-
-
 TAGGED = (("by_edit_type", "edit_type"), ("by_family", "edit_family"), ("by_direction", "direction"))
 
 
-def query_tags(prepared: Path, dataset: str, sample_ids: list[str]) -> list[QueryTag | None]:
-    """Each query's tag (edit type, family, direction, scene root) where the split's caption records carry one
-    (synthetic CIRR roots; ``data.query_tags``), else None; a family or direction outside the known ones is refused."""
-    if dataset != "cirr":
+def query_tags(prepared: Path, source: Dataset, sample_ids: list[str]) -> list[QueryTag | None]:
+    """Each query's tag (edit type, family, direction, scene root) where the dataset reads them (``query_tags``:
+    synthetic CIRR roots' caption records), else None; a family or direction outside the known ones is refused."""
+    if source.query_tags is None:
         return [None] * len(sample_ids)
     manifest = read_manifest(prepared)
-    tags = read_query_tags(manifest.source, manifest.split)
+    tags = source.query_tags(manifest.source, manifest.split)
     found = [tags.get(sample_id) for sample_id in sample_ids]
     for sample_id, tag in zip(sample_ids, found):
         if tag and (tag.edit_family not in (None, *FAMILIES) or tag.direction not in (None, *DIRECTIONS)):
-            raise DataError(f"{Path(manifest.source) / 'captions' / f'cap.rc2.{manifest.split}.json'}: query "
+            raise DataError(f"{manifest.source} ({manifest.split}): query "
                             f"{sample_id} has edit_family {tag.edit_family!r}, direction {tag.direction!r}; known: "
                             f"{', '.join(FAMILIES)} and {', '.join(DIRECTIONS)}")
     return found

@@ -8,26 +8,20 @@ from pathlib import Path
 import numpy as np
 
 from detailfusion.library.errors import DataError
-from detailfusion.library.eval.metrics import target_ranks
 from detailfusion.library.eval.outcomes import METRICS, Outcomes, per_query
-from detailfusion.library.eval.protocols import CirrQueries
-from detailfusion.library.eval.variants import variant_scores
 from detailfusion.platform.eval.validate import ValidationSplit
 
 
 def cirr_outcomes(prepared_dir: str | Path, model, tokenizer, variants: list[str],
                   targets: dict[str, str] | None = None) -> Outcomes:
-    """``model`` (eval mode) on a prepared CIRR split; ``targets`` supplies held-apart targets (synthetic test1)."""
+    """``model`` (eval mode) on a prepared split whose protocol ranks img_set subsets (CIRR's); ``targets`` supplies
+    held-apart targets (synthetic test1)."""
     split = ValidationSplit(prepared_dir, targets)
-    if split.dataset != "cirr":
-        raise DataError(f"{prepared_dir}: per-query outcomes follow the CIRR protocol; this split is {split.dataset}")
-    features, index, queries = split.encode(model, tokenizer)
-    cirr = CirrQueries(split.triplets, index)
-    values = {}
-    for variant in variants:
-        scores = variant_scores(variant, queries, index)
-        values[variant] = per_query(target_ranks(scores, cirr.targets, cirr.is_reference),
-                                    target_ranks(scores, cirr.targets, ~cirr.subset | cirr.is_reference))
+    features, ranks = split.ranks(model, tokenizer, variants)
+    if ranks.subset is None:
+        raise DataError(f"{prepared_dir}: per-query outcomes need subset ranks (Rs@k, CIRR's protocol); this split is "
+                        f"{split.dataset}")
+    values = {variant: per_query(ranks.gallery[variant], ranks.subset[variant]) for variant in variants}
     return Outcomes(features.sample_ids, values, features.weights.numpy())
 
 

@@ -16,9 +16,10 @@ import pyarrow.parquet as pq
 import torch
 
 from detailfusion.library.data.manifest import read_manifest
+from detailfusion.library.datasets import evaluable
 from detailfusion.library.errors import DataError
-from detailfusion.library.eval.protocols import CirrQueries, fashioniq_variant_metrics
-from detailfusion.library.eval.variants import variant_queries, variant_scores
+from detailfusion.library.eval.protocols import SplitRanks
+from detailfusion.library.eval.variants import variant_queries
 from detailfusion.library.index.exact import GalleryIndex
 from detailfusion.library.model.inference import QueryFeatures, embed_gallery, embed_queries
 from detailfusion.platform.data.training_input import PIXELS, load_image_store
@@ -35,6 +36,7 @@ class ValidationSplit:
             raise DataError(f"{prepared_dir}: a {manifest.dataset} split has no gallery to validate on "
                              "(give a prepared CIRR or FashionIQ split)")
         self.dataset = manifest.dataset
+        self.protocol = evaluable(manifest.dataset, f"{prepared_dir}").protocol
         self.triplets = pq.read_table(self.path / "triplets")
         if targets is not None:
             ids = self.triplets.column("sample_id").to_pylist()
@@ -52,12 +54,15 @@ class ValidationSplit:
     @torch.no_grad()
     def metrics(self, model, tokenizer, variants: list[str], batch_size: int = 64) -> dict[str, dict[str, float]]:
         """{variant: metrics} of ``model`` (in eval mode, on its device) under the split's protocol."""
+        ranks = self.ranks(model, tokenizer, variants, batch_size)[1]
+        return {variant: ranks.metrics(variant) for variant in variants}
+
+    @torch.no_grad()
+    def ranks(self, model, tokenizer, variants: list[str], batch_size: int = 64) -> tuple[QueryFeatures, SplitRanks]:
+        """The split's query features and every variant's target ranks under the dataset's protocol."""
         features, index, queries = self.encode(model, tokenizer, batch_size)
-        if self.dataset == "cirr":
-            cirr = CirrQueries(self.triplets, index)
-            return {v: cirr.metrics(variant_scores(v, queries, index)) for v in variants}
-        categories = self.gallery.select(["image_id", "category"])
-        return fashioniq_variant_metrics(self.triplets, categories, index, queries, variants)
+        gallery = self.gallery.select(["image_id", "category"])
+        return features, self.protocol.split_ranks(self.triplets, gallery, index, queries, variants)
 
     @torch.no_grad()
     def encode(self, model, tokenizer, batch_size: int = 64) -> tuple[QueryFeatures, GalleryIndex, dict]:

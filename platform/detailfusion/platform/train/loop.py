@@ -42,7 +42,7 @@ from detailfusion.platform.train.engine import (
     without_deepspeed_autotuner_mlflow,
 )
 from detailfusion.platform.train.faults import deterministic, planned
-from detailfusion.platform.train.stage_run import StageRun, export_dir, stage_dir
+from detailfusion.platform.train.stage_run import StageRun, stage_dirs
 from detailfusion.platform.train.stages import build_loss, freeze_for_stage, stage_loss, stage_spec
 
 CLIENT_STATE = "detailfusion_state"
@@ -82,7 +82,7 @@ class StageRecipe:
 
         self.started = time.time()  # the driver's call time is run.called_at: their gap is the group's start-up
         self.config, self.stage_run = config, run
-        self.stage_dir = stage_dir(config)
+        self.stage_dir, self.export_dir = stage_dirs(config)
         self.spec = stage_spec(config.train)
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
@@ -374,9 +374,9 @@ class StageRecipe:
             if self.spec.export_gm_into_di:  # both branches start from the pre-trained Q-Former (as from BLIP-2's)
                 model.di_branch.load_state_dict(model.gm_branch.state_dict())
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.config.train.export_precision]
-            save_model(model.to("cpu"), self.tokenizer, export_dir(self.config), dtype=dtype)
+            save_model(model.to("cpu"), self.tokenizer, self.export_dir, dtype=dtype)
             model.to(self.device)
-            self._log(f"exported the stage {self.spec.number} model to {export_dir(self.config)}")
+            self._log(f"exported the stage {self.spec.number} model to {self.export_dir}")
 
     def _write_metrics(self, epoch: int, parts: dict, rate: float) -> None:
         if self.rank != 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -19,13 +20,13 @@ from pathlib import Path
 
 from detailfusion.library.config import JobConfig, save_config, to_dict
 from detailfusion.library.data.manifest import Manifest, read_manifest
+from detailfusion.library.datasets import DATASETS
 from detailfusion.library.errors import StageError  # re-exported: callers import it from here
 from detailfusion.library.registry import extensions
 from detailfusion.platform.data.training_input import gallery_input, inline_bytes, inline_input, training_dataset
 from detailfusion.platform.train.engine import clipping
 from detailfusion.platform.train.model_card import write_model_card
-from detailfusion.platform.train.stage_run import StageRun, stage_dir  # stage_dir: re-exported for callers
-from detailfusion.platform.train.stage_run import export_dir as stage_export_dir
+from detailfusion.platform.train.stage_run import StageRun, export_dir, stage_dirs
 from detailfusion.platform.train.stages import stage_spec
 
 HEALTH_CHECK_INTERVAL_S = 0.5  # Ray Train's worker poll interval (set RAY_TRAIN_HEALTH_CHECK_INTERVAL_S to change)
@@ -37,12 +38,13 @@ def check_stage(config: JobConfig) -> dict:
     if not config.data.prepared:
         raise StageError("data.prepared is not set: point it at the output of `detailfusion prepare`")
     manifest = read_manifest(config.data.prepared)
-    if manifest.dataset not in spec.datasets:
+    if manifest.layout != spec.layout:
+        names = [n for n in DATASETS.names() if DATASETS.get(n).layout == spec.layout]
         raise StageError(
-            f"stage {spec.number} ({spec.name}) trains on {' or '.join(spec.datasets)}, but {config.data.prepared} "
-            f"holds {manifest.dataset}"
+            f"stage {spec.number} ({spec.name}) trains on {spec.layout}-layout datasets ({', '.join(names)}), but "
+            f"{config.data.prepared} holds {manifest.dataset} ({manifest.layout} layout)"
         )
-    if config.data.dataset not in ("synthetic", manifest.dataset):
+    if config.data.dataset not in (None, manifest.dataset):
         raise StageError(f"data.dataset={config.data.dataset!r} but {config.data.prepared} holds {manifest.dataset}")
     if spec.batches == "captions":
         check_captions(config.data.prepared)
@@ -172,13 +174,19 @@ def with_new_compositor(model_dir: str, fields: dict):
 
 
 def absolute_paths(config: JobConfig) -> JobConfig:
-    """Local paths made absolute on the driver: Train workers run in other working directories."""
+    """Local paths made absolute on the driver (Train workers run in other working directories), and
+    ``model.init_from: "@stage<N>"`` resolved to stage N's export in this workdir."""
     absolute = lambda path: str(Path(path).resolve()) if path else path  # noqa: E731
+    init_from = config.model.init_from
+    if init_from and init_from.startswith("@"):
+        if not re.fullmatch(r"@stage[0-3]", init_from):
+            raise StageError(f"model.init_from={init_from!r}: a stage's export in this workdir is @stage0 .. @stage3")
+        init_from = str(export_dir(config.workdir, int(init_from[-1])))
     return replace(
         config, workdir=absolute(config.workdir),
         data=replace(config.data, prepared=absolute(config.data.prepared), root=absolute(config.data.root),
                      val_prepared=absolute(config.data.val_prepared)),
-        model=replace(config.model, init_from=absolute(config.model.init_from)),
+        model=replace(config.model, init_from=absolute(init_from)),
     )
 
 
@@ -191,7 +199,7 @@ def run_stage(config: JobConfig, callbacks: list | None = None) -> Path:
     config = absolute_paths(config)
     manifest = check_stage(config)
     spec = stage_spec(config.train)
-    out, export_dir = stage_dir(config), stage_export_dir(config)
+    out, export_dir = stage_dirs(config)
     if (export_dir / "config.json").is_file() and (out / "DONE").is_file():
         print(f"[stage {spec.number}] already trained: reusing {export_dir}")
         return export_dir
@@ -347,7 +355,7 @@ def build_trainer(config: JobConfig, manifest: Manifest, init_from: str, callbac
         datasets=datasets,
         run_config=RunConfig(
             name=f"{config.name}-stage{train.stage}",
-            storage_path=str((stage_dir(config) / "ray").resolve()),
+            storage_path=str((stage_dirs(config)[0] / "ray").resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints, checkpoint_score_attribute="loss",
                                                checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=train.max_failures),

@@ -11,14 +11,24 @@ from typing import Any
 from detailfusion.library.config import JobConfig
 
 
-def stage_dir(config: JobConfig) -> Path:
+def stage_dir(workdir: str | Path, stage: int) -> Path:
     """``workdir/stage<N>``: metrics.csv, config.yaml, workers.json, DONE, Ray Train's storage."""
-    return Path(config.workdir) / f"stage{config.train.stage}"
+    return Path(workdir) / f"stage{stage}"
 
 
-def export_dir(config: JobConfig) -> Path:
-    """The stage's ``save_pretrained`` export, ``workdir/stage<N>/model``."""
-    return stage_dir(config) / "model"
+def export_dir(workdir: str | Path, stage: int) -> Path:
+    """Stage ``stage``'s ``save_pretrained`` export in ``workdir``: the one place the layout is named."""
+    return stage_dir(workdir, stage) / "model"
+
+
+def stage_dirs_at(workdir: str | Path, stage: int) -> tuple[Path, Path]:
+    """(stage_dir, export_dir) of stage ``stage`` in ``workdir``."""
+    return stage_dir(workdir, stage), export_dir(workdir, stage)
+
+
+def stage_dirs(config: JobConfig) -> tuple[Path, Path]:
+    """(stage_dir, export_dir) of a stage's config."""
+    return stage_dirs_at(config.workdir, config.train.stage)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ class StageSpec:
     number: int
     name: str
     trainable: tuple[str, ...]  # attributes of DetailFusionModel that receive gradients
-    datasets: tuple[str, ...]  # prepared datasets the stage may train on
+    layout: Literal["inline", "gallery"]  # the layout of the datasets it trains on (library/datasets.py): image
+    #   pairs with text (IPr2Pr) or annotated queries over a gallery (CIRR, FashionIQ)
     objective: str  # a registered objective (library/objectives.py): the loss, its forward and the batches it reads
     starts_from: Literal["preset", "previous_export", "previous_export_new_compositor"]  # preset: a preset's weights
     #   unless model.init_from names an export; the others need model.init_from (the previous stage's export)
@@ -50,16 +51,16 @@ class StageSpec:
 
 
 STAGES = {
-    0: StageSpec(0, "Q-Former image-text pre-training (ITC)", ("gm_branch",), ("ipr2pr",),
+    0: StageSpec(0, "Q-Former image-text pre-training (ITC)", ("gm_branch",), "inline",
                  objective="image_text", starts_from="preset", trains_on="fit",
                  validation_variant="gm", validates_fixed_weights=True, export_gm_into_di=True),
-    1: StageSpec(1, "detail pre-training (DI, L_DI)", ("di_branch",), ("ipr2pr",),
+    1: StageSpec(1, "detail pre-training (DI, L_DI)", ("di_branch",), "inline",
                  objective="detail", starts_from="preset", trains_on="fit",
                  validation_variant="di", validates_fixed_weights=False),
-    2: StageSpec(2, "joint fine-tuning (L_DI + gamma L_GM)", ("gm_branch", "di_branch"), ("cirr", "fashioniq"),
+    2: StageSpec(2, "joint fine-tuning (L_DI + gamma L_GM)", ("gm_branch", "di_branch"), "gallery",
                  objective="joint", starts_from="previous_export", trains_on="fit",
                  validation_variant="static", validates_fixed_weights=True),
-    3: StageSpec(3, "compositor (L_C, branches frozen)", ("compositor", "unified_temp"), ("cirr", "fashioniq"),
+    3: StageSpec(3, "compositor (L_C, branches frozen)", ("compositor", "unified_temp"), "gallery",
                  objective="fused",
                  starts_from="previous_export_new_compositor", trains_on="holdout", validation_variant=None,
                  validates_fixed_weights=True),
