@@ -22,7 +22,7 @@ import torch
 from conftest import missing_prerequisite
 from PIL import Image
 
-from detailfusion.library.config import EvalConfig, JobConfig, PrepareConfig, ServeConfig, load_config
+from detailfusion.library.config import ConfigError, EvalConfig, JobConfig, PrepareConfig, ServeConfig, load_config
 from detailfusion.library.data.synthetic import write_synthetic
 from detailfusion.library.index.exact import GalleryIndex
 from detailfusion.library.model import build_model, load_model, save_model
@@ -274,6 +274,48 @@ def test_a_sharded_index_answers_as_the_whole_one(server, trained, tmp_path):
             assert min(rows) < half <= max(rows)  # both shards contributed
     finally:
         serve.delete("sharded")
+
+
+def test_search_settings_are_set_per_deployment_without_a_rebuild(server, trained, tmp_path):
+    """A compressed index built with deliberately starved search settings (1 list of 4, 1 token hit, 1 image
+    re-ranked) misses much of exact search's top 10; served with ``search:`` settings that scan every list and hit
+    and re-rank every candidate, the same files answer exactly as the exact index's server, and nothing in the index
+    directory was written."""
+    from ray import serve
+
+    from detailfusion.library.config import CompressedIndexConfig, IndexBackendConfig, SearchSettings
+    from detailfusion.library.index.store import open_index, write_index
+    from detailfusion.platform.serving.app import build_app
+
+    starved = CompressedIndexConfig(nlist=4, m=16, nbits=4, nprobe=1, candidates=1, rerank=1, store_dtype="float32")
+    exact = GalleryIndex.load(trained["index"])
+    directory = tmp_path / "ivfpq"
+    write_index(exact, directory, IndexBackendConfig(kind="ivfpq", ivfpq=starved))
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in directory.iterdir()}
+    queries = torch.nn.functional.normalize(torch.randn(16, exact.embeddings.shape[2],
+                                                        generator=torch.Generator().manual_seed(0)), dim=-1)
+    top = exact.search(queries, 10)[1]
+    as_built = open_index(directory).search(queries, 10)[1]
+    assert (as_built != top).any(), "the starved settings should miss some of the exact top 10"
+    everything = SearchSettings(nprobe=4, candidates=10**6, rerank=0)
+    assert torch.equal(open_index(directory, search=everything).search(queries, 10)[1], top)
+
+    config = ServeConfig(checkpoint=str(trained["model"]), index=str(directory), replica_cpus=0.25,
+                         frontend_cpus=0.1, max_replicas=1, max_top_k=50, search=everything)
+    serve.run(build_app(config), name="retuned", route_prefix="/retuned")
+    try:
+        query = trained["query"]
+        for body in ({"reference_id": query["reference_id"], "text": query["text"], "top_k": 20},
+                     {"reference_id": query["target_id"], "text": "make it blue", "top_k": 20}):
+            whole = requests.post(f"{server}/search", json=body, timeout=60).json()["results"]
+            retuned = requests.post(f"{server}/retuned/search", json=body, timeout=60).json()["results"]
+            assert [r["image_id"] for r in retuned] == [r["image_id"] for r in whole]
+    finally:
+        serve.delete("retuned")
+    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in directory.iterdir()} == before
+    with pytest.raises(ConfigError, match="apply to a compressed"):
+        build_app(ServeConfig(checkpoint=str(trained["model"]), index=str(trained["index"]),
+                              search=SearchSettings(nprobe=8)))
 
 
 def running_replicas(app: str, deployment: str) -> int:

@@ -21,6 +21,7 @@ from detailfusion.library.index.settings import (  # noqa: F401  (re-exported: E
     STORE_DTYPES,
     CompressedIndexConfig,
     IndexBackendConfig,
+    SearchSettings,
 )
 
 T = TypeVar("T")
@@ -190,7 +191,8 @@ class EvalConfig:
     batch_size: int = 64
     num_cpus: int | None = None  # CPUs of a local Ray started by the job (ignored when joining a cluster)
     seed: int = 0  # of the random baseline
-    index_backend: IndexBackendConfig = field(default_factory=IndexBackendConfig)  # `index` only; evaluate: exact
+    index_backend: IndexBackendConfig = field(default_factory=IndexBackendConfig)  # `index` only; evaluate refuses a
+    #   non-default one (its metrics are exact search's)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):
@@ -231,6 +233,8 @@ class ServeConfig:
     # a file holding the API token (or $DETAILFUSION_API_TOKEN, not both): every route but /healthz then needs
     # `Authorization: Bearer <token>`; None and no variable: an open endpoint
     api_token_file: str | None = None
+    search: SearchSettings = field(default_factory=SearchSettings)  # a compressed index's nprobe, candidates, rerank
+    #   at this deployment (unset: the index's built values); no rebuild to retune recall against latency
     num_cpus: int | None = None  # CPUs of a local Ray started by `detailfusion serve`
 
 

@@ -14,6 +14,7 @@ lookup (an entry must pickle: a class or function of an importable module, or on
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Generic, TypeVar
 
 from detailfusion.library.errors import ConfigError
@@ -31,6 +32,7 @@ class Registry(Generic[T]):
         if kind in _REGISTRIES:
             raise ValueError(f"a registry of {kind}s exists already")
         self.kind, self.home, self._builtins, self._entries, self._loaded = kind, home, builtins, {}, False
+        self._origin: dict[str, str] = {}  # name -> the module that registered it
         _REGISTRIES[kind] = self
 
     def register(self, name: str, entry: T | None = None, *, replace: bool = False):
@@ -44,10 +46,12 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {name!r} is registered already ({self._entries[name]!r}); "
                              "pass replace=True to override it")
         self._entries[name] = entry
+        self._origin[name] = _caller_module()
         return entry
 
     def unregister(self, name: str) -> None:
         self._entries.pop(name, None)
+        self._origin.pop(name, None)
 
     def get(self, name: str, where: str = "") -> T:
         """The entry of ``name``; an unknown name raises ConfigError naming ``where`` and every registered name."""
@@ -72,9 +76,9 @@ class Registry(Generic[T]):
         return name in self._entries
 
     def extensions(self) -> dict[str, T]:
-        """The entries registered from outside the ``detailfusion`` package."""
+        """The entries registered by code outside the ``detailfusion`` package."""
         self._load()
-        return {n: e for n, e in self._entries.items() if not _module_of(e).startswith("detailfusion.")}
+        return {n: e for n, e in self._entries.items() if not self._origin[n].startswith("detailfusion.")}
 
     def _load(self) -> None:
         if not self._loaded:
@@ -83,8 +87,12 @@ class Registry(Generic[T]):
                 importlib.import_module(module)
 
 
-def _module_of(entry) -> str:
-    return getattr(entry, "__module__", None) or type(entry).__module__
+def _caller_module() -> str:
+    """The module of the first frame outside this one (the code that registered an entry)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame = frame.f_back
+    return frame.f_globals.get("__name__", "") if frame is not None else ""
 
 
 def extensions() -> list[tuple[str, str, dict]]:

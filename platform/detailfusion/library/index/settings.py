@@ -100,3 +100,29 @@ class IndexBackendConfig:
             raise ConfigError(f"index_backend.shards must be >= 1, got {self.shards}")
         if self.build_cpus <= 0:
             raise ConfigError(f"index_backend.build_cpus must be > 0, got {self.build_cpus}")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How an open compressed index searches, set where it is opened (``serve``'s ``search:`` section) without a
+    rebuild; None: the value the index was built with (its ``CompressedIndexConfig``). An exact index has none.
+
+    nprobe: IVF lists scanned per query and FAISS index; candidates: token hits kept per search; rerank: candidate
+    images re-ranked exactly (0: every candidate). More of each: better recall, more latency.
+    """
+
+    nprobe: int | None = None
+    candidates: int | None = None
+    rerank: int | None = None
+
+    def __post_init__(self):
+        for name in ("nprobe", "candidates"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"search.{name}={value} must be at least 1 (or unset: the index's own)")
+        if self.rerank is not None and self.rerank < 0:
+            raise ConfigError(f"search.rerank={self.rerank} must be at least 0 (0: every candidate)")
+
+    def given(self) -> dict[str, int]:
+        """The settings that are set, by name."""
+        return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}

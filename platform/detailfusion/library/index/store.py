@@ -26,35 +26,50 @@ from detailfusion.library.index.exact import (
     check_fingerprint,
     read_meta,
 )
-from detailfusion.library.index.settings import IndexBackendConfig
+from detailfusion.library.index.settings import IndexBackendConfig, SearchSettings
 from detailfusion.library.index.sharded import SHARDED, ShardedIndex, shard_bounds, shard_directories, shard_name
 
 # each backend's own files (images.parquet and index.json are common): removed when the other backend is written
 BACKEND_FILES = {EXACT: (EMBEDDINGS_FILE,), IVFPQ: (STORE_FILE, SCALES_FILE, *FAISS_FILES)}
 
 
+def index_meta(directory: str | Path) -> dict:
+    """The ``index.json`` of the complete index in ``directory`` (its backend, model fingerprint, fusion rule,
+    shards...); FileNotFoundError when there is none."""
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: no {META_FILE}; not a complete gallery index (build one with "
+                                "`detailfusion index`)")
+    return json.loads(path.read_text())
+
+
 def stored_backend(directory: str | Path) -> str | None:
-    """The backend of the complete index in ``directory`` ("exact" or "ivfpq"), None when there is none."""
+    """The backend of the complete index in ``directory`` ("exact", "ivfpq" or "sharded"), None when there is none."""
     meta = Path(directory) / META_FILE
     return json.loads(meta.read_text()).get("backend", EXACT) if meta.is_file() else None
 
 
-def open_index(directory: str | Path, model_fingerprint: str | None = None) -> GalleryIndex | CompressedIndex:
+def open_index(directory: str | Path, model_fingerprint: str | None = None,
+               search: SearchSettings = SearchSettings()) -> GalleryIndex | CompressedIndex | ShardedIndex:
     """Open the index in ``directory``, exact, compressed or sharded; with ``model_fingerprint``, refuse one built by
-    another model (``IndexMismatch``)."""
-    backend = stored_backend(directory)
-    if backend is None:
-        raise FileNotFoundError(f"{directory}: no {META_FILE}; not a complete gallery index")
+    another model (``IndexMismatch``). ``search``: a compressed index's search settings in place of its built ones
+    (no rebuild); refused for an exact index, which has none."""
+    backend = index_meta(directory).get("backend", EXACT)
     if backend == SHARDED:
         meta = read_meta(Path(directory), SHARDED)
         if model_fingerprint is not None:
             check_fingerprint(meta["model_fingerprint"], model_fingerprint, where=f"index {directory}")
-        shards = [open_index(Path(directory) / name, model_fingerprint) for name in meta["shards"]]
+        shards = [open_index(Path(directory) / name, model_fingerprint, search) for name in meta["shards"]]
         return ShardedIndex(shards, meta["offsets"], meta["model_fingerprint"], meta["fusion_score"])
     if backend == EXACT:
+        if search.given():
+            raise ConfigError(f"search settings {search.given()} apply to a compressed (ivfpq) index; {directory} is "
+                              "exact: it searches every token")
         return GalleryIndex.load(directory, model_fingerprint)
     if backend == IVFPQ:
-        return CompressedIndex.load(directory, model_fingerprint)
+        index = CompressedIndex.load(directory, model_fingerprint)
+        index.config = replace(index.config, **search.given())
+        return index
     raise DataError(f"{directory}: unknown index backend {backend!r} (known: {', '.join(BACKEND_FILES)})")
 
 

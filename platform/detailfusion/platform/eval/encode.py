@@ -27,6 +27,7 @@ from detailfusion.library.data.schema import pixels_from_bytes
 from detailfusion.library.errors import DataError
 from detailfusion.library.index.exact import GalleryIndex
 from detailfusion.library.model.inference import QueryFeatures, embed_gallery, embed_queries
+from detailfusion.library.registry import extensions, install
 from detailfusion.platform.data.training_input import PIXELS, load_image_store
 
 
@@ -42,9 +43,12 @@ class EncodeOptions:
         return self.actors == 1 and rows <= self.in_process_max_rows
 
 
-def _load(model_dir: str, use_gpu: bool):
+def _load(model_dir: str, use_gpu: bool, shipped: list | None = None):
+    """The model of ``model_dir`` in eval mode on this actor's device; ``shipped``: the driver's registry
+    extensions (a compositor or fusion rule registered outside the package), installed first."""
     from detailfusion.library.model import load_model
 
+    install(shipped)
     model, tokenizer = load_model(model_dir)
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -55,10 +59,10 @@ class GalleryEncoder:
     """Actor: {image_id, pixels (one bytes value per uint8 [S, S, 3] image)} -> {image_id, embedding float32
     [B, Nq, 2D], thumbnail JPEG, node_ip (where it was encoded)}."""
 
-    def __init__(self, model_dir: str, use_gpu: bool):
+    def __init__(self, model_dir: str, use_gpu: bool, shipped: list | None = None):
         import ray
 
-        self.model, _, self.device = _load(model_dir, use_gpu)
+        self.model, _, self.device = _load(model_dir, use_gpu, shipped)
         self.node_ip = ray.util.get_node_ip_address()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -73,8 +77,8 @@ class QueryEncoder:
     """Actor: {sample_id, reference_id, text} -> {sample_id, q_gm, q_di, text_gm [B, D], unified [B, 2D],
     weights [B, 2] (NaN when the compositor has none)}. Holds the split's reference images (uint8)."""
 
-    def __init__(self, model_dir: str, prepared_dir: str, use_gpu: bool):
-        self.model, self.tokenizer, self.device = _load(model_dir, use_gpu)
+    def __init__(self, model_dir: str, prepared_dir: str, use_gpu: bool, shipped: list | None = None):
+        self.model, self.tokenizer, self.device = _load(model_dir, use_gpu, shipped)
         self.position, self.images = load_image_store(prepared_dir, PIXELS)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -153,7 +157,7 @@ def stream_gallery(prepared_dir: str | Path, model_dir: str | Path, options: Enc
         from ray.data.expressions import col
 
         images = images.filter(expr=col("image_id").is_in(list(image_ids)))
-    encoder = dict(fn_constructor_args=(str(model_dir), options.use_gpu), **_pool_kwargs(options))
+    encoder = dict(fn_constructor_args=(str(model_dir), options.use_gpu, extensions()), **_pool_kwargs(options))
     encoded = _over_the_pool(images, options).map_batches(GalleryEncoder, **encoder)
     yield from encoded.iter_batches(batch_size=None, batch_format="numpy")
 
@@ -196,7 +200,8 @@ def encode_queries(prepared_dir: str | Path, model_dir: str | Path, triplets,
         encoded = _concatenated(_batches_here(encoder, columns, options.batch_size))
     else:
         rows = ray.data.from_arrow(columns)
-        encoder = dict(fn_constructor_args=(str(model_dir), str(prepared_dir), options.use_gpu), **_pool_kwargs(options))
+        encoder = dict(fn_constructor_args=(str(model_dir), str(prepared_dir), options.use_gpu, extensions()),
+                       **_pool_kwargs(options))
         encoded = _collect(_over_the_pool(rows, options).map_batches(QueryEncoder, **encoder), "unified")
     wanted = triplets.column("sample_id").to_pylist()
     position = {str(s): i for i, s in enumerate(encoded["sample_id"])}

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import pyarrow.parquet as pq
 import torch
 
-from detailfusion.library.config import EvalConfig, PrepareConfig
+from detailfusion.library.config import EvalConfig, IndexBackendConfig, PrepareConfig
 from detailfusion.library.data.manifest import read_manifest
 from detailfusion.library.data.query_tags import DIRECTIONS, FAMILIES, QueryTag
 from detailfusion.library.datasets import Dataset, dataset, evaluable
@@ -133,6 +133,10 @@ def evaluate(config: EvalConfig) -> dict:
     start = time.perf_counter()
     if not config.out:
         raise ConfigError("give --out (the output directory)")
+    if config.index_backend != IndexBackendConfig():  # the protocol's metrics are exact search's, never an ANN's
+        raise ConfigError("evaluate ranks with the exact index, the reference every metric is defined on; "
+                          "index_backend is the `detailfusion index` command's (the catalogue benchmark measures a "
+                          "compressed index's recall against exact search)")
     out = Path(config.out)
     index_dir = Path(config.index) if config.index else out / "index"
     if stored_backend(index_dir) not in (None, "exact"):  # never overwritten by the exact one evaluate builds

@@ -21,7 +21,6 @@ No ``from __future__ import annotations`` here (FastAPI reads the handlers' anno
 helpers come before the ingress class: ``serve.ingress`` pickles the handlers when the class is defined.
 """
 
-import json
 import logging
 import math
 from importlib import resources
@@ -39,7 +38,8 @@ from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException
 
-from detailfusion.library.config import ServeConfig, from_dict
+from detailfusion.library.config import ConfigError, SearchSettings, ServeConfig, from_dict
+from detailfusion.library.registry import extensions, install
 from detailfusion.platform.serving.auth import OPEN_PATHS, authorized, load_token, token_digest
 from detailfusion.platform.serving.queries import (
     Limits,
@@ -114,10 +114,12 @@ class IndexShard:
     """One shard of a sharded index (``sharded_index.py``, gallery rows from ``offset`` on): unified queries ->
     its best k as whole-gallery rows. Each shard is its own deployment and scales on its own."""
 
-    def __init__(self, directory: str, fingerprint: str, offset: int):
+    def __init__(self, directory: str, fingerprint: str, offset: int, search: SearchSettings = SearchSettings(),
+                 shipped: list | None = None):
         from detailfusion.library.index.store import open_index
 
-        self.index, self.offset = open_index(directory, fingerprint), offset
+        install(shipped)  # a fusion rule registered by the driver's user code
+        self.index, self.offset = open_index(directory, fingerprint, search), offset
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries float32 [Q, 2D] -> (scores [Q, k'], gallery rows [Q, k']), k' = min(k, shard size)."""
@@ -133,13 +135,15 @@ class Retriever:
     lists are merged (``sharded_index.merge_top_k``); else the index is held here."""
 
     def __init__(self, checkpoint: str, fingerprint: str, index: str, max_batch_size: int, batch_wait_timeout_s: float,
-                 use_gpu: bool, shards: list | None = None):
+                 use_gpu: bool, shards: list | None = None, search: SearchSettings = SearchSettings(),
+                 shipped: list | None = None):
         import pyarrow.parquet as pq
 
         from detailfusion.library.index.exact import IMAGES_FILE
         from detailfusion.library.index.store import open_index
         from detailfusion.library.model import load_model
 
+        install(shipped)  # a compositor or fusion rule registered by the driver's user code
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         model, self.tokenizer = load_model(checkpoint)
         self.model = model.to(self.device).eval()
@@ -148,7 +152,7 @@ class Retriever:
             self.index = None
             self.image_ids = pq.read_table(Path(index) / IMAGES_FILE, columns=["image_id"]).column(0).to_pylist()
         else:
-            self.index = open_index(index, fingerprint)  # exact or compressed; refuses another model's index
+            self.index = open_index(index, fingerprint, search)  # refuses another model's index
             self.image_ids = self.index.image_ids
         self.static_weights = list(model.config.static_weights)
         self.search_batch.set_max_batch_size(max_batch_size)
@@ -297,22 +301,26 @@ class Frontend:
 def build_app(config: ServeConfig):
     """The Serve application of ``config`` (checkpoint + index; batching, autoscaling and limits). The driver reads
     the checkpoint's identity and image size once; each model replica loads its weights."""
-    for path, what in ((Path(config.checkpoint) / "config.json", "checkpoint"), (Path(config.index) / "index.json", "index")):
-        if not path.is_file():
-            raise FileNotFoundError(f"{what} {getattr(config, what)!r}: {path.name} not found (give an exported model "
-                                    "directory and a `detailfusion index` directory)")
-    from detailfusion.library.index.exact import META_FILE, IndexMismatch
+    from detailfusion.library.index.exact import IndexMismatch
+    from detailfusion.library.index.store import index_meta
     from detailfusion.library.model import model_fingerprint
     from detailfusion.library.model.inference import image_size
 
+    if not (Path(config.checkpoint) / "config.json").is_file():
+        raise FileNotFoundError(f"checkpoint {config.checkpoint!r}: config.json not found (give an exported model "
+                                "directory)")
+    meta = index_meta(config.index)
     fingerprint = model_fingerprint(config.checkpoint)
-    built_by = json.loads((Path(config.index) / META_FILE).read_text())["model_fingerprint"]
-    if built_by != fingerprint:  # refused here, before any replica starts
-        raise IndexMismatch(f"index {config.index} was built by model {built_by}, not by {config.checkpoint}; "
-                            "rebuild it with `detailfusion index` and this checkpoint")
+    if meta["model_fingerprint"] != fingerprint:  # refused here, before any replica starts
+        raise IndexMismatch(f"index {config.index} was built by model {meta['model_fingerprint']}, not by "
+                            f"{config.checkpoint}; rebuild it with `detailfusion index` and this checkpoint")
+    if meta.get("backend") in (None, "exact") and config.search.given():  # a sharded index: each shard checks
+        raise ConfigError(f"search settings {config.search.given()} apply to a compressed (ivfpq) index; "
+                          f"{config.index} is exact")
     batch = config.max_batch_size if config.batching else 1
     token = token_digest(load_token(config.api_token_file))  # read here, once: the replicas get its digest only
-    shards = _shard_deployments(config, fingerprint)
+    shipped = extensions()
+    shards = _shard_deployments(config, meta, fingerprint, shipped)
     shed = BackpressureConfig(status_code=503, retry_after_s=config.retry_after_s)
     ongoing = config.max_ongoing_requests or max(2 * batch, 2)
     admit = None if config.max_queued_requests == -1 else ongoing * config.max_replicas + config.max_queued_requests
@@ -325,7 +333,8 @@ def build_app(config: ServeConfig):
                             "upscale_delay_s": config.upscale_delay_s, "downscale_delay_s": config.downscale_delay_s,
                             "look_back_period_s": config.look_back_period_s},
         ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": 1 if config.use_gpu else 0},
-    ).bind(config.checkpoint, fingerprint, config.index, batch, config.batch_wait_timeout_s, config.use_gpu, shards)
+    ).bind(config.checkpoint, fingerprint, config.index, batch, config.batch_wait_timeout_s, config.use_gpu, shards,
+           config.search, shipped)
     limits = {"max_body_bytes": int(config.max_body_mb * 1024 * 1024), "max_image_pixels": config.max_image_pixels,
               "max_text_chars": config.max_text_chars, "max_top_k": config.max_top_k}
     return Frontend.options(ray_actor_options={"num_cpus": config.frontend_cpus}, max_ongoing_requests=256,
@@ -333,13 +342,12 @@ def build_app(config: ServeConfig):
         retriever, config.index, image_size(config.checkpoint), limits, token, admit, config.retry_after_s)
 
 
-def _shard_deployments(config: ServeConfig, fingerprint: str) -> list:
-    """One bound ``IndexShard`` deployment per shard of a sharded index (none for an index in one piece), each
-    autoscaled like the model deployment, between ``min_replicas`` and ``max_replicas`` replicas of ``shard_cpus``."""
-    from detailfusion.library.index.exact import META_FILE
+def _shard_deployments(config: ServeConfig, meta: dict, fingerprint: str, shipped: list) -> list:
+    """One bound ``IndexShard`` deployment per shard of a sharded index (``meta``: its index.json; none for an index
+    in one piece), each autoscaled like the model deployment, between ``min_replicas`` and ``max_replicas`` replicas of
+    ``shard_cpus``."""
     from detailfusion.library.index.sharded import SHARDED
 
-    meta = json.loads((Path(config.index) / META_FILE).read_text())
     if meta.get("backend") != SHARDED:
         return []
     return [IndexShard.options(
@@ -348,7 +356,7 @@ def _shard_deployments(config: ServeConfig, fingerprint: str) -> list:
                             "target_ongoing_requests": 2,
                             "upscale_delay_s": config.upscale_delay_s, "downscale_delay_s": config.downscale_delay_s},
         ray_actor_options={"num_cpus": config.shard_cpus},
-    ).bind(str(Path(config.index) / name), fingerprint, offset) for number, (name, offset) in
+    ).bind(str(Path(config.index) / name), fingerprint, offset, config.search, shipped) for number, (name, offset) in
         enumerate(zip(meta["shards"], meta["offsets"]))]
 
 
