@@ -88,3 +88,19 @@ def test_a_wheel_ships_the_job_configs_the_pipeline_reads(tmp_path):
     assert "detailfusion/library/model/presets/tiny.json" in names and "detailfusion/platform/serving/static/index.html" in names
     assert "detailfusion/library/model/presets/tiny_vit/model.safetensors" in names  # the tiny preset's pre-trained ViT
     assert CONFIGS.parent == Path(__import__("detailfusion.platform").platform.__file__).parent
+
+
+def test_flag_defaults_are_read_from_the_typed_configs():
+    """No flag carries a default of its own: each is None unless given (the config's default applies), and its help
+    shows the default its config defines (read when the help is printed)."""
+    from detailfusion.platform.ablate import AblationConfig
+    from detailfusion.platform.cli import build_parser
+    from detailfusion.platform.tune import SweepSettings
+
+    args = build_parser().parse_args(["ablate", "--workdir", "w"])
+    assert args.seeds is None and args.bootstrap is None and args.preset is None
+    script = Path(sys.executable).parent / "detailfusion"
+    sweep = subprocess.run([str(script), "sweep", "--help"], capture_output=True, text=True, timeout=120).stdout
+    ablate = subprocess.run([str(script), "ablate", "--help"], capture_output=True, text=True, timeout=120).stdout
+    assert f"(default: {SweepSettings.trial_cpus})" in " ".join(sweep.split())
+    assert f"training seeds (initialisation and data order) (default: {AblationConfig.seeds})" in " ".join(ablate.split())

@@ -149,8 +149,8 @@ def _given(args: argparse.Namespace, *names: str) -> dict:
 def _pipeline(args: argparse.Namespace) -> int:
     from detailfusion.platform.pipeline import PipelineConfig, run_pipeline
 
-    config = PipelineConfig(workdir=args.workdir, preset=args.preset, seed=args.seed, overrides=tuple(args.set or ()),
-                            num_cpus=args.num_cpus, **_given(args, "cirr_pairs", "test_pairs", "ipr2pr_pairs"))
+    config = PipelineConfig(workdir=args.workdir, overrides=tuple(args.set or ()), num_cpus=args.num_cpus,
+                            **_given(args, "preset", "seed", "cirr_pairs", "test_pairs", "ipr2pr_pairs"))
     run_pipeline(config)
     return 0
 
@@ -161,9 +161,9 @@ def _ablate(args: argparse.Namespace) -> int:
 
         fractions = tuple(float(f) for f in args.fractions.split(",")) if args.fractions else FRACTIONS
         run_data_efficiency(DataEfficiencyConfig(
-            workdir=args.workdir, seeds=args.seeds, first_seed=args.first_seed, data_seed=args.data_seed,
-            fractions=fractions, overrides=tuple(args.set or ()), bootstrap=args.bootstrap, num_cpus=args.num_cpus,
-            **_given(args, "cirr_pairs", "test_pairs", "ipr2pr_pairs")))
+            workdir=args.workdir, fractions=fractions, overrides=tuple(args.set or ()), num_cpus=args.num_cpus,
+            **_given(args, "seeds", "first_seed", "data_seed", "bootstrap", "cirr_pairs", "test_pairs",
+                     "ipr2pr_pairs")))
         return 0
     if args.fractions:
         from detailfusion.library.errors import ConfigError
@@ -171,9 +171,9 @@ def _ablate(args: argparse.Namespace) -> int:
         raise ConfigError("--fractions: only with --study data-efficiency")
     from detailfusion.platform.ablate import AblationConfig, run_ablation
 
-    config = AblationConfig(workdir=args.workdir, preset=args.preset, seeds=args.seeds, first_seed=args.first_seed,
-                            data_seed=args.data_seed, overrides=tuple(args.set or ()), bootstrap=args.bootstrap,
-                            num_cpus=args.num_cpus, **_given(args, "cirr_pairs", "test_pairs", "ipr2pr_pairs"))
+    config = AblationConfig(workdir=args.workdir, overrides=tuple(args.set or ()), num_cpus=args.num_cpus,
+                            **_given(args, "preset", "seeds", "first_seed", "data_seed", "bootstrap", "cirr_pairs",
+                                     "test_pairs", "ipr2pr_pairs"))
     run_ablation(config)
     return 0
 
@@ -186,11 +186,9 @@ def _sweep_config(args: argparse.Namespace):
 
     config = load_config(JobConfig, args.config, args.set or [])
     out = args.out or str(Path(config.workdir) / "sweeps" / f"{Path(args.space).stem}-stage{args.stage}")
-    settings = SweepSettings(stage=args.stage, space=args.space, out=out, num_samples=args.num_samples,
-                             scheduler=args.scheduler, metric=args.metric, mode=args.mode,
-                             grace_period=args.grace_period, reduction_factor=args.reduction_factor,
-                             max_concurrent_trials=args.max_concurrent_trials, trial_cpus=args.trial_cpus,
-                             num_cpus=args.num_cpus)
+    settings = SweepSettings(stage=args.stage, space=args.space, out=out, num_cpus=args.num_cpus,
+                             **_given(args, "num_samples", "scheduler", "metric", "mode", "grace_period",
+                                      "reduction_factor", "max_concurrent_trials", "trial_cpus"))
     return config, settings
 
 
@@ -208,17 +206,17 @@ def add_sweep_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--set", action="append", metavar="KEY=VALUE",
                          help="override in the job config, e.g. data.val_prepared=runs/x/prep/cirr-val")
     command.add_argument("--out", help="sweep directory (default WORKDIR/sweeps/<space>-stage<N>); rerun to resume")
-    command.add_argument("--num-samples", type=int, default=1, help="draws of the space; grids are crossed with each (1)")
-    command.add_argument("--scheduler", default="asha", choices=["asha", "fifo"],
-                         help="asha: stop trials early on the validation score (default); fifo: run all to the end")
-    command.add_argument("--metric", default="val_score",
-                         help="reported metric to optimise (default val_score: the stage variant's validation Avg; "
+    command.add_argument("--num-samples", type=int, help="draws of the space; grids are crossed with each")
+    command.add_argument("--scheduler", choices=["asha", "fifo"],
+                         help="asha: stop trials early on the validation score; fifo: run all to the end")
+    command.add_argument("--metric",
+                         help="reported metric to optimise (val_score: the stage variant's validation Avg; "
                               "any val/<variant>/<metric>, e.g. val/di/Rs@1)")
-    command.add_argument("--mode", default="max", choices=["max", "min"])
-    command.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped (1)")
-    command.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep the best 1/rf per rung (2)")
-    command.add_argument("--max-concurrent-trials", type=int, default=1, help="trials at once (1)")
-    command.add_argument("--trial-cpus", type=float, default=0.25, help="CPU of each trial's driver function (0.25)")
+    command.add_argument("--mode", choices=["max", "min"], help="maximise or minimise the metric")
+    command.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial can be stopped")
+    command.add_argument("--reduction-factor", type=float, help="ASHA: keep the best 1/rf per rung")
+    command.add_argument("--max-concurrent-trials", type=int, help="trials at once")
+    command.add_argument("--trial-cpus", type=float, help="CPU of each trial's driver function")
     command.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (ignored under ray job submit)")
 
 
@@ -235,16 +233,16 @@ def _config_argument(command: argparse.ArgumentParser, config_class: str) -> Non
 
 def _eval_arguments(command: argparse.ArgumentParser) -> None:
     _config_argument(command, "EvalConfig")
-    command.add_argument("--dataset", choices=["cirr", "fashioniq"], help="(cirr)")
+    command.add_argument("--dataset", help="a registered dataset with an evaluation protocol (cirr, fashioniq, ...)")
     command.add_argument("--root", help="dataset root in its original layout (prepared for the model's resolution)")
-    command.add_argument("--split", help="cirr: val|test1|train; fashioniq: val|test|train (val)")
+    command.add_argument("--split", help="cirr: val|test1|train; fashioniq: val|test|train")
     command.add_argument("--checkpoint", help="exported model directory (save_pretrained)")
     command.add_argument("--prepared", help="an already prepared split to use instead of --root")
     command.add_argument("--categories", nargs="+", help="of a dataset with categories (FashionIQ): which (default: all)")
-    command.add_argument("--encoder-actors", type=int, help="Ray Data actor-pool size of the encoders (1)")
-    command.add_argument("--cpus-per-actor", type=float, help="CPUs per encoder actor (1)")
+    command.add_argument("--encoder-actors", type=int, help="Ray Data actor-pool size of the encoders")
+    command.add_argument("--cpus-per-actor", type=float, help="CPUs per encoder actor")
     command.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per encoder actor")
-    command.add_argument("--batch-size", type=int, help="images or queries per batch (64)")
+    command.add_argument("--batch-size", type=int, help="images or queries per batch")
     command.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (ignored under ray job submit)")
     command.add_argument("--set", action="append", metavar="KEY=VALUE", help="any EvalConfig field")
 
@@ -253,8 +251,7 @@ def _pretrain_vit(args: argparse.Namespace) -> int:
     from detailfusion.library.vit_pretraining import PretrainConfig, benchmark_scene_keys, pretrain_vit, save_vit
 
     exclude = set().union(*(benchmark_scene_keys(root) for root in args.exclude or []))
-    fields = {k: getattr(args, k) for k in ("steps", "batch_size", "corpus_size") if getattr(args, k) is not None}
-    result = pretrain_vit(PretrainConfig(seed=args.seed, **fields), exclude=exclude,
+    result = pretrain_vit(PretrainConfig(**_given(args, "seed", "steps", "batch_size", "corpus_size")), exclude=exclude,
                           log=lambda line: print(line, flush=True))
     flags = {"--seed": args.seed, "--out": args.out, "--steps": args.steps, "--batch-size": args.batch_size,
              "--corpus-size": args.corpus_size}
@@ -268,9 +265,8 @@ def _local_cluster(args: argparse.Namespace) -> int:
     from detailfusion.platform import local_cluster
 
     if args.action == "up":
-        print(f"starting {args.hosts} hosts under {args.dir} ...", flush=True)
-        cluster = local_cluster.up(args.dir, hosts=args.hosts, cpus_per_host=args.cpus_per_host, subnet=args.subnet,
-                                   object_store_mb=args.object_store_mb)
+        print(f"starting the hosts under {args.dir} ...", flush=True)
+        cluster = local_cluster.up(args.dir, **_given(args, "hosts", "cpus_per_host", "subnet", "object_store_mb"))
         print(local_cluster.usage(cluster))
     else:
         local_cluster.down(args.dir)
@@ -278,17 +274,61 @@ def _local_cluster(args: argparse.Namespace) -> int:
 
 
 def _benchmark_size_arguments(parser: argparse.ArgumentParser) -> None:
-    """--cirr-pairs / --test-pairs / --ipr2pr-pairs of pipeline and ablate (defaults: data/benchmark.py's)."""
-    from detailfusion.platform.data.benchmark import IPR2PR_PAIRS, TEST_QUERIES, TRAIN_QUERIES
+    """--cirr-pairs / --test-pairs / --ipr2pr-pairs of pipeline and ablate (defaults: their config's)."""
+    parser.add_argument("--cirr-pairs", type=int, help="detail benchmark v2 train queries")
+    parser.add_argument("--test-pairs", type=int, help="its test1 queries (val: as many, at most 1,000)")
+    parser.add_argument("--ipr2pr-pairs", type=int, help="synthetic IPr2Pr pairs for stage 1")
 
-    parser.add_argument("--cirr-pairs", type=int, help=f"detail benchmark v2 train queries ({TRAIN_QUERIES})")
-    parser.add_argument("--test-pairs", type=int, help=f"its test1 queries ({TEST_QUERIES}; val: as many, at most 1,000)")
-    parser.add_argument("--ipr2pr-pairs", type=int, help=f"synthetic IPr2Pr pairs for stage 1 ({IPR2PR_PAIRS})")
+
+class _DefaultsFromConfig(argparse.HelpFormatter):
+    """Ends a flag's help with its default as the command's typed config (or function) defines it, read only when
+    the help is printed: the defaults live in the configs, once, and ``--help`` stays fast."""
+
+    def __init__(self, prog: str, source: tuple[str, str] | None = None):
+        super().__init__(prog)
+        self.source = source
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        shown = self.source and action.help and action.nargs != 0  # not for on/off switches
+        default = _config_default(self.source, action.dest) if shown else None
+        return action.help if default in (None, "") else f"{action.help} (default: {default})"
+
+
+def _config_default(source: tuple[str, str], name: str):
+    """The default of field or parameter ``name`` of ``module:attribute`` (a dataclass or a function); None if none."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    module, attribute = source
+    found = getattr(importlib.import_module(module), attribute)
+    if dataclasses.is_dataclass(found):
+        field = next((f for f in dataclasses.fields(found) if f.name == name), None)
+        if field is None:
+            return None
+        value = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        return None if value is dataclasses.MISSING else value
+    parameter = inspect.signature(found).parameters.get(name)
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
+class _Parser(argparse.ArgumentParser):
+    """A subcommand's parser; ``defaults_from`` (module, attribute) names the typed config its flags fill."""
+
+    def __init__(self, *args, defaults_from: tuple[str, str] | None = None, **kwargs):
+        self.defaults_from = defaults_from  # before argparse's __init__, which formats the -h flag
+        super().__init__(*args, **kwargs)
+
+    def _get_formatter(self):
+        return _DefaultsFromConfig(self.prog, self.defaults_from)
+
+
+CONFIG = "detailfusion.library.config"
 
 
 def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     synth = commands.add_parser(
         "synth", help="write a procedural CIR dataset in the on-disk format of CIRR, FashionIQ or IPr2Pr, or the detail "
@@ -318,22 +358,22 @@ def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
     synth.set_defaults(run=_synth)
 
     prep = commands.add_parser(
-        "prepare", help="read, validate, decode and transform a dataset split into canonical parquet shards (Ray Data)"
+        "prepare", defaults_from=(CONFIG, "PrepareConfig"), help="read, validate, decode and transform a dataset split into canonical parquet shards (Ray Data)"
     )
     _config_argument(prep, "PrepareConfig")
-    prep.add_argument("--dataset", choices=["cirr", "fashioniq", "ipr2pr"], help="(cirr)")
+    prep.add_argument("--dataset", help="a registered dataset (cirr, fashioniq, ipr2pr, ...)")
     prep.add_argument("--root", help="dataset root in its original on-disk layout")
-    prep.add_argument("--split", help="cirr: train|val|test1; fashioniq: train|val|test; ipr2pr: train (val)")
+    prep.add_argument("--split", help="cirr: train|val|test1; fashioniq: train|val|test; ipr2pr: train")
     prep.add_argument("--out", help="output directory (shards, gallery, quarantine, manifest)")
-    prep.add_argument("--preset", help="model preset whose image resolution to use (default tiny)")
+    prep.add_argument("--preset", help="model preset whose image resolution to use")
     prep.add_argument("--image-size", type=int, help="override the preset's resolution (pixels)")
     prep.add_argument("--categories", nargs="+", help="of a dataset with categories (FashionIQ): which (default: all)")
-    prep.add_argument("--max-bad-fraction", type=float, help="fail above this share of quarantined records (0.01)")
-    prep.add_argument("--batch-size", type=int, help="images per Ray Data batch (64)")
+    prep.add_argument("--max-bad-fraction", type=float, help="fail above this share of quarantined records")
+    prep.add_argument("--batch-size", type=int, help="images per Ray Data batch")
     prep.add_argument("--cache-vision-features", action="store_true", default=None,
                       help="also encode every image once with the frozen ViT and store the token features")
     prep.add_argument("--model", help="model dir or preset for the feature cache (default: --preset)")
-    prep.add_argument("--encoder-actors", type=int, help="actor-pool size of the feature-cache encoder (1)")
+    prep.add_argument("--encoder-actors", type=int, help="actor-pool size of the feature-cache encoder")
     prep.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per encoder actor")
     prep.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (ignored under ray job submit)")
     prep.add_argument("--set", action="append", metavar="KEY=VALUE", help="any PrepareConfig field")
@@ -349,7 +389,7 @@ def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
     tr.set_defaults(run=_train)
 
     ev = commands.add_parser(
-        "evaluate", help="score a model on a split with the field's protocol, every ablation variant; CIRR test1: "
+        "evaluate", defaults_from=(CONFIG, "EvalConfig"), help="score a model on a split with the field's protocol, every ablation variant; CIRR test1: "
                          "the server's submission files"
     )
     _eval_arguments(ev)
@@ -371,35 +411,35 @@ def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
     score.add_argument("--out", help="also write the metrics JSON here")
     score.set_defaults(run=_score_cirr)
 
-    idx = commands.add_parser("index", help="encode a split's gallery once into a search index: exact, or compressed "
+    idx = commands.add_parser("index", defaults_from=(CONFIG, "EvalConfig"), help="encode a split's gallery once into a search index: exact, or compressed "
                               "with --set index_backend.kind=ivfpq (docs/evaluation.md)")
     _eval_arguments(idx)
     idx.add_argument("--out", help="index directory")
     idx.set_defaults(run=_index)
 
     pipe = commands.add_parser(
-        "pipeline", help="synth -> prepare -> stage 0, 1, 2, 3 -> evaluate -> index -> report.md, reusing finished steps"
+        "pipeline", defaults_from=("detailfusion.platform.pipeline", "PipelineConfig"), help="synth -> prepare -> stage 0, 1, 2, 3 -> evaluate -> index -> report.md, reusing finished steps"
     )
-    pipe.add_argument("--preset", default="tiny", choices=["tiny"], help="model preset (the pipeline runs tiny)")
+    pipe.add_argument("--preset", choices=["tiny"], help="model preset (the pipeline runs tiny)")
     pipe.add_argument("--workdir", required=True, help="run directory (data, prepared splits, stages, eval, report)")
     _benchmark_size_arguments(pipe)
-    pipe.add_argument("--seed", type=int, default=0)
+    pipe.add_argument("--seed", type=int, help="the benchmark's and the stages' seed")
     pipe.add_argument("--set", action="append", metavar="KEY=VALUE", help="override in every stage config, e.g. train.epochs=1")
     pipe.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     pipe.set_defaults(run=_pipeline)
 
     abl = commands.add_parser(
-        "ablate", help="the paper's ablation table on the synthetic detail benchmark: every row trained by the stage "
+        "ablate", defaults_from=("detailfusion.platform.ablate", "AblationConfig"), help="the paper's ablation table on the synthetic detail benchmark: every row trained by the stage "
                        "jobs for each seed, mean ± std, root- and seed-level 95 %% intervals (docs/claims.md) -> "
                        "ablation.md/.json/.png"
     )
-    abl.add_argument("--preset", default="tiny", choices=["tiny"], help="model preset (tiny)")
+    abl.add_argument("--preset", choices=["tiny"], help="model preset")
     abl.add_argument("--workdir", required=True, help="run directory (benchmark, every seed's runs, ablation.*)")
-    abl.add_argument("--seeds", type=int, default=3, help="training seeds (initialisation and data order) (3)")
-    abl.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1 (0)")
+    abl.add_argument("--seeds", type=int, help="training seeds (initialisation and data order)")
+    abl.add_argument("--first-seed", type=int, help="seeds are first-seed .. first-seed + seeds - 1")
     _benchmark_size_arguments(abl)
-    abl.add_argument("--data-seed", type=int, default=0, help="the benchmark's seed, fixed over training seeds (0)")
-    abl.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples per interval (2000)")
+    abl.add_argument("--data-seed", type=int, help="the benchmark's seed, fixed over training seeds")
+    abl.add_argument("--bootstrap", type=int, help="bootstrap resamples per interval")
     abl.add_argument("--set", action="append", metavar="KEY=VALUE", help="override in every stage config, e.g. train.epochs=1")
     abl.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     abl.add_argument("--study", default="rows", choices=["rows", "data-efficiency"],
@@ -410,19 +450,19 @@ def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
     abl.set_defaults(run=_ablate)
 
     sw = commands.add_parser(
-        "sweep", help="Ray Tune sweep of one stage over a tune space, trials scored on validation recall (ASHA)"
+        "sweep", defaults_from=("detailfusion.platform.tune", "SweepSettings"), help="Ray Tune sweep of one stage over a tune space, trials scored on validation recall (ASHA)"
     )
     add_sweep_arguments(sw)
     sw.set_defaults(run=_sweep)
 
     srv = commands.add_parser(
-        "serve", help="Ray Serve retrieval endpoint (POST /search, GET /, /healthz) of a model and its gallery index"
+        "serve", defaults_from=(CONFIG, "ServeConfig"), help="Ray Serve retrieval endpoint (POST /search, GET /, /healthz) of a model and its gallery index"
     )
     _config_argument(srv, "ServeConfig")
     srv.add_argument("--checkpoint", help="exported model directory (save_pretrained)")
     srv.add_argument("--index", help="gallery index built by this model (detailfusion index)")
-    srv.add_argument("--host", help="HTTP address (default 127.0.0.1; 0.0.0.0 for other hosts)")
-    srv.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    srv.add_argument("--host", help="HTTP address (0.0.0.0 for other hosts)")
+    srv.add_argument("--port", type=int, help="HTTP port")
     srv.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per model replica")
     srv.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (ignored when joining a cluster)")
     srv.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -430,27 +470,27 @@ def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
     srv.set_defaults(run=_serve)
 
     lc = commands.add_parser(
-        "local-cluster", help="a multi-host Ray cluster on this machine (network namespaces; root, Linux) for testing"
+        "local-cluster", defaults_from=("detailfusion.platform.local_cluster", "up"), help="a multi-host Ray cluster on this machine (network namespaces; root, Linux) for testing"
     )
     lc.add_argument("action", choices=["up", "down"], help="up: make the hosts and start Ray; down: remove all of it")
     lc.add_argument("--dir", required=True, help="cluster directory (cluster.json, token, Ray temp dirs); keep it short")
-    lc.add_argument("--hosts", type=int, default=2, help="hosts (network namespaces), the head on the first (2)")
-    lc.add_argument("--cpus-per-host", type=float, default=2, help="CPUs each host offers Ray (2)")
-    lc.add_argument("--subnet", default=None,
+    lc.add_argument("--hosts", type=int, help="hosts (network namespaces), the head on the first")
+    lc.add_argument("--cpus-per-host", type=float, help="CPUs each host offers Ray")
+    lc.add_argument("--subnet",
                     help="first three octets of the hosts' private /24 (default: the first free 10.77.N)")
-    lc.add_argument("--object-store-mb", type=int, default=200, help="object store per host in MiB (200)")
+    lc.add_argument("--object-store-mb", type=int, help="object store per host in MiB")
     lc.set_defaults(run=_local_cluster)
 
     vit = commands.add_parser(
-        "pretrain-vit", help="pre-train the tiny preset's frozen stand-in ViT once (CLIP's image-text contrastive "
+        "pretrain-vit", defaults_from=("detailfusion.library.vit_pretraining", "PretrainConfig"), help="pre-train the tiny preset's frozen stand-in ViT once (CLIP's image-text contrastive "
                              "objective on rendered synthetic scenes and captions; CPU, minutes); ships in "
                              "model/presets/tiny_vit"
     )
-    vit.add_argument("--seed", type=int, default=0, help="corpus stream, initialisation and data order (0)")
+    vit.add_argument("--seed", type=int, help="corpus stream, initialisation and data order")
     vit.add_argument("--out", required=True, help="output directory (model.safetensors, config.json, README.md)")
-    vit.add_argument("--steps", type=int, help="optimizer steps (1500)")
-    vit.add_argument("--batch-size", type=int, help="image-caption pairs per step, whole groups of 4 (128)")
-    vit.add_argument("--corpus-size", type=int, help="rendered corpus scenes, besides 1024 held out (30000)")
+    vit.add_argument("--steps", type=int, help="optimizer steps")
+    vit.add_argument("--batch-size", type=int, help="image-caption pairs per step, whole groups of 4")
+    vit.add_argument("--corpus-size", type=int, help="rendered corpus scenes, besides those held out")
     vit.add_argument("--exclude", action="append", metavar="ROOT",
                      help="a detail benchmark v2 root whose test1 scenes the corpus must not contain (repeatable)")
     vit.set_defaults(run=_pretrain_vit)
