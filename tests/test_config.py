@@ -72,3 +72,17 @@ def test_saved_config_loads_back_equal(tmp_path):
     config = load_config(JobConfig, None, ["model.compositor=static", "data.holdout_fraction=0.25"])
     save_config(config, tmp_path / "resolved.yaml")
     assert load_config(JobConfig, tmp_path / "resolved.yaml") == config
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model:\n  compositor: mean\n", "model.compositor: unknown compositor 'mean'; registered: afc, concat_linear, static"),
+    ("model:\n  fusion_score: best_max\n", "model.fusion_score: unknown fusion rule 'best_max'; registered: branch_max"),
+    ("model:\n  static_weights: [0, 0]\n", "model.static_weights must be two non-negative numbers, not both 0"),
+    ("data:\n  dataset: mnist\n", "data.dataset: unknown dataset 'mnist'; registered: cirr, fashioniq, ipr2pr"),
+])
+def test_names_are_checked_against_the_registries_naming_the_file(tmp_path, text, message):
+    """A section's own checks (the registries, the static weights) name the file too, and list what is registered."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(JobConfig, path)
+    assert str(err.value).startswith(str(path)) and message in str(err.value)

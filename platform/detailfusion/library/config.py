@@ -46,9 +46,11 @@ class ModelConfig:
 
     def __post_init__(self):
         from detailfusion.library.model.compositor import COMPOSITORS
+        from detailfusion.library.model.configuration import check_static_weights
         from detailfusion.library.model.fusion import FUSION_RULES
 
         COMPOSITORS.check(self.compositor, "model.compositor")
+        check_static_weights(self.static_weights, "model.static_weights")
         if self.fusion_score is not None:
             FUSION_RULES.check(self.fusion_score, "model.fusion_score")
 

@@ -9,6 +9,14 @@ from detailfusion.library.errors import ConfigError
 from detailfusion.library.model.fusion import DEFAULT_FUSION_RULE, check_rule
 
 
+def check_static_weights(weights, where: str = "static_weights") -> list[float]:
+    """(a_gm, a_di) of the static compositor as floats: two non-negative numbers, not both 0."""
+    weights = [float(w) for w in weights]
+    if len(weights) != 2 or min(weights) < 0 or sum(weights) <= 0:
+        raise ConfigError(f"{where} must be two non-negative numbers, not both 0: {weights}")
+    return weights
+
+
 class DetailFusionConfig(PreTrainedConfig):
     r"""
     vision_config: ``Blip2VisionConfig`` of the frozen image encoder (ViT-G/14 for ``blip2``).
@@ -47,7 +55,5 @@ class DetailFusionConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
         self.qformer_config.use_qformer_text_input = True
-        self.static_weights = [float(w) for w in self.static_weights]
+        self.static_weights = check_static_weights(self.static_weights)
         check_rule(self.fusion_score)
-        if len(self.static_weights) != 2 or min(self.static_weights) < 0 or sum(self.static_weights) <= 0:
-            raise ConfigError(f"static_weights must be two non-negative numbers, not both 0: {self.static_weights}")

@@ -161,7 +161,7 @@ class Retriever:
     async def search(self, query: dict) -> dict:
         return await self.search_batch(query)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=ServeConfig.max_batch_size, batch_wait_timeout_s=ServeConfig.batch_wait_timeout_s)
     async def search_batch(self, queries: list[dict]) -> list[dict]:
         """queries: {pixels uint8 [S, S, 3], text, top_k, exclude (an image id left out, or None)} each ->
         {results, weights, batch_size}."""

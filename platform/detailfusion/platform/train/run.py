@@ -9,6 +9,7 @@ Rerunning the same command resumes from the latest checkpoint; a finished stage 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -88,9 +89,6 @@ def check_optimisation(config: JobConfig) -> None:
         raise StageError(f"optim.clip=per_branch (GM and DI clipped apart) needs train.zero_stage=0 and fp32/bf16, got "
                          f"ZeRO-{train.zero_stage} {train.precision}: DeepSpeed's own clipping takes one global norm; "
                          "set optim.clip=global (or auto) to use it")
-    weights = config.model.static_weights
-    if min(weights) < 0 or sum(weights) <= 0:
-        raise StageError(f"model.static_weights must be two non-negative numbers, not both 0: {list(weights)}")
 
 
 def check_captions(prepared: str) -> None:
@@ -126,12 +124,12 @@ def check_validation(config: JobConfig, manifest: Manifest) -> None:
 
 
 def compositor_fields(config: JobConfig) -> dict:
-    """The ``DetailFusionConfig`` fields of the compositor the job's config names (unset ones keep the model's)."""
-    model = config.model
-    fields = {"compositor": model.compositor, "static_weights": list(model.static_weights),
-              "compositor_layers": model.compositor_layers, "compositor_heads": model.compositor_heads,
-              "fusion_score": model.fusion_score}
-    return {name: value for name, value in fields.items() if value is not None}
+    """The ``DetailFusionConfig`` fields the job's ``model`` section sets: every field but the job's own (preset,
+    pretrained, init_from); unset ones keep the model's."""
+    fields = {f.name: getattr(config.model, f.name) for f in dataclasses.fields(config.model)
+              if f.name not in ("preset", "pretrained", "init_from")}
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in fields.items()
+            if value is not None}
 
 
 def initial_model(config: JobConfig, directory: Path) -> str:
