@@ -139,6 +139,40 @@ def test_evaluate_refuses_a_compressed_index(tmp_path):
     assert stored_backend(tmp_path / "index") == "ivfpq" and not (tmp_path / "out").exists()
 
 
+def test_evaluate_refuses_an_index_backend_it_would_not_use(tmp_path):
+    """``index_backend`` is the index command's: evaluate refuses a non-default one rather than ignore it."""
+    from detailfusion.platform.eval.evaluate import evaluate
+
+    with pytest.raises(ConfigError, match="evaluate ranks with the exact index.*index_backend is the `detailfusion "
+                                          "index` command's"):
+        evaluate(EvalConfig(checkpoint=str(tmp_path / "model"), out=str(tmp_path / "out"), index_backend=IVFPQ))
+    assert not (tmp_path / "out").exists()
+
+
+def test_search_settings_apply_when_the_index_is_opened(tmp_path):
+    """A compressed index opened with ``SearchSettings`` searches with them (each unset one keeps the built value),
+    its files untouched; the exact index and bad values are refused."""
+    from detailfusion.library.config import SearchSettings
+
+    starved = IndexBackendConfig(kind="ivfpq", ivfpq=CompressedIndexConfig(nlist=8, m=4, nbits=4, nprobe=1,
+                                                                            candidates=1, rerank=1))
+    write_index(gallery(), tmp_path / "ivfpq", starved)
+    files = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ivfpq").iterdir()}
+    opened = open_index(tmp_path / "ivfpq", search=SearchSettings(nprobe=8, rerank=0))
+    assert (opened.config.nprobe, opened.config.candidates, opened.config.rerank) == (8, 1, 0)
+    everything = open_index(tmp_path / "ivfpq", search=SearchSettings(nprobe=8, candidates=IMAGES * TOKENS, rerank=0))
+    exact = gallery().search(queries(20, "branch_max"), 10)[1]
+    assert torch.equal(everything.search(queries(20, "branch_max"), 10)[1], exact)
+    assert not torch.equal(open_index(tmp_path / "ivfpq").search(queries(20, "branch_max"), 10)[1], exact)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ivfpq").iterdir()} == files
+    write_index(gallery(), tmp_path / "exact")
+    with pytest.raises(ConfigError, match="apply to a compressed"):
+        open_index(tmp_path / "exact", search=SearchSettings(candidates=64))
+    with pytest.raises(ConfigError, match="search.nprobe=0 must be at least 1"):
+        SearchSettings(nprobe=0)
+    assert load_config(EvalConfig, None, []).index_backend == IndexBackendConfig()
+
+
 # -- shards ---------------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,9 @@
-"""A gallery index directory of either backend: ``write_index`` writes a ``GalleryIndex`` as the exact index
-(``index.py``) or the compressed one (``compressed_index.py``: IVF-PQ candidates + exact re-ranking), as
-``IndexBackendConfig`` says; ``open_index`` opens whichever ``index.json``'s ``backend`` names (absent: exact).
+"""The one index API: a gallery index directory of any backend is written and opened here. ``write_index`` writes an
+in-memory ``GalleryIndex`` as the exact index (``exact.py``), the compressed one (``compressed.py``: IVF-PQ candidates
++ exact re-ranking) or shards of either, as ``IndexBackendConfig`` says (the platform's streamed build,
+``platform/eval/index_build.py``, writes through ``clear_index``, the compressed ``IndexWriter`` and
+``write_sharded_meta``); ``open_index`` opens whichever ``index.json``'s ``backend`` names (absent: exact), with
+serve-time ``SearchSettings``; ``index_meta`` reads its facts (nobody else parses index.json).
 
 Both open indexes answer the same calls: ``image_ids``, ``len``, ``search(queries [Q, 2D], k)`` -> (scores [Q, k],
 gallery indices [Q, k]) best first with ties by gallery order, ``check_model``, ``fusion_score``. Both write
