@@ -177,7 +177,7 @@ def test_cli_writes_a_dataset_and_rejects_bad_arguments(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--pairs must be at least 3" in bad.stderr
     wrong = subprocess.run(exe + ["--kind", "coco", "--out", str(tmp_path / "f")], capture_output=True, text=True)
-    assert wrong.returncode == 2 and "invalid choice" in wrong.stderr
+    assert wrong.returncode == 2 and "unknown synthetic kind 'coco'; registered: cirr, detail, fashioniq" in wrong.stderr
     detail = subprocess.run(exe + ["--kind", "cirr", "--out", str(tmp_path / "g"), "--pairs", "10", "--benchmark",
                                    "detail", "--val-pairs", "5", "--test-pairs", "12", "--family-size", "2"],
                             capture_output=True, text=True, timeout=120)

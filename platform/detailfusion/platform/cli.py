@@ -18,7 +18,7 @@ def _synth(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     what = {"detail": "detail benchmark v2", "ipr2pr-detail": "IPr2Pr of benchmark v2's scenes"}.get(
-        args.kind, f"{args.kind} ({args.benchmark})")
+        args.kind, f"{args.kind} ({args.benchmark or 'near-duplicates'})")
     print(f"writing synthetic {what}, seed {args.seed}, to {args.out} ...", flush=True)
     held_out = tuple(t for t in (args.held_out_types or "").split(",") if t)
     summary = write_synthetic(args.kind, args.out, pairs=args.pairs, seed=args.seed, image_size=args.image_size,
@@ -334,8 +334,8 @@ def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
         "synth", help="write a procedural CIR dataset in the on-disk format of CIRR, FashionIQ or IPr2Pr, or the detail "
                       "benchmark v2 (CIRR format; --kind detail)"
     )
-    synth.add_argument("--kind", required=True, choices=["cirr", "fashioniq", "ipr2pr", "detail", "ipr2pr-detail"],
-                       help="detail: benchmark v2 (local and global edits, every img_set member one edit from the "
+    synth.add_argument("--kind", required=True,
+                       help="a registered synthetic kind: cirr, fashioniq, ipr2pr (their on-disk formats); detail: benchmark v2 (local and global edits, every img_set member one edit from the "
                             "reference, each query tagged; --pairs train queries, 10 per scene root); ipr2pr-detail: "
                             "stage 1's corpus of v2's scenes, every edit type (IPr2Pr's parquet layout)")
     synth.add_argument("--out", required=True, help="output directory (the dataset root)")
@@ -344,7 +344,7 @@ def build_parser(prog: str = "detailfusion") -> argparse.ArgumentParser:
                             "--kind detail: train queries (10000)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int, help="rendered image side in pixels (default 128; --kind detail: 64)")
-    synth.add_argument("--benchmark", default="near-duplicates", choices=["near-duplicates", "detail"],
+    synth.add_argument("--benchmark", choices=["near-duplicates", "detail"],
                        help="cirr: near-duplicates (each img_set alone, default) or detail (families of sibling "
                             "img_sets whose images share the target's shapes, so only the text decides)")
     synth.add_argument("--val-pairs", type=int, help="--kind detail: val queries (1000); --benchmark detail: (500)")

@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from detailfusion.library.eval.variants import BASELINES
+
 COLUMNS = ("R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3", "Avg")
 FAMILY_COLUMNS = ("R@1", "R@5", "R@10", "Rs@1", "Rs@2", "Avg")  # the per-query outcomes' metrics
-LEARNED = ("gm", "di", "static", "afc", "concat_linear")
 SPLIT_NOTES = {
     "val": "CIRR val protocol on the labelled synthetic val split (metrics computed by `evaluate`)",
     "test1": "held-out synthetic test1: submission files scored against the generator's hidden targets, as the "
@@ -133,7 +134,7 @@ def _plot(path: Path, variants: dict[str, dict]) -> str | None:
     ks = (1, 5, 10, 50)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for variant, metrics in variants.items():
-        style = "-" if variant in LEARNED else "--"
+        style = "--" if variant in BASELINES else "-"  # learned: the fixed blends and the model's compositor
         ax.plot(ks, [metrics[f"R@{k}"] for k in ks], style, marker="o", label=variant)
     ax.set_xscale("log")
     ax.set_xticks(ks, [str(k) for k in ks])
