@@ -182,7 +182,8 @@ def test_a_resumed_stage_equals_an_uninterrupted_one(data, tmp_path, monkeypatch
 
 
 def test_bad_configs_fail_before_any_worker_starts(data, tmp_path):
-    with pytest.raises(StageError, match="stage 2 \\(joint fine-tuning.*trains on cirr or fashioniq.*holds ipr2pr"):
+    with pytest.raises(StageError, match="stage 2 \\(joint fine-tuning.*trains on gallery-layout datasets \\(cirr, "
+                                         "fashioniq\\).*holds ipr2pr \\(inline layout\\)"):
         check_stage(job(2, data, tmp_path, f"model.init_from={data / 'init'}", f"data.prepared={data / 'prep-ipr2pr'}"))
     with pytest.raises(StageError, match="starts from the stage 1 export: set model.init_from"):
         check_stage(job(2, data, tmp_path, f"model.init_from={tmp_path / 'no-stage1'}"))
