@@ -5,10 +5,11 @@ chains elsewhere).
     from detailfusion.library.model.fusion import FUSION_RULES, FusionRule
     FUSION_RULES.register("my_rule", FusionRule(...))        # or @COMPOSITORS.register("mine") on a class
 
-A registry imports the modules that register its built-in entries on its first lookup, so a config naming an entry
-is checked against the full list. Entries registered outside ``detailfusion`` (a user's module, a test file) are
-``extensions()``: the platform ships them with a job to its Ray workers, which ``install`` them before the first
-lookup (an entry must pickle: a class or function of an importable module, or one marked pickle-by-value).
+The built-in entries are registered by the module that defines the registry (its ``home``), so importing a registry
+gives the full list. Entries registered by code outside ``detailfusion`` (a user's module, a test file) are
+``extensions()``: the platform ships them with each job to its Ray processes (Train workers, Tune trials, encoder
+actors, Serve replicas), which ``install`` them before anything looks them up; an entry must pickle (a class or a
+function at a module's top level, or a dataclass holding such functions).
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ _REGISTRIES: dict[str, "Registry"] = {}
 
 
 class Registry(Generic[T]):
-    """Entries of one kind by name. ``builtins``: the modules whose import registers the built-in entries."""
+    """Entries of one kind by name."""
 
-    def __init__(self, kind: str, home: str, builtins: tuple[str, ...] = ()):
+    def __init__(self, kind: str, home: str):
         """``home``: the module defining this registry (``__name__``), imported by a worker to ``install`` it."""
         if kind in _REGISTRIES:
             raise ValueError(f"a registry of {kind}s exists already")
-        self.kind, self.home, self._builtins, self._entries, self._loaded = kind, home, builtins, {}, False
-        self._origin: dict[str, str] = {}  # name -> the module that registered it
+        self.kind, self.home, self._entries = kind, home, {}
+        self._origin: dict[str, str] = {}  # name -> the module that registered it ("shipped": installed here)
         _REGISTRIES[kind] = self
 
     def register(self, name: str, entry: T | None = None, *, replace: bool = False):
@@ -55,7 +56,6 @@ class Registry(Generic[T]):
 
     def get(self, name: str, where: str = "") -> T:
         """The entry of ``name``; an unknown name raises ConfigError naming ``where`` and every registered name."""
-        self._load()
         try:
             return self._entries[name]
         except (KeyError, TypeError):
@@ -68,23 +68,11 @@ class Registry(Generic[T]):
         return name
 
     def names(self) -> tuple[str, ...]:
-        self._load()
         return tuple(sorted(self._entries))
 
-    def __contains__(self, name: object) -> bool:
-        self._load()
-        return name in self._entries
-
     def extensions(self) -> dict[str, T]:
-        """The entries registered by code outside the ``detailfusion`` package."""
-        self._load()
+        """The entries registered by code outside the ``detailfusion`` package (or shipped here from a driver)."""
         return {n: e for n, e in self._entries.items() if not self._origin[n].startswith("detailfusion.")}
-
-    def _load(self) -> None:
-        if not self._loaded:
-            self._loaded = True
-            for module in self._builtins:
-                importlib.import_module(module)
 
 
 def _caller_module() -> str:
@@ -104,5 +92,7 @@ def install(shipped: list[tuple[str, str, dict]] | None) -> None:
     """Register the driver's ``extensions()`` in this process (a Ray worker), replacing same-named entries."""
     for home, kind, entries in shipped or ():
         importlib.import_module(home)
+        registry = _REGISTRIES[kind]
         for name, entry in entries.items():
-            _REGISTRIES[kind].register(name, entry, replace=True)
+            registry.register(name, entry, replace=True)
+            registry._origin[name] = "shipped"  # still an extension here: a trial ships it on to its Train workers

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from detailfusion.library.config import ConfigError, JobConfig, from_dict, to_dict, with_value
+from detailfusion.library.registry import extensions
 from detailfusion.platform.train.stage_run import stage_dirs, stage_dirs_at
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
@@ -128,13 +129,17 @@ def trial_config(base: JobConfig, params: dict[str, Any], workdir: str, val_prep
 # -- the trial --------------------------------------------------------------------------------------------
 
 
-def run_trial(params: dict[str, Any], base: dict, val_prepared: str, trials_dir: str) -> None:
-    """Ray Tune function trainable: one full Ray Train run of the stage in ``trials_dir/<trial id>``."""
+def run_trial(params: dict[str, Any], base: dict, val_prepared: str, trials_dir: str,
+              shipped: list | None = None) -> None:
+    """Ray Tune function trainable: one full Ray Train run of the stage in ``trials_dir/<trial id>``; ``shipped``:
+    the driver's registry extensions (``library/registry.py``), installed before the config names them."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from detailfusion.library.registry import install
     from detailfusion.platform.train.run import run_stage
 
+    install(shipped)
     config = trial_config(from_dict(JobConfig, base, source="sweep base config"), params,
                           workdir=str(Path(trials_dir) / ray.tune.get_context().get_trial_id()),
                           val_prepared=val_prepared)
@@ -180,7 +185,7 @@ def sweep(base: JobConfig, settings: SweepSettings) -> list[dict]:
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=to_dict(base), val_prepared=base.data.val_prepared,
-                             trials_dir=str(out / "trials")),
+                             trials_dir=str(out / "trials"), shipped=extensions()),
         {"cpu": settings.trial_cpus},
     )
     experiment = out / EXPERIMENT
