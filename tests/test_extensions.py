@@ -141,7 +141,7 @@ def in_batch_forward(model, loss_fn, batch, images):
 
 @pytest.fixture
 def toy_objective():
-    OBJECTIVES.register("toy_in_batch", Objective(build_in_batch, in_batch_forward, "triplets", ("di",), False))
+    OBJECTIVES.register("toy_in_batch", Objective(build_in_batch, in_batch_forward, "triplets", near_duplicates=False))
     yield "toy_in_batch"
     OBJECTIVES.unregister("toy_in_batch")
 

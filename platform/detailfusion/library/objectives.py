@@ -37,14 +37,12 @@ class Objective:
 
     batches: the rows it reads: image-caption rows (``captions``), query triplets (``triplets``) or the frozen
         branches' outputs over the split, computed once at the start (``branch_outputs``, see ``branch_outputs``).
-    branches: the branches its forward runs (and the only ones it can train).
     near_duplicates: whether it can use a split's img_set negatives (``loss.subset_negatives``).
     """
 
     build: Callable[[LossConfig, str], torch.nn.Module]
     forward: Callable[..., dict[str, torch.Tensor]]
     batches: Batches
-    branches: tuple[str, ...]
     near_duplicates: bool
 
 
@@ -163,7 +161,7 @@ def joint_loss(model, loss_fn, batch: dict[str, torch.Tensor], images: str) -> d
     return _branch_loss(("gm", "di"), model, loss_fn, batch, images)
 
 
-OBJECTIVES.register("image_text", Objective(build_image_text, image_text_loss, "captions", ("gm",), False))
-OBJECTIVES.register("detail", Objective(build_detail, detail_loss, "triplets", ("di",), True))
-OBJECTIVES.register("joint", Objective(build_joint, joint_loss, "triplets", ("gm", "di"), True))
-OBJECTIVES.register("fused", Objective(build_fused, fused_loss, "branch_outputs", ("gm", "di"), True))
+OBJECTIVES.register("image_text", Objective(build_image_text, image_text_loss, "captions", near_duplicates=False))
+OBJECTIVES.register("detail", Objective(build_detail, detail_loss, "triplets", near_duplicates=True))
+OBJECTIVES.register("joint", Objective(build_joint, joint_loss, "triplets", near_duplicates=True))
+OBJECTIVES.register("fused", Objective(build_fused, fused_loss, "branch_outputs", near_duplicates=True))
