@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from detailfusion.library.eval.outcomes import METRICS
-from detailfusion.platform.ablate import CHAINS, ROWS, AblationConfig, run_ablation
+from detailfusion.platform.ablate import CHAINS, PRETRAINED, ROWS, AblationConfig, run_ablation
 
 
 @pytest.mark.slow
@@ -31,6 +31,9 @@ def test_reduced_ablation_trains_every_row_and_writes_the_table(ray_local, tmp_p
             assert row["by_family"]["local"]["mean"] == row["mean"]
     for chain, spec in CHAINS.items():  # every chain's stages ran through run_stage and finished
         assert all((work / "seed0" / chain / f"stage{stage}" / "DONE").is_file() for stage, _ in spec.stages), chain
+    # stage 0 once for every seed (its seed the data seed): where main, no_stage1 and no_reference_negative start
+    assert (work / PRETRAINED / "stage0" / "DONE").is_file() and not (work / "seed0" / "main" / "stage0").exists()
+    assert yaml.safe_load((work / PRETRAINED / "stage0" / "config.yaml").read_text())["train"]["seed"] == 0
     loss = {chain: yaml.safe_load((work / "seed0" / chain / "stage2" / "config.yaml").read_text())["loss"]
             for chain in ("main", "no_subset_negatives", "no_reference_negative")}
     assert loss["main"]["subset_negatives"] > 0 and loss["main"]["reference_negative"]

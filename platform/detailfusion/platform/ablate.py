@@ -3,14 +3,16 @@
 Every row is trained by the platform's own stage jobs (``run_stage``: Ray Train + DeepSpeed) and scored on the
 benchmark's held-out test1 split (its hidden targets restored) under the CIRR protocol, per query, so that each
 claim is judged by docs/claims.md's rules (eval/claims.py: a bootstrap over scene roots and a t-interval over >= 5
-seeds). A seed changes initialisation and data order (``train.seed``), never the benchmark (``--data-seed``). Rows
-that share training reuse it: six training chains per seed (``CHAINS``) give all rows (``ROWS``); a finished stage
-or evaluation is reused when rerun.
+seeds). A seed changes initialisation and data order (``train.seed``) of stages 1-3, never the benchmark
+(``--data-seed``) nor stage 0: the Q-Former pre-training every chain starts from is trained once (seed
+``--data-seed``), as every seed of the paper starts from the one pre-trained BLIP-2 (docs/results.md: a per-seed
+stage 0 was what spread GM over seeds). Rows that share training reuse it: six training chains per seed
+(``CHAINS``) give all rows (``ROWS``); a finished stage or evaluation is reused when rerun.
 
 Output (``DIR``): ``ablation.json`` (rows: per-metric mean, std and per-seed values, and the same by edit family;
 claims with both intervals), ``ablation.md`` (the tables as mean ± std, the claims), ``ablation.png`` (Avg and Rs@1
-per row with seed std), and per seed ``seed<k>/<chain>/stage<N>/`` (each run) and ``seed<k>/<chain>/outcomes.npz``
-(per-query values).
+per row with seed std), ``pretrained/stage0/`` (the shared stage 0), and per seed ``seed<k>/<chain>/stage<N>/``
+(each run) and ``seed<k>/<chain>/outcomes.npz`` (per-query values).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ CONFIGS = Path(__file__).resolve().parent / "configs"  # package data (jobs/conf
 @dataclass(frozen=True)
 class Chain:
     """One training chain: its stages and their overrides; ``start``: (chain, stage) whose export the first stage
-    starts from; None: the preset's random initialisation (seeded)."""
+    starts from (chain ``PRETRAINED``: the shared stage 0); None: the preset's random initialisation (seeded)."""
 
     stages: tuple[tuple[int, tuple[str, ...]], ...]
     start: tuple[str, int] | None = None
@@ -43,13 +45,14 @@ class Chain:
 
 NO_SUBSET = ("loss.subset_negatives=0",)
 NO_REFERENCE = ("loss.subset_negatives=0", "loss.reference_negative=false")
-CHAINS = {  # stage 0 (the Q-Former pre-training) is where both branches start, as BLIP-2's weights in the paper
-    "main": Chain(((0, ()), (1, ()), (2, ()), (3, ("model.compositor=afc",)))),
+PRETRAINED = "pretrained"  # stage 0, trained once for all seeds: where both branches start, as BLIP-2's weights
+CHAINS = {
+    "main": Chain(((1, ()), (2, ()), (3, ("model.compositor=afc",))), start=(PRETRAINED, 0)),
     # the reference negative's two arms (docs/claims.md): img_set negatives off in both, the reference on vs off;
     # the first shares main's stage 1, which has no img_set negatives (checked by run_ablation)
     "no_subset_negatives": Chain(((2, NO_SUBSET),), start=("main", 1)),
-    "no_reference_negative": Chain(((1, NO_REFERENCE), (2, NO_REFERENCE)), start=("main", 0)),
-    "no_stage1": Chain(((2, ()),), start=("main", 0)),
+    "no_reference_negative": Chain(((1, NO_REFERENCE), (2, NO_REFERENCE)), start=(PRETRAINED, 0)),
+    "no_stage1": Chain(((2, ()),), start=(PRETRAINED, 0)),
     "joint_max": Chain(((3, ("model.compositor=afc", "model.fusion_score=joint_max")),), start=("main", 2)),
     "concat_linear": Chain(((3, ("model.compositor=concat_linear",)),), start=("main", 2)),
 }
@@ -91,6 +94,7 @@ def run_ablation(config: AblationConfig) -> dict:
     from detailfusion.library.eval.claims import check_claims, query_set, read_img_sets
     from detailfusion.platform.data.benchmark import labelled_test1, prepare_benchmark
     from detailfusion.platform.ray_setup import init_ray
+    from detailfusion.platform.train.run import run_stage
 
     if config.preset != "tiny":
         raise ConfigError(f"ablate runs the tiny preset on the synthetic benchmark, not {config.preset!r}")
@@ -107,6 +111,9 @@ def run_ablation(config: AblationConfig) -> dict:
         raise ConfigError("stage 1 uses img_set negatives (loss.subset_negatives): the no_subset_negatives arm "
                           "shares main's stage 1 and would keep them; give that chain its own stage 1")
     seeds = list(range(config.first_seed, config.first_seed + config.seeds))
+    print(f"\n[ablate] stage 0, shared by every seed (seed {config.data_seed})", flush=True)
+    run_stage(_stage_config(config, PRETRAINED, 0, (), config.data_seed, data["ipr2pr-train"], None,
+                            work=work / PRETRAINED))
     outcomes: dict[str, list[Outcomes]] = {name: [] for name in CHAINS}
     total = len(seeds) * len(CHAINS)
     for s, seed in enumerate(seeds):
@@ -133,10 +140,10 @@ def run_ablation(config: AblationConfig) -> dict:
 
 
 def _stage_config(config: AblationConfig, chain: str, stage: int, overrides: tuple[str, ...], seed: int,
-                  prepared: Path, init_from: Path | None):
+                  prepared: Path, init_from: Path | None, work: Path | None = None):
     from detailfusion.library.config import JobConfig, load_config
 
-    work = Path(config.workdir) / f"seed{seed}" / chain
+    work = work or Path(config.workdir) / f"seed{seed}" / chain
     store = f"sqlite:///{Path(config.workdir).resolve() / 'mlflow.db'}"  # every chain's stages in one MLflow store
     items = [f"workdir={work}", f"name={chain}-seed{seed}", f"data.prepared={prepared}", f"train.seed={seed}",
              f"tracking.uri={store}", *([f"model.init_from={init_from}"] if init_from else []), *overrides,
@@ -148,6 +155,8 @@ def _start(config: AblationConfig, chain: Chain, seed: int) -> Path | None:
     if chain.start is None:
         return None
     other, stage = chain.start
+    if other == PRETRAINED:
+        return export_dir(Path(config.workdir) / PRETRAINED, stage)
     return export_dir(Path(config.workdir) / f"seed{seed}" / other, stage)
 
 
