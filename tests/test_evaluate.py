@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from detailfusion.library.config import EvalConfig
 from detailfusion.library.data.synthetic import write_synthetic
+from detailfusion.library.datasets import dataset
 from detailfusion.library.errors import DataError
 from detailfusion.library.eval.fashioniq_predictions import check_predictions, predictions
 from detailfusion.library.eval.submission import SubmissionError, check_submission, load_submission, score_cirr
@@ -109,7 +110,7 @@ def test_cirr_val_submissions_score_back_to_the_metrics(ray_local, tmp_path, mod
     (root / "captions/cap.rc2.val.json").write_text(json.dumps(annotations))
     with pytest.raises(DataError, match=rf"cap.rc2.val.json: query cirr/val/{annotations[3]['pairid']} has "
                                         r"edit_family 'Local'"):
-        query_tags(out / "prepared", "cirr", list(tags))
+        query_tags(out / "prepared", dataset("cirr"), list(tags))
     # the in-training validation that scores sweep trials gives the same numbers, in process
     model, tokenizer = load_model(model_dir)
     in_training = ValidationSplit(out / "prepared").metrics(model.eval(), tokenizer, ["gm", "di", "static", "afc"])

@@ -21,7 +21,7 @@ from detailfusion.library.eval.metrics import target_ranks
 from detailfusion.library.eval.protocols import Protocol, SplitRanks
 from detailfusion.library.eval.variants import variant_scores
 from detailfusion.library.losses import ContrastiveLoss
-from detailfusion.library.model import BranchQueryOutput, CompositorOutput, build_model, save_model
+from detailfusion.library.model import BranchQueryOutput, CompositorOutput, build_model
 from detailfusion.library.model.compositor import COMPOSITORS
 from detailfusion.library.model.fusion import FUSION_RULES, FusionRule, fused_query
 from detailfusion.library.objectives import OBJECTIVES, Objective
@@ -94,33 +94,24 @@ def toy_compositor():
 
 
 @pytest.fixture(scope="module")
-def cirr_split(tmp_path_factory, ray_local):
-    """A random tiny model (standing in for a stage export) and a feature-cached synthetic CIRR train split."""
-    from detailfusion.library.config import PrepareConfig
-    from detailfusion.library.data.synthetic import write_synthetic
-    from detailfusion.platform.data.prepare import prepare
-
-    root = tmp_path_factory.mktemp("extensions")
-    torch.manual_seed(0)
-    save_model(*build_model("tiny"), root / "export")
-    write_synthetic("cirr", root / "raw", pairs=40, seed=0, image_size=64)
-    prepare(PrepareConfig(dataset="cirr", root=str(root / "raw"), split="train", out=str(root / "prep"),
-                          cache_vision_features=True, model=str(root / "export")))
+def cirr_split(stage2_data):
+    """conftest's random tiny model (standing in for a stage export) and feature-cached synthetic CIRR train split."""
+    root, _ = stage2_data
     return root
 
 
-def test_a_compositor_registered_here_trains_at_stage_3(toy_compositor, cirr_split):
+def test_a_compositor_registered_here_trains_at_stage_3(toy_compositor, cirr_split, tmp_path):
     """Stage 3 builds the compositor named in the config from the registry, in the driver and in every Train
     worker; its gate is what L_C trains (the branches stay frozen) and the export names it."""
     from detailfusion.platform.train.run import run_stage
 
     config = load_config(JobConfig, REPO / "jobs/configs/stage3_tiny.yaml", [
-        f"workdir={cirr_split / 'stage3'}", f"data.prepared={cirr_split / 'prep'}",
-        f"model.init_from={cirr_split / 'export'}", f"model.compositor={toy_compositor}",
-        "data.holdout_fraction=0", "train.batch_size=8", "train.epochs=2", "train.log_every=2"])
+        f"workdir={tmp_path}", f"data.prepared={cirr_split / 'prep'}", f"model.init_from={cirr_split / 'init'}",
+        f"model.compositor={toy_compositor}", "data.holdout_fraction=0", "train.batch_size=64", "train.epochs=1",
+        "train.log_every=2"])
     export = run_stage(config)
     assert json.loads((export / "config.json").read_text())["compositor"] == toy_compositor
-    before, after = load_file(cirr_split / "export" / "model.safetensors"), load_file(export / "model.safetensors")
+    before, after = load_file(cirr_split / "init" / "model.safetensors"), load_file(export / "model.safetensors")
     assert not torch.equal(after["compositor.gate"], torch.zeros(2))
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("gm_branch.", "di_branch.")))
 
@@ -146,7 +137,7 @@ def toy_objective():
     OBJECTIVES.unregister("toy_in_batch")
 
 
-def test_an_objective_registered_here_trains_a_stage(toy_objective, cirr_split):
+def test_an_objective_registered_here_trains_a_stage(toy_objective, cirr_split, tmp_path):
     """``train.objective`` swaps the registered objective into stage 2 (it reads the same triplets): every logged step
     carries its own part, and an objective that reads other batches is refused naming both."""
     from detailfusion.platform.train.run import run_stage
@@ -157,14 +148,14 @@ def test_an_objective_registered_here_trains_a_stage(toy_objective, cirr_split):
     with pytest.raises(ConfigError, match="unknown stage objective 'nope'; registered: .*toy_in_batch"):
         stage_spec(TrainConfig(stage=2, objective="nope"))
     config = load_config(JobConfig, REPO / "jobs/configs/stage2_tiny.yaml", [
-        f"workdir={cirr_split / 'stage2'}", f"data.prepared={cirr_split / 'prep'}",
-        f"model.init_from={cirr_split / 'export'}", f"train.objective={toy_objective}", "loss.subset_negatives=0",
-        "data.holdout_fraction=0", "train.batch_size=8", "train.epochs=1", "train.log_every=1"])
+        f"workdir={tmp_path}", f"data.prepared={cirr_split / 'prep'}", f"model.init_from={cirr_split / 'init'}",
+        f"train.objective={toy_objective}", "loss.subset_negatives=0", "data.holdout_fraction=0",
+        "train.batch_size=64", "train.epochs=1", "train.log_every=1"])
     export = run_stage(config)
-    with open(cirr_split / "stage2" / "stage2" / "metrics.csv") as f:
+    with open(tmp_path / "stage2" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows and all(float(r["toy_temperature"]) > 0 for r in rows)
-    before, after = load_file(cirr_split / "export" / "model.safetensors"), load_file(export / "model.safetensors")
+    before, after = load_file(cirr_split / "init" / "model.safetensors"), load_file(export / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("di_branch."))
 
 
@@ -231,7 +222,7 @@ def test_a_dataset_registered_here_prepares_and_evaluates(toy_dataset, cirr_spli
     (root / "queries.val.json").write_text(json.dumps(queries))
     manifest = prepare(PrepareConfig(dataset=toy_dataset, root=str(root), split="val", out=str(tmp_path / "prep")))
     assert manifest.dataset == toy_dataset and manifest.counts["triplets"] == 12 and manifest.counts["images"] == 12
-    result = evaluate(EvalConfig(dataset=toy_dataset, split="val", checkpoint=str(cirr_split / "export"),
+    result = evaluate(EvalConfig(dataset=toy_dataset, split="val", checkpoint=str(cirr_split / "init"),
                                  prepared=str(tmp_path / "prep"), out=str(tmp_path / "eval"), cpus_per_actor=0.5))
     assert result["protocol"].startswith("toy:") and result["counts"] == {"queries": 12, "gallery": 12}
     assert {"R@10", "R@50", "Avg"} <= set(result["variants"]["static"])

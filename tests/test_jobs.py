@@ -23,7 +23,7 @@ def test_prepare_job_help_and_bad_keys():
 
 def test_cli_prepare_refuses_a_wrong_dataset_name():
     result = run("-m", "detailfusion.platform.cli", "prepare", "--dataset", "coco", "--root", ".", "--split", "val", "--out", "x")
-    assert result.returncode == 2 and "invalid choice: 'coco'" in result.stderr
+    assert result.returncode == 2 and "unknown dataset 'coco'; registered: cirr, fashioniq, ipr2pr" in result.stderr
 
 
 def test_stage_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):

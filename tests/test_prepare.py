@@ -214,7 +214,7 @@ def test_ipr2pr_streams_several_shards_and_drops_a_row_repeated_in_another_shard
     pq.write_table(pa.Table.from_pylist(last, schema=pq.read_schema(shards[2])), shards[2])
     manifest = prepare(PrepareConfig(dataset="ipr2pr", root=str(root), split="train", out=str(tmp_path / "out"),
                                      max_bad_fraction=0.1, batch_size=8))
-    assert "streaming 3 IPr2Pr parquet shard(s)" in capsys.readouterr().out
+    assert "streaming 3 ipr2pr parquet shard(s)" in capsys.readouterr().out
     ids = pq.read_table(tmp_path / "out/triplets", columns=["sample_id"]).column("sample_id").to_pylist()
     assert manifest.counts == {"records_read": 45, "triplets": 43, "quarantined_records": 2}
     assert len(ids) == len(set(ids)) == 43

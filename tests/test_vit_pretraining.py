@@ -134,7 +134,7 @@ def test_the_package_data_config_ships_the_vit():
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["detailfusion"]
     for name in ("model.safetensors", "config.json", "README.md"):
-        assert any(fnmatch(f"model/presets/tiny_vit/{name}", p) for p in patterns), name
+        assert any(fnmatch(f"library/model/presets/tiny_vit/{name}", p) for p in patterns), name
     assert len((SHIPPED / "model.safetensors").read_bytes()) < 1_000_000  # small enough to ship
 
 

@@ -231,7 +231,9 @@ def query_tags(prepared: Path, source: Dataset, sample_ids: list[str]) -> list[Q
     found = [tags.get(sample_id) for sample_id in sample_ids]
     for sample_id, tag in zip(sample_ids, found):
         if tag and (tag.edit_family not in (None, *FAMILIES) or tag.direction not in (None, *DIRECTIONS)):
-            raise DataError(f"{manifest.source} ({manifest.split}): query "
+            files = source.protocol.caption_files(manifest.split, []).values() if source.protocol else ()
+            where = ", ".join(str(Path(manifest.source) / name) for name in files) or manifest.source
+            raise DataError(f"{where}: query "
                             f"{sample_id} has edit_family {tag.edit_family!r}, direction {tag.direction!r}; known: "
                             f"{', '.join(FAMILIES)} and {', '.join(DIRECTIONS)}")
     return found
