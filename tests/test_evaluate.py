@@ -255,7 +255,7 @@ def test_fashioniq_ranks_each_query_in_its_own_category_gallery():
     in the dress gallery the target is first (R@10 100), ranked over every image it would be 21st (R@10 0)."""
     import pyarrow as pa
 
-    from detailfusion.library.eval.protocols import fashioniq_variant_metrics
+    from detailfusion.library.eval.protocols import FashionIQProtocol
 
     tokens, width = 2, 4  # index embeddings [N, tokens, 2 * width]; branch_max scores each half
     axis = torch.eye(2 * width)
@@ -267,7 +267,7 @@ def test_fashioniq_ranks_each_query_in_its_own_category_gallery():
     gallery = pa.table({"image_id": ids, "category": ["dress"] * 30 + ["shirt"] * 60})
     triplets = pa.table({"category": ["dress", "shirt"], "target_id": ["d0", "s45"]})
     queries = {"gm": torch.stack([axis[0], axis[5]])}  # s45: 26th of the 40 shirts tied on axis 5, in gallery order
-    metrics = fashioniq_variant_metrics(triplets, gallery, index, queries, ["gm"])["gm"]
+    metrics = FashionIQProtocol().split_ranks(triplets, gallery, index, queries, ["gm"]).metrics("gm")
     assert metrics["dress/R@10"] == 100.0 and metrics["dress/R@50"] == 100.0
     assert metrics["shirt/R@10"] == 0.0 and metrics["shirt/R@50"] == 100.0
     assert metrics["R@10"] == 50.0

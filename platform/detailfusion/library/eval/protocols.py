@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 
 from detailfusion.library.eval import fashioniq_predictions
-from detailfusion.library.eval.metrics import cirr_metrics, cirr_rank_metrics, fashioniq_metrics, target_ranks, top_k
+from detailfusion.library.eval.metrics import cirr_rank_metrics, fashioniq_metrics, target_ranks, top_k
 from detailfusion.library.eval.submission import FILE_NAMES, LIST_LENGTH, check_submission, submission
 from detailfusion.library.eval.variants import variant_scores
 from detailfusion.library.index.exact import GalleryIndex
@@ -69,9 +69,6 @@ class CirrQueries:
             self.subset[q, [index.position[m] for m in r["subset_ids"]]] = True
         self.is_reference = torch.zeros_like(self.subset)
         self.is_reference[torch.arange(len(rows)), self.references] = True
-
-    def metrics(self, scores: torch.Tensor) -> dict[str, float]:
-        return cirr_metrics(scores, self.targets, self.references, self.subset)
 
     def ranks(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """0-based target ranks [Q] over the gallery without the reference, and over the subset without it."""
@@ -131,13 +128,6 @@ def fashioniq_split_ranks(triplets: pa.Table, gallery: pa.Table, index: GalleryI
             scores = variant_scores(variant, {k: v[members] for k, v in queries.items()}, index, rows, seed)
             ranks[variant][members] = target_ranks(scores, target_columns)
     return SplitRanks(ranks, categories=categories)
-
-
-def fashioniq_variant_metrics(triplets: pa.Table, gallery: pa.Table, index: GalleryIndex,
-                              queries: dict[str, torch.Tensor], variants: list[str], seed: int = 0) -> dict[str, dict]:
-    """{variant: FashionIQ metrics}; ``gallery`` holds (image_id, category) rows of the split's galleries."""
-    ranks = fashioniq_split_ranks(triplets, gallery, index, queries, variants, seed)
-    return {variant: ranks.metrics(variant) for variant in variants}
 
 
 class Protocol:
