@@ -221,6 +221,14 @@ class ServeConfig:
     max_replicas_per_node: int | None = None  # 1: every model replica on its own node (spread over hosts)
     replica_cpus: float = 1.0
     shard_cpus: float = 0.5  # per replica of an index shard's deployment (a sharded index: `index_backend.shards`)
+    # placement over hosts by custom node resources (`ray start --resources`, cluster.yaml's `resources:`): shard i's
+    # replicas run only on nodes offering shard_nodes[i % len] (the hosts holding its files); () : any node
+    shard_nodes: tuple[str, ...] = ()
+    model_node: str | None = None  # the same for the model and HTTP front replicas (e.g. the GPU hosts)
+    # a shard that fails or takes longer than this (s) is left out of the answer, which is flagged "degraded", and
+    # skipped for shard_retry_s before it is asked again; all shards out: 503 index_unavailable
+    shard_timeout_s: float = 2.0
+    shard_retry_s: float = 5.0
     frontend_cpus: float = 0.25
     use_gpu: bool = False  # one GPU per model replica
     max_body_mb: float = 8.0

@@ -7,7 +7,7 @@ keeps serving; the models and the OpenAPI declarations are in ``schema.py``: ``/
 Swagger UI assets of the installed ``fastapi-offline`` package, no CDN):
 - ``POST /search``: a reference image (multipart ``image`` file, or base64 ``image`` in JSON, or a gallery
   ``reference_id``, left out of its own results) + ``text`` + ``top_k`` -> ``{"results": [{"image_id", "score"}],
-  "weights": {"gm", "di"}}``.
+  "weights": {"gm", "di"}}``; from a sharded index missing a shard, also ``"degraded": {"missing_shards", "shards"}``.
 - ``GET /healthz``, ``GET /gallery?offset=&limit=``, ``GET /thumbnails/{image_id}`` (JPEG from the index),
   ``GET /`` the search page.
 
@@ -65,6 +65,7 @@ api = FastAPIOffline(title="DetailFusion composed image retrieval")
 BEARER = [Depends(HTTPBearer(auto_error=False, description="the server's API token, when it has one"))]
 MAX_MESSAGE_CHARS = 300  # of any error message (its echoed values are already cut by `shown`)
 FRONTEND_QUEUE = 1024  # requests waiting for a Frontend replica at each HTTP proxy; past it Ray's own 503
+NODE_SHARE = 0.001  # of a node's custom resource a pinned replica asks for (model_node, shard_nodes): many fit
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -128,15 +129,20 @@ class IndexShard:
         return scores.numpy(), (rows + self.offset).numpy()
 
 
+class IndexUnavailable(RuntimeError):
+    """Every shard of a sharded index failed or timed out: nothing to answer from."""
+
+
 @serve.deployment
 class Retriever:
     """Model + gallery index; ``search`` calls are batched (``@serve.batch``) into one forward pass. With ``shards``
-    (handles of ``IndexShard`` deployments, in gallery order) each batch fans out to every shard and their top-k
-    lists are merged (``sharded_index.merge_top_k``); else the index is held here."""
+    (handles of ``IndexShard`` deployments, in gallery order) each batch fans out to every shard in parallel and their
+    top-k lists are merged (``sharded_index.merge_top_k``); a shard that fails or takes over ``shard_timeout_s`` is
+    left out (the answers say so) and skipped for ``shard_retry_s``. Without shards the index is held here."""
 
     def __init__(self, checkpoint: str, fingerprint: str, index: str, max_batch_size: int, batch_wait_timeout_s: float,
                  use_gpu: bool, shards: list | None = None, search: SearchSettings = SearchSettings(),
-                 shipped: list | None = None):
+                 shipped: list | None = None, shard_timeout_s: float = 2.0, shard_retry_s: float = 5.0):
         import pyarrow.parquet as pq
 
         from detailfusion.library.index.exact import IMAGES_FILE
@@ -148,6 +154,8 @@ class Retriever:
         model, self.tokenizer = load_model(checkpoint)
         self.model = model.to(self.device).eval()
         self.shards = shards or []
+        self.shard_timeout_s, self.shard_retry_s = shard_timeout_s, shard_retry_s
+        self.shard_out_until = [0.0] * len(self.shards)  # time.monotonic() before which a failed shard is skipped
         if self.shards:  # the shards hold the index; here only its ids (build_app checked the fingerprint)
             self.index = None
             self.image_ids = pq.read_table(Path(index) / IMAGES_FILE, columns=["image_id"]).column(0).to_pylist()
@@ -170,7 +178,8 @@ class Retriever:
         pixels = torch.from_numpy(np.stack([q["pixels"] for q in queries])).to(self.device)
         features = embed_queries(self.model, self.tokenizer, pixels, [q["text"] for q in queries])
         k = min(len(self.image_ids), max(q["top_k"] + (q.get("exclude") is not None) for q in queries))
-        scores, rows = await self._search(features["unified"], k)
+        scores, rows, missing = await self._search(features["unified"], k)
+        degraded = {"missing_shards": missing, "shards": len(self.shards)} if missing else None
         out = []
         for q, score_row, index_row, weights in zip(queries, scores.tolist(), rows.tolist(), features["weights"].tolist()):
             if any(w != w for w in weights):  # NaN: a compositor without per-query weights (static)
@@ -179,19 +188,41 @@ class Retriever:
             results = [{"image_id": image_id, "score": round(s, 6)}
                        for s, image_id in ranked if image_id != q.get("exclude")][:q["top_k"]]
             out.append({"results": results, "weights": {"gm": weights[0], "di": weights[1]},
-                        "batch_size": len(queries)})
+                        "batch_size": len(queries), **({"degraded": degraded} if degraded else {})})
         return out
 
-    async def _search(self, unified: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    async def _search(self, unified: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """unified [Q, 2D] -> (scores [Q, k], gallery rows [Q, k], shards left out)."""
         if not self.shards:
-            return self.index.search(unified, k)
+            return *self.index.search(unified, k), []
         import asyncio
 
         from detailfusion.library.index.sharded import merge_top_k
 
         queries = unified.detach().float().cpu().numpy()
-        parts = await asyncio.gather(*(shard.search.remote(queries, k) for shard in self.shards))
-        return merge_top_k([(torch.tensor(s), torch.tensor(r)) for s, r in parts], k)  # copies: Ray's are read-only
+        parts = await asyncio.gather(*(self._ask_shard(number, queries, k) for number in range(len(self.shards))))
+        missing = [number for number, part in enumerate(parts) if part is None]
+        if len(missing) == len(parts):
+            raise IndexUnavailable(f"all {len(parts)} index shards failed or timed out")
+        # copies: Ray's arrays are read-only
+        return (*merge_top_k([(torch.tensor(s), torch.tensor(r)) for s, r in filter(None, parts)], k), missing)
+
+    async def _ask_shard(self, number: int, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Shard ``number``'s (scores, rows), or None when it is out (failed, timed out, or skipped after that)."""
+        import asyncio
+        import time
+
+        if time.monotonic() < self.shard_out_until[number]:
+            return None
+        response = self.shards[number].search.remote(queries, k)
+        try:
+            return await asyncio.wait_for(asyncio.ensure_future(response), self.shard_timeout_s)
+        except Exception as exc:  # noqa: BLE001  (a dead replica, a lost host, a timeout: the shard is out a while)
+            response.cancel()
+            self.shard_out_until[number] = time.monotonic() + self.shard_retry_s
+            logger.warning("index shard %d left out for %.0f s: %s", number, self.shard_retry_s,
+                           f"no answer in {self.shard_timeout_s} s" if isinstance(exc, TimeoutError) else repr(exc))
+            return None
 
 
 @serve.deployment
@@ -254,6 +285,9 @@ class Frontend:
             return error(exc)
         except BackPressureError:  # the model deployment's queue is full (other Frontend replicas share it)
             return self._overloaded()
+        except IndexUnavailable as exc:
+            return error(RequestError(503, "index_unavailable", str(exc)),
+                         headers={"Retry-After": str(max(1, math.ceil(self.retry_after_s)))})
         except Exception:  # noqa: BLE001  (logged server-side; the client gets no internals)
             logger.exception("search failed")
             return error(RequestError(500, "internal", "internal error"))
@@ -317,6 +351,10 @@ def build_app(config: ServeConfig):
     if meta.get("backend") in (None, "exact") and config.search.given():  # a sharded index: each shard checks
         raise ConfigError(f"search settings {config.search.given()} apply to a compressed (ivfpq) index; "
                           f"{config.index} is exact")
+    if config.shard_nodes and not meta.get("shards"):
+        raise ConfigError(f"shard_nodes {list(config.shard_nodes)} place the shards of a sharded index; "
+                          f"{config.index} is in one piece (build it with index_backend.shards)")
+    on_model_node = {"resources": {config.model_node: NODE_SHARE}} if config.model_node else {}
     batch = config.max_batch_size if config.batching else 1
     token = token_digest(load_token(config.api_token_file))  # read here, once: the replicas get its digest only
     shipped = extensions()
@@ -332,12 +370,13 @@ def build_app(config: ServeConfig):
                             "target_ongoing_requests": config.target_ongoing_requests or batch,
                             "upscale_delay_s": config.upscale_delay_s, "downscale_delay_s": config.downscale_delay_s,
                             "look_back_period_s": config.look_back_period_s},
-        ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": 1 if config.use_gpu else 0},
+        ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": 1 if config.use_gpu else 0, **on_model_node},
     ).bind(config.checkpoint, fingerprint, config.index, batch, config.batch_wait_timeout_s, config.use_gpu, shards,
-           config.search, shipped)
+           config.search, shipped, config.shard_timeout_s, config.shard_retry_s)
     limits = {"max_body_bytes": int(config.max_body_mb * 1024 * 1024), "max_image_pixels": config.max_image_pixels,
               "max_text_chars": config.max_text_chars, "max_top_k": config.max_top_k}
-    return Frontend.options(ray_actor_options={"num_cpus": config.frontend_cpus}, max_ongoing_requests=256,
+    return Frontend.options(ray_actor_options={"num_cpus": config.frontend_cpus, **on_model_node},
+                            max_ongoing_requests=256,
                             max_queued_requests=FRONTEND_QUEUE, backpressure_config=shed).bind(
         retriever, config.index, image_size(config.checkpoint), limits, token, admit, config.retry_after_s)
 
@@ -345,7 +384,7 @@ def build_app(config: ServeConfig):
 def _shard_deployments(config: ServeConfig, meta: dict, fingerprint: str, shipped: list) -> list:
     """One bound ``IndexShard`` deployment per shard of a sharded index (``meta``: its index.json; none for an index
     in one piece), each autoscaled like the model deployment, between ``min_replicas`` and ``max_replicas`` replicas of
-    ``shard_cpus``."""
+    ``shard_cpus``, on the nodes offering its ``shard_nodes`` resource when given."""
     from detailfusion.library.index.sharded import SHARDED
 
     if meta.get("backend") != SHARDED:
@@ -355,7 +394,9 @@ def _shard_deployments(config: ServeConfig, meta: dict, fingerprint: str, shippe
         autoscaling_config={"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
                             "target_ongoing_requests": 2,
                             "upscale_delay_s": config.upscale_delay_s, "downscale_delay_s": config.downscale_delay_s},
-        ray_actor_options={"num_cpus": config.shard_cpus},
+        ray_actor_options={"num_cpus": config.shard_cpus,
+                           **({"resources": {config.shard_nodes[number % len(config.shard_nodes)]: NODE_SHARE}}
+                              if config.shard_nodes else {})},
     ).bind(str(Path(config.index) / name), fingerprint, offset, config.search, shipped) for number, (name, offset) in
         enumerate(zip(meta["shards"], meta["offsets"]))]
 

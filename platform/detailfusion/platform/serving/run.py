@@ -16,6 +16,7 @@ def start(config: ServeConfig, name: str = "detailfusion"):
 
     app = build_app(config)  # checks the paths before Ray starts
     init_ray(config.num_cpus, dashboard=True)  # Serve's autoscaler and state API
+    check_placement(config)
     serve.start(http_options={"host": config.host, "port": config.port})
     return serve.run(app, name=name, route_prefix="/")
 
@@ -30,3 +31,23 @@ def serve_forever(config: ServeConfig) -> None:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
+
+
+def check_placement(config: ServeConfig) -> None:
+    """Refuse node resources (``model_node``, ``shard_nodes``) that no node of the running Ray offers: their replicas
+    would wait for a node for ever."""
+    import ray
+
+    from detailfusion.library.config import ConfigError
+
+    offered = ray.cluster_resources()
+    wanted = {f"shard_nodes[{i}]": name for i, name in enumerate(config.shard_nodes)}
+    if config.model_node:
+        wanted["model_node"] = config.model_node
+    missing = {key: name for key, name in wanted.items() if name not in offered}
+    if missing:
+        custom = sorted(r for r in offered if r not in ("CPU", "GPU", "memory", "object_store_memory")
+                        and not r.startswith("node:") and not r.startswith("accelerator_type:"))
+        raise ConfigError(f"serve: no node offers {', '.join(f'{k}={v!r}' for k, v in missing.items())} "
+                          f"(custom node resources here: {', '.join(custom) or 'none'}; give them with "
+                          "`ray start --resources` or cluster.yaml's resources:)")

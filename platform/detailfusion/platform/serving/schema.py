@@ -45,10 +45,17 @@ class FusionWeights(BaseModel):
     di: float = Field(description="weight of the detail (DI) branch")
 
 
+class Degraded(BaseModel):
+    missing_shards: list[int] = Field(description="index shards left out of this answer (failed or timed out)")
+    shards: int = Field(description="the index's shards in all")
+
+
 class SearchResponse(BaseModel):
     results: list[SearchResult] = Field(description="top_k gallery images, best first")
     weights: FusionWeights
     batch_size: int = Field(description="queries the model answered in the same forward pass (dynamic batching)")
+    degraded: Degraded | None = Field(None, description="only when a sharded index answered without some shards: "
+                                                          "the results are the best of the others")
 
 
 class ErrorDetail(BaseModel):
@@ -83,8 +90,9 @@ ERRORS = {
     422: ("a field is missing or out of range: text, top_k, image or reference_id", "bad_top_k",
           "top_k: must be an integer from 1 to 100, got 0"),
     500: ("the server failed (logged server-side; no internals are returned)", "internal", "internal error"),
-    503: ("over capacity: the model replicas' queue is full (max_queued_requests); retry after the Retry-After "
-          "header's seconds", "overloaded", "the server is at capacity; retry after 1 s"),
+    503: ("over capacity: the model replicas' queue is full (max_queued_requests), or every shard of a sharded index "
+          "is out (index_unavailable); retry after the Retry-After header's seconds", "overloaded",
+          "the server is at capacity; retry after 1 s"),
 }
 UNAUTHORIZED = (401, "the server has an API token and the request's Authorization header is not 'Bearer <token>'",
                 "unauthorized", "this server needs the header 'Authorization: Bearer <token>'")
