@@ -44,6 +44,42 @@ def test_fused_loss_adds_the_reference_and_img_set_columns_by_hand(reference, su
     assert loss(U, TARGETS, ONE, **kwargs)["loss"].item() == pytest.approx(expected, abs=1e-6)
 
 
+def test_the_gallery_bank_adds_shared_columns_with_the_own_target_masked():
+    """loss.gallery_negatives: G bank items scored by every query (the fusion rule), a query's own target at -inf."""
+    bank = torch.tensor([[[0.3, 0.4]], [[1.0, 0.5]], [[0.1, 0.9]]])  # item 1 is query 0's target (TARGETS[0])
+    mask = torch.tensor([[False, True, False], [False, False, False]])
+    loss = FusedContrastiveLoss("branch_max")
+    columns = [[1, 0.2, 0.3, float("-inf"), 0.1], [0.5, 1, 0.4, 0.5, 0.9]]
+    assert torch.allclose(loss.logits(U, TARGETS, ONE, bank=bank, bank_mask=mask), torch.tensor(columns), atol=1e-6)
+    finite = [[1, 0.2, 0.3, 0.1], [0.5, 1, 0.4, 0.5, 0.9]]
+    parts = loss(U, TARGETS, ONE, bank=bank, bank_mask=mask)
+    assert parts["loss"].item() == pytest.approx((ce(finite[0], 0) + ce(finite[1], 1)) / 2, abs=1e-6)
+    # no other hard negatives here: the bank's columns are all of them
+    assert 0 < parts["bank_mass"] == parts["hard_negative_mass"] < 1 and "bank_mass" not in loss(U, TARGETS, ONE)
+
+
+def test_dealt_rows_draw_the_bank_from_distinct_targets_and_mask_the_own_one():
+    """The loop's stage-3 dealer: each micro-batch's bank holds distinct targets of the cached rows (no repeats),
+    the mask marks exactly each row's own target, and the same seed deals the same banks (a resume redraws them)."""
+    from detailfusion.platform.train.loop import dealt
+
+    target_row = torch.tensor([5, 7, 5, 9, 7, 11, 13, 9])  # 5 distinct targets over 8 rows
+    gallery = target_row.float()[:, None, None].expand(8, 2, 4).clone()  # each row's gallery = its target's id
+    rows = {"gallery": gallery, "target_row": target_row, "q": torch.arange(8.0)}
+    first = list(dealt(rows, 4, seed=3, bank=3))
+    assert len(first) == 2
+    for batch in first:
+        ids = batch["bank"][:, 0, 0].long()
+        assert batch["bank"].shape == (3, 2, 4) and len(set(ids.tolist())) == 3
+        assert set(ids.tolist()) <= {5, 7, 9, 11, 13}
+        assert torch.equal(batch["bank_mask"], batch["target_row"][:, None] == ids[None, :])
+    again = list(dealt(rows, 4, seed=3, bank=3))
+    assert all(torch.equal(a["bank"], b["bank"]) and torch.equal(a["q"], b["q"]) for a, b in zip(first, again))
+    assert [b["q"].tolist() for b in dealt(rows, 4, seed=3)] == [b["q"].tolist() for b in first]  # bank 0: same order
+    assert "bank" not in next(dealt(rows, 4, seed=3))
+    assert next(dealt(rows, 4, seed=3, bank=50))["bank"].shape[0] == 5  # at most the distinct targets
+
+
 @pytest.mark.parametrize("rule", ["branch_max", "joint_max"])
 def test_fused_hard_negatives_are_scored_by_the_model_fusion_rule(rule):
     """Each query's own reference and img_set members are scored as the gallery is at evaluation (fused_scores of
@@ -121,12 +157,14 @@ def test_a_stage3_run_trains_l_c_with_its_hard_negatives(tmp_path_factory, ray_l
                           cache_vision_features=True, model=str(root / "stage2")))
     config = load_config(JobConfig, REPO / "jobs/configs/stage3_tiny.yaml", [
         f"workdir={root / 'run'}", f"data.prepared={root / 'prep'}", f"model.init_from={root / 'stage2'}",
-        "data.holdout_fraction=0", "train.batch_size=8", "train.epochs=2", "train.log_every=2"])
+        "data.holdout_fraction=0", "train.batch_size=8", "train.epochs=2", "train.log_every=2",
+        "loss.gallery_negatives=16"])
     assert config.loss.reference_negative and config.loss.subset_negatives == 2
     export = run_stage(config)
     with open(root / "run" / "stage3" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows and all(0 < float(r["hard_negative_mass"]) < 1 for r in rows)
+    assert all(0 < float(r["bank_mass"]) < float(r["hard_negative_mass"]) for r in rows)  # the bank reached L_C
     before, after = load_file(root / "stage2" / "model.safetensors"), load_file(export / "model.safetensors")
     frozen = [k for k in before if not k.startswith("compositor.") and k != "unified_temp"]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)

@@ -189,6 +189,8 @@ def test_bad_configs_fail_before_any_worker_starts(data, tmp_path):
         check_stage(job(2, data, tmp_path, f"model.init_from={tmp_path / 'no-stage1'}"))
     with pytest.raises(StageError, match="starts from the stage 2 export"):
         check_stage(job(3, data, tmp_path, "model.init_from=null"))
+    with pytest.raises(StageError, match="loss.gallery_negatives=8: a bank of the cached training gallery for stage 3"):
+        check_stage(job(2, data, tmp_path, f"model.init_from={data / 'init'}", "loss.gallery_negatives=8"))
     from detailfusion.library.config import ConfigError
 
     with pytest.raises(StageError, match="zero_stage=3 is not supported yet"):  # ZeRO-3 broke L_DI (0-size params)

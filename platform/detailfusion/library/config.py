@@ -65,6 +65,9 @@ class LossConfig:
     batch_reference_negatives: bool = False  # the batch's other references too
     subset_negatives: int = 0  # K img_set members per query (CIRR near-duplicates, drawn each epoch; at stage 3 once),
     #   whatever reference_negative says
+    gallery_negatives: int = 0  # stage 3 only: G gallery embeddings per step drawn from the rank's cached training
+    #   gallery (its rows' distinct targets, seeded), scored by every query of the step (its own target masked out):
+    #   gallery-wide negatives for L_C beyond the batch's targets; 0: off
     gather_across_ranks: bool = True  # global contrastive batch over all data-parallel ranks
 
 

@@ -176,15 +176,20 @@ class DetailLoss(ContrastiveLoss):
         temperature: torch.Tensor,
         references: torch.Tensor | None = None,
         subset_negatives: torch.Tensor | None = None,
+        **extra_negatives,
     ) -> dict[str, torch.Tensor]:
-        """query [B, D]; targets, references [B, Nq, D]; subset_negatives [B, S, Nq, D] or None. With hard negatives,
-        also ``hard_negative_mass``: the softmax mass on their columns, mean over queries (a diagnostic, no
-        gradient)."""
-        logits = self.logits(query, targets, temperature, references, subset_negatives)
+        """query [B, D]; targets, references [B, Nq, D]; subset_negatives [B, S, Nq, D] or None; ``extra_negatives``:
+        a subclass's own (``FusedContrastiveLoss``'s gallery bank). With hard negatives, also ``hard_negative_mass``:
+        the softmax mass on their columns, mean over queries (a diagnostic, no gradient); with a bank, ``bank_mass``
+        (its columns' share of that mass)."""
+        logits = self.logits(query, targets, temperature, references, subset_negatives, **extra_negatives)
         out = {"loss": F.cross_entropy(logits, self._labels(query.shape[0], query.device))}
         targets_seen = query.shape[0] * (self.world_size if self.gather else 1)
         if logits.shape[1] > targets_seen:
             out["hard_negative_mass"] = logits.detach().softmax(dim=1)[:, targets_seen:].sum(dim=1).mean()
+        bank = extra_negatives.get("bank")
+        if bank is not None and bank.shape[0]:  # FusedContrastiveLoss's bank: the last G columns
+            out["bank_mass"] = logits.detach().softmax(dim=1)[:, -bank.shape[0]:].sum(dim=1).mean()
         return out
 
 
@@ -193,7 +198,9 @@ class FusedContrastiveLoss(DetailLoss):
     the model's fusion score (``model/fusion.py``: ``branch_max`` or ``joint_max``), with ``DetailLoss``'s hard
     negatives as gallery embeddings too (METHOD.md stage 3 [ours]): the query's own reference
     (``reference_negative``), its img_set members (``subset_negatives`` [B, S, Nq, 2D] per call) and optionally the
-    batch's references, each switch on its own; none: in-batch InfoNCE."""
+    batch's references, each switch on its own; none: in-batch InfoNCE. Per call, a gallery bank too
+    (``bank`` [G, Nq, 2D], ``bank_mask`` [B, G] true where a bank item is the query's own target): G plain negative
+    columns shared by every query (``loss.gallery_negatives``)."""
 
     def __init__(self, fusion_score: str = DEFAULT_FUSION_RULE, reference_negative: bool = False,
                  hard_negative_scale: float = 1.0, batch_reference_negatives: bool = False, **rank_settings):
@@ -202,6 +209,18 @@ class FusedContrastiveLoss(DetailLoss):
 
     def target_logits(self, query: torch.Tensor, targets: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
         return fused_scores(query, self._global(targets), self.fusion_score) / temperature
+
+    def logits(self, query: torch.Tensor, targets: torch.Tensor, temperature: torch.Tensor,
+               references: torch.Tensor | None = None, subset_negatives: torch.Tensor | None = None,
+               bank: torch.Tensor | None = None, bank_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``DetailLoss.logits``, then the bank's G columns (this rank's bank: not gathered), own targets at -inf."""
+        logits = super().logits(query, targets, temperature, references, subset_negatives)
+        if bank is None or bank.shape[0] == 0:
+            return logits
+        scores = (fused_scores(query, bank, self.fusion_score) / temperature).float()  # [B, G]
+        if bank_mask is not None:
+            scores = scores.masked_fill(bank_mask, float("-inf"))
+        return torch.cat([logits, scores], dim=1)
 
     def paired_logits(self, query: torch.Tensor, items: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
         """Each unified query against its own gallery embeddings [B, S, Nq, 2D] -> [B, S], by the one fusion rule:

@@ -145,12 +145,13 @@ def _gallery(model, embeds: torch.Tensor) -> torch.Tensor:
 
 def fused_loss(model, loss_fn, row: dict[str, torch.Tensor], images: str = "embeds") -> dict[str, torch.Tensor]:
     """The fused objective (stage 3) on cached rows (``branch_outputs``): compose, then L_C with the row's reference
-    and subset gallery embeddings where present."""
+    and subset gallery embeddings where present, and the step's gallery bank (``bank``, ``bank_mask``) when dealt."""
     gm = BranchQueryOutput(row["q_gm"], row["h_gm"], row["m_gm"])
     di = BranchQueryOutput(row["q_di"], row["h_di"], row["m_di"])
     unified = model.compose(gm, di).query
+    bank = {"bank": row["bank"], "bank_mask": row["bank_mask"]} if "bank" in row else {}
     return loss_fn(unified, row["gallery"], model.unified_temperature(), references=row.get("reference_gallery"),
-                   subset_negatives=row.get("subset_gallery"))
+                   subset_negatives=row.get("subset_gallery"), **bank)
 
 
 def detail_loss(model, loss_fn, batch: dict[str, torch.Tensor], images: str) -> dict[str, torch.Tensor]:

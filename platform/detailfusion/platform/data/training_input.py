@@ -11,7 +11,8 @@ forming the store. Larger inline splits: ``training_dataset`` streams the shards
 actor tokenises them, and ``iter_worker_batches(batch_size)`` iterates ``ray.train.get_dataset_shard("train")``
 with ``drop_last=True`` so every rank runs the same number of steps.
 
-Batch columns: input_ids, attention_mask [B, L] int64; sample_key [B] int64 (stable hash of sample_id);
+Batch columns: input_ids, attention_mask [B, L] int64; sample_key [B] int64 (stable hash of sample_id); a gallery
+split's also target_row [B] int64 (the target's row in the image store: names it);
 reference / target: pixels uint8 [B, S, S, 3] or features float16 [B, T, W]; ``source`` says which;
 with ``subset_negatives=K``: subset [B, K, ...] images of K members of the query's near-duplicate set (CIRR
 ``img_set``) other than its reference and target, drawn anew every epoch (the reference fills in when a set
@@ -110,7 +111,7 @@ class GalleryInput:
             text = plan["text_row"][rows]
             batch = {"input_ids": tokens["input_ids"][text], "attention_mask": tokens["attention_mask"][text],
                      "sample_key": plan["sample_key"][rows], "reference": store[plan["reference_row"][rows]],
-                     "target": store[plan["target_row"][rows]]}
+                     "target": store[plan["target_row"][rows]], "target_row": plan["target_row"][rows]}
             if "subset_rows" in plan:
                 batch["subset"] = store[plan["subset_rows"][rows]]
             if "target_text_row" in plan:  # stage 0 on an inline split: the target image's caption

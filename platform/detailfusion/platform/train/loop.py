@@ -69,11 +69,26 @@ def in_groups(items, size: int):
         yield group
 
 
-def dealt(rows: dict[str, torch.Tensor], size: int, seed: int):
-    """Cached rows {name: [N, ...]} dealt into micro-batches of ``size`` in a seeded random order (whole batches)."""
+def dealt(rows: dict[str, torch.Tensor], size: int, seed: int, bank: int = 0):
+    """Cached rows {name: [N, ...]} dealt into micro-batches of ``size`` in a seeded random order (whole batches).
+    ``bank`` > 0: each micro-batch also gets ``bank`` [G, Nq, 2D], G = min(bank, distinct targets), drawn without
+    replacement from the rows' distinct targets' gallery embeddings (``target_row`` names them), and ``bank_mask``
+    [size, G], true where a drawn item is the row's own target."""
+    generator = torch.Generator().manual_seed(seed)
     total = next(iter(rows.values())).shape[0]
-    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[: total // size * size]
-    return ({name: value[part] for name, value in rows.items()} for part in order.split(size))
+    order = torch.randperm(total, generator=generator)[: total // size * size]
+    if bank:
+        ids, inverse = torch.unique(rows["target_row"], return_inverse=True)
+        first = torch.full((len(ids),), total, dtype=torch.long).scatter_reduce(
+            0, inverse, torch.arange(total), reduce="amin")  # one row holding each distinct target
+        gallery = rows["gallery"][first]
+    for part in order.split(size):
+        batch = {name: value[part] for name, value in rows.items()}
+        if bank:
+            drawn = torch.randperm(len(ids), generator=generator)[:bank]
+            batch["bank"] = gallery[drawn]
+            batch["bank_mask"] = batch["target_row"][:, None] == ids[drawn][None, :]
+        yield batch
 
 
 class StageRecipe:
@@ -293,8 +308,9 @@ class StageRecipe:
         epochs, per_epoch = self.config.train.epochs, self.steps_per_epoch * self.config.train.grad_accum
         if cached is not None:
             rows = {key: torch.cat([batch[key] for batch in cached]) for key in cached[0]}
+            bank = self.config.loss.gallery_negatives
             for epoch in range(self.epoch, epochs):
-                yield epoch, dealt(rows, self.micro_batch, epoch_seed(self.config.train.seed, epoch, self.rank))
+                yield epoch, dealt(rows, self.micro_batch, epoch_seed(self.config.train.seed, epoch, self.rank), bank)
         elif self.stage_run.data_epochs == 1:
             for epoch in range(self.epoch, epochs):
                 yield epoch, self._batches(epoch)
@@ -331,10 +347,12 @@ class StageRecipe:
         model.eval()
         for batch in self._batches():
             images = batch.pop("images")
-            cached.append(branch_outputs(model, batch, images, references=self.loss_fn.uses_references))
+            cached.append({**branch_outputs(model, batch, images, references=self.loss_fn.uses_references),
+                           "target_row": batch["target_row"]})  # names each row's target: the gallery bank's draw
         first = cached[0] if cached else {}
         negatives = (["the reference"] if "reference_gallery" in first else []) + (
-            [f"{first['subset_gallery'].shape[1]} img_set members"] if "subset_gallery" in first else [])
+            [f"{first['subset_gallery'].shape[1]} img_set members"] if "subset_gallery" in first else []) + (
+            [f"{self.config.loss.gallery_negatives} gallery items a step"] if self.config.loss.gallery_negatives else [])
         self._log(f"stage 3: encoded {len(cached)} batches once with the frozen branches; L_C's hard negatives per "
                   f"query: {' and '.join(negatives) or 'none (in-batch targets only)'}")
         return cached

@@ -61,6 +61,10 @@ def check_stage(config: JobConfig) -> dict:
     if config.loss.subset_negatives and manifest.layout != "gallery":
         raise StageError(f"loss.subset_negatives needs near-duplicate sets (CIRR img_set); {manifest.dataset} has "
                          "none: set it to 0")
+    if config.loss.gallery_negatives < 0 or (config.loss.gallery_negatives and spec.batches != "branch_outputs"):
+        raise StageError(f"loss.gallery_negatives={config.loss.gallery_negatives}: a bank of the cached training "
+                         f"gallery for stage 3's L_C (an objective on cached branch outputs); stage {spec.number}'s "
+                         f"objective {spec.objective!r} has none: set it to 0")
     if not 0 <= config.data.holdout_fraction < 1:
         raise StageError(f"data.holdout_fraction must be in [0, 1), got {config.data.holdout_fraction}")
     if config.data.val_prepared:
