@@ -52,21 +52,25 @@ def test_all_stages_train_and_stage3_changes_only_the_compositor(data, tmp_path,
     work = tmp_path / "run"
     # stage 1 with an injected fault on rank 0 at step 6, after the checkpoint at step 4: Ray Train restarts
     # the worker group, which resumes from that checkpoint and completes with the right step count.
-    # 80 steps as 10 epochs of 8 batches of 8: each epoch of a streamed split starts a fresh Ray Data execution
-    # (7-9 s here), so fewer, longer epochs; the checkpoint at step 4 is mid-epoch, so the restart resumes by
-    # skipping the epoch's first batches. (48 steps were too few: the loss stays near its start for about 20 steps,
-    # then falls; one CI run's quarters were 2.22 -> 2.07, t 2.36, another's t 8.6.)
+    # 80 steps as 4 epochs of 20 batches of 8 over its own 160 rows: each epoch of a streamed split starts a fresh
+    # Ray Data execution (7-9 s here: its tokenising actor starts again), so few, long epochs; the checkpoint at step
+    # 4 is mid-epoch, so the restart resumes by skipping the epoch's first batches. (48 steps were too few: the loss
+    # stays near its start for about 20 steps, then falls; one CI run's quarters were 2.22 -> 2.07, t 2.36.)
     # data.in_memory_max_mb=0: this stage streams its IPr2Pr split through Ray Data (a split too large to hold);
     # the other tests' small inline splits are held whole
+    write_synthetic("ipr2pr", tmp_path / "raw-stream", pairs=160, seed=1, image_size=64)
+    stream = tmp_path / "prep-stream"
+    prepare(PrepareConfig(dataset="ipr2pr", root=str(tmp_path / "raw-stream"), split="train", out=str(stream),
+                          cache_vision_features=True, model=str(data / "init")))
     monkeypatch.setenv(FAULT_ENV, "step=6")
-    stage1 = run_stage(job(1, data, work, f"model.init_from={data / 'init'}", "train.checkpoint_every=4",
-                           "train.max_failures=1", "train.batch_size=8", "train.epochs=10",
+    stage1 = run_stage(job(1, data, work, f"model.init_from={data / 'init'}", f"data.prepared={stream}",
+                           "train.checkpoint_every=4", "train.max_failures=1", "train.batch_size=8", "train.epochs=4",
                            "data.in_memory_max_mb=0"))
     monkeypatch.delenv(FAULT_ENV)
     assert (work / "stage1" / "fault_injected").is_file()
     assert "streamed by Ray Data" in capsys.readouterr().out
     rows = losses(work / "stage1")
-    assert max(step for step, _ in rows) == 10 * 8  # 64 rows / 8 per step x 10 epochs
+    assert max(step for step, _ in rows) == 4 * 20  # 160 rows / 8 per step x 4 epochs
     ok, figures = falls(rows)
     print(f"stage 1 loss, first vs last quarter: {figures}")
     assert ok, f"stage 1 loss did not fall: {figures}"
