@@ -30,6 +30,9 @@ if [ "${UV:-1}" != 0 ] && pip install "uv==${UV_VERSION:-0.13.10}" && [ -x .venv
 else
   pip install -r requirements.lock && pip install --no-deps -e .
 fi
+# The project's own bytecode too (the editable install compiles none): every Ray worker imports the package, and
+# where PYTHONDONTWRITEBYTECODE is set nothing would ever write it
+.venv/bin/python -m compileall -q -j 0 platform tests >/dev/null
 # DeepSpeed JIT-compiles its shared-memory communication op (CPU accelerator) the first time a process group starts:
 # build it here, once, so that no training stage pays for it (a no-op where the accelerator has no such op).
 .venv/bin/python -c "from detailfusion.platform.train.engine import use_environment_extension_cache as cache; cache()

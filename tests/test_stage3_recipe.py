@@ -1,8 +1,7 @@
-"""Stage 3's L_C with the reference and img_set negatives (METHOD.md stage 3 [ours]): the fused loss's columns against
-hand-built gallery embeddings, the cached rows of the frozen branches, and a real stage-3 run (Ray Train + DeepSpeed)
-whose loss sees them."""
+"""Stage 3's L_C with the reference and img_set negatives and the gallery bank (METHOD.md stage 3 [ours]): the fused
+loss's columns against hand-built gallery embeddings, the loop's bank draws, and the cached rows of the frozen
+branches (a real stage-3 run whose loss sees them: tests/test_training.py's all-stages test)."""
 
-import csv
 import math
 
 import pytest
@@ -133,38 +132,4 @@ def test_stage3_caches_reference_and_subset_gallery_embeddings_and_l_c_reads_the
     assert model.compositor.head[-1].weight.grad.abs().sum() > 0  # the zero-initialised head learns
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("ray_local")
-def test_a_stage3_run_trains_l_c_with_its_hard_negatives(tmp_path_factory, ray_local):
-    """Stage 3 on Ray Train + DeepSpeed from stage3_tiny.yaml (reference negative on, 2 img_set members): the driver
-    draws the members (run.subset_negatives), the loop caches their gallery embeddings, and every step's L_C puts
-    softmax mass on them (metrics.csv's hard_negative_mass); only the compositor and tau_u change."""
-    from conftest import REPO
-    from safetensors.torch import load_file
-
-    from detailfusion.library.config import JobConfig, PrepareConfig, load_config
-    from detailfusion.library.data.synthetic import write_synthetic
-    from detailfusion.library.model import save_model
-    from detailfusion.platform.data.prepare import prepare
-    from detailfusion.platform.train.run import run_stage
-
-    root = tmp_path_factory.mktemp("stage3")
-    torch.manual_seed(0)
-    model, tokenizer = build_model("tiny")
-    save_model(model, tokenizer, root / "stage2")  # stands in for a stage 2 export
-    write_synthetic("cirr", root / "raw", pairs=40, seed=0, image_size=64)
-    prepare(PrepareConfig(dataset="cirr", root=str(root / "raw"), split="train", out=str(root / "prep"),
-                          cache_vision_features=True, model=str(root / "stage2")))
-    config = load_config(JobConfig, REPO / "jobs/configs/stage3_tiny.yaml", [
-        f"workdir={root / 'run'}", f"data.prepared={root / 'prep'}", f"model.init_from={root / 'stage2'}",
-        "data.holdout_fraction=0", "train.batch_size=8", "train.epochs=2", "train.log_every=2",
-        "loss.gallery_negatives=16"])
-    assert config.loss.reference_negative and config.loss.subset_negatives == 2
-    export = run_stage(config)
-    with open(root / "run" / "stage3" / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert rows and all(0 < float(r["hard_negative_mass"]) < 1 for r in rows)
-    assert all(0 < float(r["bank_mass"]) < float(r["hard_negative_mass"]) for r in rows)  # the bank reached L_C
-    before, after = load_file(root / "stage2" / "model.safetensors"), load_file(export / "model.safetensors")
-    frozen = [k for k in before if not k.startswith("compositor.") and k != "unified_temp"]
-    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+# A stage-3 run on Ray Train with these negatives and the bank: tests/test_training.py (all stages).

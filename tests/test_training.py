@@ -98,9 +98,14 @@ def test_all_stages_train_and_stage3_changes_only_the_compositor(data, tmp_path,
     # per-step loss spread (sd ~0.09) was as large as the compositor's whole fall (~0.15 over 48 steps, flat after
     # ~20), and the t statistic landed on both sides of 3 (5.8, 3.28, 2.71 in CI). One fixed batch leaves the
     # fall itself as the only change from step to step.
+    # stage3_tiny.yaml's L_C: the reference and 2 img_set members as hard negatives (the driver draws the members,
+    # the loop caches their gallery embeddings) and the gallery bank; every step puts softmax mass on them
     stage3 = run_stage(job(3, data, work, f"model.init_from={stage2}", "train.batch_size=64", "train.epochs=24"))
     ok, figures = falls(losses(work / "stage3"))
     assert ok, f"stage 3 loss did not fall: {figures}"
+    with open(work / "stage3" / "metrics.csv") as f:
+        parts = list(csv.DictReader(f))
+    assert parts and all(0 < float(r["bank_mass"]) < float(r["hard_negative_mass"]) < 1 for r in parts)
     after3 = load_file(stage3 / "model.safetensors")
     frozen = [k for k in after2 if not k.startswith("compositor.") and k != "unified_temp"]
     assert frozen and all(torch.equal(after2[k], after3[k]) for k in frozen)

@@ -65,6 +65,7 @@ api = FastAPIOffline(title="DetailFusion composed image retrieval")
 BEARER = [Depends(HTTPBearer(auto_error=False, description="the server's API token, when it has one"))]
 MAX_MESSAGE_CHARS = 300  # of any error message (its echoed values are already cut by `shown`)
 FRONTEND_QUEUE = 1024  # requests waiting for a Frontend replica at each HTTP proxy; past it Ray's own 503
+SHARD_GRACE_S = 5.0  # a shard replica's searches last milliseconds: a replica on a lost host is given up after this
 NODE_SHARE = 0.001  # of a node's custom resource a pinned replica asks for (model_node, shard_nodes): many fit
 
 
@@ -390,7 +391,7 @@ def _shard_deployments(config: ServeConfig, meta: dict, fingerprint: str, shippe
     if meta.get("backend") != SHARDED:
         return []
     return [IndexShard.options(
-        name=f"IndexShard{number}", max_ongoing_requests=8,
+        name=f"IndexShard{number}", max_ongoing_requests=8, graceful_shutdown_timeout_s=SHARD_GRACE_S,
         autoscaling_config={"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
                             "target_ongoing_requests": 2,
                             "upscale_delay_s": config.upscale_delay_s, "downscale_delay_s": config.downscale_delay_s},
