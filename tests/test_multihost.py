@@ -235,8 +235,9 @@ def serve_on_head(cluster, model_dir: Path, index: Path, settings: list[str], lo
 
 
 def stop_server(server: subprocess.Popen) -> None:
-    """Ctrl-C: ``detailfusion serve`` shuts Serve down (its apps with it) and exits."""
-    server.send_signal(signal.SIGINT)
+    """SIGTERM, as a process manager stops it: ``detailfusion serve`` shuts Serve down (its apps with it) and exits.
+    (Not SIGINT: a shell starts background jobs with SIGINT ignored, and a child inherits that; CI's suite ran so.)"""
+    server.send_signal(signal.SIGTERM)
     try:
         server.wait(timeout=60)
     except subprocess.TimeoutExpired:
