@@ -21,8 +21,10 @@ No ``from __future__ import annotations`` here (FastAPI reads the handlers' anno
 helpers come before the ingress class: ``serve.ingress`` pickles the handlers when the class is defined.
 """
 
+import asyncio
 import logging
 import math
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -196,8 +198,6 @@ class Retriever:
         """unified [Q, 2D] -> (scores [Q, k], gallery rows [Q, k], shards left out)."""
         if not self.shards:
             return *self.index.search(unified, k), []
-        import asyncio
-
         from detailfusion.library.index.sharded import merge_top_k
 
         queries = unified.detach().float().cpu().numpy()
@@ -210,9 +210,6 @@ class Retriever:
 
     async def _ask_shard(self, number: int, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Shard ``number``'s (scores, rows), or None when it is out (failed, timed out, or skipped after that)."""
-        import asyncio
-        import time
-
         if time.monotonic() < self.shard_out_until[number]:
             return None
         response = self.shards[number].search.remote(queries, k)
