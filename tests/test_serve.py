@@ -388,8 +388,7 @@ def test_a_killed_shard_replica_is_replaced_under_load(server, trained, tmp_path
 def test_placement_on_nodes_is_checked_before_any_replica_starts(trained, tmp_path):
     """shard_nodes place a sharded index's shards (refused for an index in one piece); a node resource that no node
     offers is refused by name, not left to wait for a node for ever."""
-    from detailfusion.platform.serving.app import build_app
-    from detailfusion.platform.serving.run import check_placement
+    from detailfusion.platform.serving.app import build_app, check_placement
 
     with pytest.raises(ConfigError, match="shard_nodes \\['a'\\] place the shards of a sharded index"):
         build_app(ServeConfig(checkpoint=str(trained["model"]), index=str(trained["index"]), shard_nodes=("a",)))

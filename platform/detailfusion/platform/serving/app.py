@@ -400,5 +400,26 @@ def _shard_deployments(config: ServeConfig, meta: dict, fingerprint: str, shippe
 
 
 def app_builder(args: dict):
-    """``serve run detailfusion.platform.serving.app:app_builder checkpoint=... index=...`` (args are ServeConfig keys)."""
-    return build_app(from_dict(ServeConfig, dict(args), source="serve application args"))
+    """``serve run detailfusion.platform.serving.app:app_builder checkpoint=... index=...`` (args are ServeConfig keys).
+    Built on the cluster (Ray is up): its node resources are checked here as ``detailfusion serve`` checks them."""
+    config = from_dict(ServeConfig, dict(args), source="serve application args")
+    check_placement(config)
+    return build_app(config)
+
+
+def check_placement(config: ServeConfig) -> None:
+    """Refuse node resources (``model_node``, ``shard_nodes``) that no node of the running Ray offers: their replicas
+    would wait for a node for ever."""
+    import ray
+
+    offered = ray.cluster_resources()
+    wanted = {f"shard_nodes[{i}]": name for i, name in enumerate(config.shard_nodes)}
+    if config.model_node:
+        wanted["model_node"] = config.model_node
+    missing = {key: name for key, name in wanted.items() if name not in offered}
+    if missing:
+        custom = sorted(r for r in offered if r not in ("CPU", "GPU", "memory", "object_store_memory")
+                        and not r.startswith("node:") and not r.startswith("accelerator_type:"))
+        raise ConfigError(f"serve: no node offers {', '.join(f'{k}={v!r}' for k, v in missing.items())} "
+                          f"(custom node resources here: {', '.join(custom) or 'none'}; give them with "
+                          "`ray start --resources` or cluster.yaml's resources:)")

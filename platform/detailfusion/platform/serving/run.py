@@ -12,7 +12,7 @@ def start(config: ServeConfig, name: str = "detailfusion"):
     from ray import serve
 
     from detailfusion.platform.ray_setup import init_ray
-    from detailfusion.platform.serving.app import build_app
+    from detailfusion.platform.serving.app import build_app, check_placement
 
     app = build_app(config)  # checks the paths before Ray starts
     init_ray(config.num_cpus, dashboard=True)  # Serve's autoscaler and state API
@@ -32,22 +32,3 @@ def serve_forever(config: ServeConfig) -> None:
     except KeyboardInterrupt:
         serve.shutdown()
 
-
-def check_placement(config: ServeConfig) -> None:
-    """Refuse node resources (``model_node``, ``shard_nodes``) that no node of the running Ray offers: their replicas
-    would wait for a node for ever."""
-    import ray
-
-    from detailfusion.library.config import ConfigError
-
-    offered = ray.cluster_resources()
-    wanted = {f"shard_nodes[{i}]": name for i, name in enumerate(config.shard_nodes)}
-    if config.model_node:
-        wanted["model_node"] = config.model_node
-    missing = {key: name for key, name in wanted.items() if name not in offered}
-    if missing:
-        custom = sorted(r for r in offered if r not in ("CPU", "GPU", "memory", "object_store_memory")
-                        and not r.startswith("node:") and not r.startswith("accelerator_type:"))
-        raise ConfigError(f"serve: no node offers {', '.join(f'{k}={v!r}' for k, v in missing.items())} "
-                          f"(custom node resources here: {', '.join(custom) or 'none'}; give them with "
-                          "`ray start --resources` or cluster.yaml's resources:)")
